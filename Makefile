@@ -1,0 +1,42 @@
+# tlsweep: sweep and track transfer-learning experiments on images.
+# `make help` lists the targets; variables are passed as `make train DATASET=tf_flowers EPOCHS=3`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+# Pass a CLI flag only when its Make variable is set.
+opt = $(if $($(1)),--$(2) $($(1)))
+
+TRAIN_FLAGS = --dataset "$(DATASET)" $(call opt,BACKBONE,backbone) $(call opt,WEIGHTS,weights) \
+	$(call opt,EPOCHS,epochs) $(call opt,FINE_TUNE_EPOCHS,fine-tune-epochs) $(call opt,FINE_TUNE_AT,fine-tune-at) \
+	$(call opt,DROPOUT,dropout) $(call opt,BATCH_SIZE,batch-size) $(call opt,LEARNING_RATE,learning-rate) \
+	$(call opt,FINE_TUNE_LEARNING_RATE,fine-tune-learning-rate) $(call opt,IMAGE_SIZE,image-size) \
+	$(call opt,AUGMENT,augment) $(call opt,SEED,seed) $(call opt,SPLIT,split) $(call opt,OUTPUT,output) \
+	$(if $(OVERWRITE),--overwrite)
+
+.PHONY: help install test test-slow test-all train
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY) ## create .venv/ and install the project with its pinned dependency ranges
+	$(PY) -m pip install --quiet -e ".[test]"
+
+test: ## fast tests (a few minutes; no network; real-data tests skip without ../shared/data)
+	$(PY) -m pytest -q
+
+test-slow: ## slow tests only: real training on ../shared/data/flower_photos
+	$(PY) -m pytest -q -m slow
+
+test-all: ## every test, fast and slow
+	$(PY) -m pytest -q -m "slow or not slow"
+
+train: ## train one configuration: DATASET= BACKBONE= [EPOCHS= FINE_TUNE_AT= ... OUTPUT=]
+	@test -n "$(DATASET)" || { echo "usage: make train DATASET=<tfds name or folder> [BACKBONE=...]"; exit 2; }
+	$(PY) -m pipeline.cli train $(TRAIN_FLAGS)

@@ -1,0 +1,112 @@
+"""``python -m pipeline.cli train``: train one configuration, print its scores, export it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pipeline.errors import UserError  # noqa: E402
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="tfds name (tf_flowers, cats_vs_dogs, ...) or a folder")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name or hub:<URL or SavedModel dir>")
+    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none', or a local weights file")
+    p.add_argument("--epochs", type=int, default=10, help="head epochs with the backbone frozen")
+    p.add_argument("--fine-tune-epochs", type=int, default=5, help="fine-tuning epochs (0: head only)")
+    p.add_argument(
+        "--fine-tune-at",
+        default="0.75",
+        help="first backbone layer to unfreeze: index, fraction of depth, 'all', or 0/'none' for head only",
+    )
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate of the head phase")
+    p.add_argument("--fine-tune-learning-rate", type=float, default=1e-5, help="Adam learning rate when fine-tuning")
+    p.add_argument("--image-size", type=int, default=None, help="square input size (default: backbone's native)")
+    p.add_argument("--augment", type=_bool, default=False, help="random flip + rotation in training (true/false)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--split", default=None, help="tfds: 'train[:75%%],train[75%%:90%%],train[90%%:]'; folder: 75/15/10")
+    p.add_argument("--data-dir", default=None, help="tfds data directory")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import keras
+
+    from pipeline.backbones import get_spec
+    from pipeline.data import load_data
+    from pipeline.export import export_model
+    from pipeline.model import build_model, resolve_fine_tune_at
+    from pipeline.training import train
+
+    spec = get_spec(args.backbone)
+    unfreeze_from = resolve_fine_tune_at(args.fine_tune_at, spec)
+    image_size = args.image_size or spec.native_size
+    keras.utils.set_random_seed(args.seed)
+    start = time.perf_counter()
+    data = load_data(args.dataset, image_size, seed=args.seed, split=args.split, data_dir=args.data_dir)
+    print(
+        f"data: {data.name} ({data.source}), classes {data.class_names}, split {data.split_spec}, "
+        f"sizes {data.sizes}, skipped files {data.skipped}",
+        flush=True,
+    )
+    for path in data.skipped_files[:10]:
+        print(f"  skipped (not a readable image): {path}")
+    model = build_model(
+        args.backbone, data.num_classes, image_size, dropout=args.dropout, augment=args.augment,
+        weights=args.weights, seed=args.seed,
+    )
+    result = train(
+        model, data, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, unfreeze_from=unfreeze_from,
+        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
+        batch_size=args.batch_size, seed=args.seed,
+    )
+    phase = f"fine-tuned from layer {unfreeze_from}" if result.fine_tune_start is not None else "head only"
+    print(f"val_accuracy={result.val_accuracy:.4f} test_accuracy={result.test_accuracy:.4f} ({phase})")
+    print(f"head-only test_accuracy={result.head_test_accuracy:.4f}")
+    print(f"head phase {result.head_seconds:.1f}s, fine-tune phase {result.fine_tune_seconds:.1f}s")
+    if args.output:
+        metadata = {
+            "backbone": args.backbone, "weights": args.weights, "fine_tune_at": args.fine_tune_at,
+            "test_accuracy": result.test_accuracy, "val_accuracy": result.val_accuracy, **data.lineage(),
+        }
+        out = export_model(model, args.output, data.class_names, metadata=metadata, overwrite=args.overwrite)
+        print(f"exported to {out} (SavedModel + labels.txt + model.keras)")
+    print(f"total {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlsweep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one configuration and export it", description=cmd_train.__doc__)
+    add_train_arguments(p)
+    p.add_argument("--output", default=None, help="export directory (SavedModel + labels.txt + model.keras)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Load an image-classification data set into train/validation/test ``tf.data`` pipelines.
+
+Sources: a tensorflow-datasets name (split slicing such as ``train[:75%]``), a folder of class
+subfolders (``class/*.jpg``; split made from the seed), or a folder with ``train/``,
+``validation/`` and optionally ``test/`` subfolders each holding class subfolders. Images come
+out as raw 0..255 RGB pixels at ``image_size``; class names come from the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+DEFAULT_FOLDER_SPLIT = "75/15/10"
+# Default train/validation/test splits per tfds data set (as in the seeds).
+DEFAULT_TFDS_SPLITS = {
+    "tf_flowers": "train[:75%],train[75%:90%],train[90%:]",
+    "cats_vs_dogs": "train[:40%],train[40%:50%],train[50%:60%]",
+}
+SPLITS = ("train", "validation", "test")
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclasses.dataclass
+class DataSplits:
+    """Three unbatched pipelines of ``(uint8 image [S, S, 3], int32 label)`` plus their lineage."""
+
+    name: str
+    source: str  # "tfds" or "folder"
+    class_names: list[str]
+    image_size: int
+    split_spec: str
+    sizes: dict[str, int]
+    fingerprint: str
+    skipped_files: list[str]
+    splits: dict[str, tf.data.Dataset]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_files)
+
+    def batches(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+        """Batched ``(float32 pixels 0..255, label)``, shuffled each epoch if asked, prefetched."""
+        ds = self.splits[split]
+        if shuffle:
+            ds = ds.shuffle(max(self.sizes[split], 1), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
+        return ds.prefetch(AUTOTUNE)
+
+    def lineage(self) -> dict[str, object]:
+        """What a tracker records about where the data came from."""
+        return {
+            "data_name": self.name,
+            "data_source": self.source,
+            "split_spec": self.split_spec,
+            "class_names": list(self.class_names),
+            "num_classes": self.num_classes,
+            **{f"{k}_size": v for k, v in self.sizes.items()},
+            "skipped_files": self.skipped,
+            "data_fingerprint": self.fingerprint,
+        }
+
+
+def load_data(
+    dataset: str,
+    image_size: int,
+    seed: int = 42,
+    split: str | None = None,
+    data_dir: str | None = None,
+    cache: bool = True,
+) -> DataSplits:
+    """Load ``dataset`` (tfds name or folder) resized to ``image_size`` square RGB images."""
+    if not isinstance(image_size, int) or image_size < 8:
+        raise UserError(f"image size must be an integer of at least 8 px, got {image_size!r}")
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        data = _load_folder(path, image_size, seed, split)
+    elif path.exists():
+        raise UserError(
+            f"data set {dataset!r} is a file, not a folder; give a folder of class subfolders "
+            "(class/*.jpg) or a tensorflow-datasets name such as tf_flowers"
+        )
+    elif os.sep in dataset or dataset.startswith("."):
+        raise UserError(f"data folder {dataset!r} does not exist; check the path (relative to {os.getcwd()})")
+    else:
+        data = _load_tfds(dataset, image_size, split, data_dir)
+    if cache:
+        data.splits = {k: ds.cache() for k, ds in data.splits.items()}
+    return data
+
+
+# --- tensorflow-datasets -------------------------------------------------------------------------
+
+
+def _load_tfds(name: str, image_size: int, split: str | None, data_dir: str | None) -> DataSplits:
+    import tensorflow_datasets as tfds
+
+    known = tfds.list_builders()
+    if name.split(":")[0] not in known:
+        close = difflib.get_close_matches(name, known, n=5)
+        raise UserError(
+            f"unknown data set {name!r}: it is not a folder and not a tensorflow-datasets name"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + " Give a folder of class subfolders, or a tfds name such as tf_flowers or cats_vs_dogs."
+        )
+    builder = tfds.builder(name, data_dir=data_dir)
+    spec = split or DEFAULT_TFDS_SPLITS.get(name) or _default_tfds_split(builder.info)
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 3:
+        raise UserError(
+            f"split {spec!r} for {name} must name three tfds splits, train,validation,test, "
+            "e.g. 'train[:75%],train[75%:90%],train[90%:]'"
+        )
+    if not builder.info.supervised_keys:
+        raise UserError(f"tfds data set {name!r} has no (image, label) supervised keys; it is not image classification")
+    try:
+        datasets, info = tfds.load(name, split=parts, as_supervised=True, with_info=True, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001 - downloads fail offline; say so plainly
+        raise UserError(
+            f"could not load tfds data set {name!r} with split {spec!r}: {e}. Without internet, download it "
+            "elsewhere into TFDS_DATA_DIR, or point DATASET at a local folder"
+        ) from e
+    label = info.features[info.supervised_keys[1]]
+    class_names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
+    sizes = {k: _tfds_size(ds, info, p) for k, ds, p in zip(SPLITS, datasets, parts)}
+    resize = _resizer(image_size)
+    splits = {
+        k: ds.map(lambda x, y: (resize(x), tf.cast(y, tf.int32)), num_parallel_calls=AUTOTUNE)
+        for k, ds in zip(SPLITS, datasets)
+    }
+    fingerprint = _hash([name, str(info.version), spec, str(image_size)])
+    return DataSplits(name, "tfds", class_names, image_size, spec, sizes, fingerprint, [], splits)
+
+
+def _tfds_size(ds: tf.data.Dataset, info, split: str) -> int:
+    count = int(ds.cardinality())
+    return count if count >= 0 else int(info.splits[split].num_examples)
+
+
+def _default_tfds_split(info) -> str:
+    have = set(info.splits.keys())
+    if {"train", "validation", "test"} <= have:
+        return "train,validation,test"
+    if {"train", "test"} <= have:
+        return "train[:90%],train[90%:],test"
+    return "train[:80%],train[80%:90%],train[90%:]"
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+
+def _load_folder(root: Path, image_size: int, seed: int, split: str | None) -> DataSplits:
+    subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    val_name = "validation" if "validation" in subdirs else "val" if "val" in subdirs else None
+    skipped: list[str] = []
+    if "train" in subdirs and val_name:
+        if split:
+            raise UserError(
+                f"folder {root} already has train/ and {val_name}/ subfolders, so --split {split!r} does not "
+                "apply; leave it out"
+            )
+        class_names = _class_names(root / "train")
+        files = {"train": _scan(root / "train", class_names, skipped)}
+        val = _scan(root / val_name, class_names, skipped)
+        if "test" in subdirs:
+            files["validation"], files["test"] = val, _scan(root / "test", class_names, skipped)
+            spec = f"train/,{val_name}/,test/"
+        else:
+            files["validation"], files["test"] = _split(val, (1, 1), seed)
+            spec = f"train/,{val_name}/[:50%],{val_name}/[50%:] (seed {seed})"
+    else:
+        class_names = _class_names(root)
+        spec = split or DEFAULT_FOLDER_SPLIT
+        fractions = _parse_fractions(spec)
+        parts = _split(_scan(root, class_names, skipped), fractions, seed)
+        files = dict(zip(SPLITS, parts))
+        spec = f"{spec} (seed {seed})"
+    for name in ("train", "validation"):
+        if not files[name]:
+            raise UserError(f"folder {root} gives an empty {name} split; it needs more images per class")
+    resize = _resizer(image_size)
+
+    def decode(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return resize(image), label
+
+    splits = {}
+    for name, items in files.items():
+        paths = [str(p) for p, _ in items]
+        labels = np.array([c for _, c in items], dtype=np.int32)
+        ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string, shape=[len(paths)]), labels))
+        # Files that pass the header check but still fail to decode are dropped, not fatal.
+        splits[name] = ds.map(decode, num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True)
+    listing = [f"{s}:{p.relative_to(root)}:{p.stat().st_size}" for s, items in files.items() for p, _ in items]
+    fingerprint = _hash([*sorted(listing), *class_names, spec, str(image_size)])
+    sizes = {k: len(v) for k, v in files.items()}
+    return DataSplits(str(root), "folder", class_names, image_size, spec, sizes, fingerprint, skipped, splits)
+
+
+def _class_names(root: Path) -> list[str]:
+    names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not names:
+        raise UserError(
+            f"folder {root} has no class subfolders; expected {root}/<class>/*.jpg "
+            f"(or train/ and validation/ folders that hold class subfolders)"
+        )
+    if len(names) < 2:
+        raise UserError(
+            f"folder {root} has a single class ({names[0]!r}); classification needs at least two class subfolders"
+        )
+    return names
+
+
+def _scan(root: Path, class_names: list[str], skipped: list[str]) -> list[tuple[Path, int]]:
+    """List ``(file, class index)`` under ``root/<class>/``; unreadable and non-image files go to ``skipped``."""
+    items = []
+    for index, name in enumerate(class_names):
+        folder = root / name
+        if not folder.is_dir():
+            raise UserError(f"class folder {folder} is missing: every split needs the same classes {class_names}")
+        for path in sorted(folder.rglob("*")):
+            if path.is_dir() or path.name.startswith("."):
+                continue
+            if _is_image(path):
+                items.append((path, index))
+            else:
+                skipped.append(str(path))
+    if not items:
+        raise UserError(f"folder {root} holds no images; expected {', '.join(IMAGE_EXTENSIONS)} files in class folders")
+    return items
+
+
+def _is_image(path: Path) -> bool:
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+    except OSError:
+        return False
+    return head.startswith(_MAGIC)
+
+
+def _parse_fractions(spec: str) -> tuple[float, ...]:
+    try:
+        parts = tuple(float(p) for p in spec.split("/"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0 or parts[1] <= 0:
+        raise UserError(
+            f"split {spec!r} for a folder must be train/validation/test percentages such as 75/15/10 "
+            "(train and validation above zero)"
+        )
+    return parts
+
+
+def _split(items: list[tuple[Path, int]], fractions: tuple[float, ...], seed: int) -> list[list]:
+    """Stratified, seeded split of ``items`` into ``len(fractions)`` parts."""
+    rng = np.random.default_rng(seed)
+    total = sum(fractions)
+    bounds = np.cumsum(fractions)[:-1] / total
+    parts: list[list] = [[] for _ in fractions]
+    for label in sorted({c for _, c in items}):
+        members = [it for it in items if it[1] == label]
+        order = rng.permutation(len(members))
+        cuts = [int(round(b * len(members))) for b in bounds]
+        for i, chunk in enumerate(np.split(order, cuts)):
+            parts[i].extend(members[j] for j in chunk)
+    return [sorted(p, key=lambda it: str(it[0])) for p in parts]
+
+
+def _resizer(image_size: int):
+    def resize(image):
+        if image.shape[-1] == 1:  # grayscale tfds images
+            image = tf.image.grayscale_to_rgb(image)
+        elif image.shape[-1] == 4:  # RGBA: drop alpha
+            image = image[..., :3]
+        image = tf.image.resize(image, [image_size, image_size], antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+    return resize
+
+
+def _hash(parts: list[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,118 @@
+"""The classifier around a backbone, and the transfer-learning rules, in one place.
+
+- Preprocessing is inside the model: it takes raw 0..255 RGB pixels.
+- Optional augmentation (flip, rotation) is inside the model, active in training only.
+- ``base(x, training=False)``: BatchNorm stays in inference mode, also when fine-tuning, and
+  BatchNorm layers stay frozen.
+- Changing ``trainable`` is always followed by a recompile (``compile_model``); fine-tuning uses
+  its own, lower learning rate.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from pipeline.backbones import BackboneSpec, build_backbone, get_spec
+from pipeline.errors import UserError
+from pipeline.preprocessing import Preprocess
+
+HEAD_ONLY = (None, "none", "None", "", 0, "0")
+
+
+def build_model(
+    backbone: str,
+    num_classes: int,
+    image_size: int,
+    dropout: float = 0.2,
+    augment: bool = False,
+    weights: str | None = "imagenet",
+    seed: int | None = None,
+) -> keras.Model:
+    """Raw pixels -> [augmentation] -> preprocessing -> frozen backbone -> pool -> dropout -> softmax."""
+    if num_classes < 2:
+        raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"dropout must be in [0, 1), got {dropout!r}")
+    spec = get_spec(backbone)
+    base = build_backbone(spec, image_size, weights)
+    base.trainable = False
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = inputs
+    if augment:
+        x = keras.Sequential(
+            [keras.layers.RandomFlip("horizontal", seed=seed), keras.layers.RandomRotation(0.1, seed=seed)],
+            name="augmentation",
+        )(x)
+    x = Preprocess(**spec.preprocessing, name="preprocess")(x)
+    x = base(x, training=False)
+    if len(x.shape) == 4:
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="classifier_on_" + spec.name.replace(":", "_").replace("/", "_")[-40:])
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The nested backbone model inside a classifier built by ``build_model``."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and layer.name != "augmentation":
+            return layer
+    raise ValueError(f"model {model.name!r} has no nested backbone")
+
+
+def resolve_fine_tune_at(value: object, spec: BackboneSpec) -> int | None:
+    """Turn a user's ``fine_tune_at`` into the first backbone layer index to unfreeze.
+
+    Accepts a layer index (``100`` of MobileNetV2's 154), a fraction of depth in (0, 1)
+    (``0.65``), ``"all"``, or ``0``/``"none"`` for head only (returns ``None``).
+    """
+    depth = spec.layer_count
+    if value in HEAD_ONLY:
+        return None
+    if value == "all":
+        return 0
+    number: float
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = float("nan")
+    if number != number or number < 0:
+        raise UserError(
+            f"fine_tune_at {value!r} is not a layer index, a fraction, 'all' or 'none'; "
+            f"for {spec.name} give 1..{depth - 1}, a fraction like 0.5, 'all' or 'none'"
+        )
+    if 0 < number < 1:
+        return min(int(number * depth), depth - 1)
+    if number != int(number) or number >= depth:
+        raise UserError(
+            f"fine_tune_at {value!r} is beyond the depth of {spec.name} ({depth} layers); "
+            f"give 1..{depth - 1}, a fraction like 0.5, 'all' or 'none'"
+        )
+    return int(number)
+
+
+def set_trainable(model: keras.Model, unfreeze_from: int | None) -> int:
+    """Freeze the backbone below ``unfreeze_from`` (all of it for ``None``); BatchNorm stays frozen.
+
+    Returns the number of trainable parameters. Recompile afterwards.
+    """
+    base = backbone_of(model)
+    base.trainable = unfreeze_from is not None
+    if unfreeze_from is not None:
+        for i, layer in enumerate(base.layers):
+            layer.trainable = i >= unfreeze_from and not isinstance(layer, keras.layers.BatchNormalization)
+    return trainable_params(model)
+
+
+def trainable_params(model: keras.Model) -> int:
+    return int(sum(keras.ops.size(w) for w in model.trainable_weights))
+
+
+def compile_model(model: keras.Model, learning_rate: float, jit_compile: bool | str = False) -> None:
+    """Adam + sparse categorical cross-entropy on softmax outputs, accuracy metric."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
+    )

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny generated image folders, a local TF-Hub SavedModel, the real flowers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FLOWERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flower_photos"
+COLORS = {"blue": (30, 40, 210), "green": (30, 200, 40), "red": (210, 30, 40)}
+
+
+def needs_flowers():
+    return pytest.mark.skipif(
+        not FLOWERS.is_dir(), reason=f"real data not found at {FLOWERS} (the shared flower_photos data set)"
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Converted weights and feature caches go to a per-session directory, never the user's home."""
+    os.environ["TLSWEEP_CACHE"] = str(tmp_path_factory.mktemp("tlsweep_cache"))
+    yield
+
+
+def write_image(path: Path, color, size=(40, 48), mode="RGB", seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color) + rng.normal(0, 25, (size[0], size[1], 3)), 0, 255).astype("uint8")
+    image = Image.fromarray(pixels)
+    if mode == "L":
+        image = image.convert("L")
+    elif mode == "RGBA":
+        image = image.convert("RGBA")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def make_class_folder(root: Path, per_class: int = 12, classes=("blue", "green", "red")) -> Path:
+    """``root/<class>/*.{jpg,png}`` with one colour per class, mixing JPEG, PNG, grayscale and RGBA."""
+    for c in classes:
+        for i in range(per_class):
+            kind = i % 4
+            suffix, mode = [(".jpg", "RGB"), (".png", "RGB"), (".png", "RGBA"), (".jpg", "RGB")][kind]
+            write_image(root / c / f"{c}_{i:03d}{suffix}", COLORS[c], mode=mode, seed=i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def class_folder(tmp_path_factory) -> Path:
+    return make_class_folder(tmp_path_factory.mktemp("flat"))
+
+
+@pytest.fixture(scope="session")
+def split_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("split")
+    make_class_folder(root / "train", per_class=8, classes=("blue", "red"))
+    make_class_folder(root / "validation", per_class=4, classes=("blue", "red"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def hub_dir(tmp_path_factory) -> str:
+    """A local SavedModel in TF-Hub's reusable format: ``__call__(images in [0,1], training)`` -> [N, 16]."""
+    import tensorflow as tf
+
+    class FeatureVector(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = tf.Variable(tf.random.stateless_normal([3, 16], seed=[1, 2]), name="kernel")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32), tf.TensorSpec([], tf.bool)])
+        def __call__(self, images, training=False):
+            features = tf.nn.relu(tf.tensordot(images - 0.5, self.kernel, axes=1))
+            return tf.reduce_mean(features, axis=[1, 2])
+
+    path = tmp_path_factory.mktemp("hub") / "feature_vector"
+    module = FeatureVector()
+    tf.saved_model.save(module, str(path))
+    return str(path)

@@ -1,0 +1,67 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.export import ExportedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_prints_scores_and_exports(class_folder, tmp_path, capsys):
+    out = tmp_path / "model"
+    code = main([
+        "train", "--dataset", str(class_folder), "--backbone", "efficientnet_lite0", "--image-size", "32",
+        "--epochs", "2", "--fine-tune-epochs", "1", "--fine-tune-at", "120", "--batch-size", "8",
+        "--learning-rate", "0.01", "--output", str(out),
+    ])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "classes ['blue', 'green', 'red']" in text and "skipped files 0" in text
+    assert "Epoch 3/3" in text, "per-epoch progress over both phases"
+    assert "test_accuracy=" in text and "(fine-tuned from layer 120)" in text
+    exported = ExportedModel(out)
+    assert exported.class_names == ["blue", "green", "red"]
+    assert exported.predict(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "no_such_data"], "error: unknown data set 'no_such_data'"),
+        (["--dataset", "{folder}", "--backbone", "vgg99"], "error: unknown backbone 'vgg99'; known backbones:"),
+        (["--dataset", "{folder}", "--fine-tune-at", "999"], "error: fine_tune_at '999' is beyond the depth"),
+        (["--dataset", "{folder}", "--backbone", "xception", "--image-size", "64"],
+         "error: image size 64 is too small for backbone 'xception'"),
+    ],
+    ids=["dataset", "backbone", "fine-tune-at", "image-size"],
+)
+def test_bad_input_is_one_clear_line(class_folder, capsys, args, message):
+    args = [a.format(folder=class_folder) for a in args]
+    assert main(["train", *args, "--epochs", "1"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    (tmp_path / "only").mkdir()
+    Path(tmp_path / "only" / "a.jpg").write_bytes(b"")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", "--dataset", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "has a single class ('only')" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_option():
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    for flag in ("--dataset", "--backbone", "--epochs", "--fine-tune-epochs", "--fine-tune-at", "--dropout",
+                 "--batch-size", "--learning-rate", "--fine-tune-learning-rate", "--image-size", "--augment",
+                 "--seed", "--output", "--split", "--weights"):
+        assert flag in proc.stdout

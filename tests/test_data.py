@@ -1,0 +1,130 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import make_class_folder, write_image
+from pipeline.data import load_data
+from pipeline.errors import UserError
+
+
+def _labels(data, split):
+    return sorted(int(y) for _, y in data.splits[split].as_numpy_iterator())
+
+
+def test_class_folder_split_is_stratified_and_seeded(class_folder):
+    data = load_data(str(class_folder), 24, seed=3)
+    assert data.class_names == ["blue", "green", "red"]
+    assert data.sizes == {"train": 27, "validation": 6, "test": 3}
+    assert data.split_spec == "75/15/10 (seed 3)"
+    assert _labels(data, "validation") == [0, 0, 1, 1, 2, 2]
+    again = load_data(str(class_folder), 24, seed=3)
+    other = load_data(str(class_folder), 24, seed=4)
+    assert again.fingerprint == data.fingerprint and other.fingerprint != data.fingerprint
+
+
+def test_images_of_every_kind_come_out_rgb_uint8_at_image_size(class_folder):
+    data = load_data(str(class_folder), 20)
+    images = np.stack([x for x, _ in data.splits["train"].as_numpy_iterator()])
+    assert images.shape == (27, 20, 20, 3) and images.dtype == np.uint8
+    batch_x, batch_y = next(iter(data.batches("train", 8, shuffle=True, seed=1)))
+    assert batch_x.dtype.name == "float32" and batch_x.shape == (8, 20, 20, 3) and batch_y.dtype.name == "int32"
+    assert 0 <= float(np.min(batch_x)) and float(np.max(batch_x)) <= 255
+
+
+def test_grayscale_images_become_rgb(tmp_path):
+    make_class_folder(tmp_path, per_class=4, classes=("blue", "red"))
+    write_image(tmp_path / "red" / "gray.png", (200, 200, 200), mode="L")
+    data = load_data(str(tmp_path), 16, split="100/100/0")
+    images = [x for x, _ in data.splits["train"].as_numpy_iterator()]
+    assert all(x.shape == (16, 16, 3) for x in images)
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path):
+    make_class_folder(tmp_path, per_class=8, classes=("blue", "red"))
+    (tmp_path / "blue" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "blue" / "notes.txt").write_text("not an image")
+    (tmp_path / "red" / "corrupt.jpg").write_bytes(b"JUNK" * 100)
+    (tmp_path / "LICENSE.txt").write_text("top-level files are not images of a class")
+    data = load_data(str(tmp_path), 16)
+    assert data.skipped == 3
+    assert sorted(Path(p).name for p in data.skipped_files) == ["corrupt.jpg", "empty.jpg", "notes.txt"]
+    assert sum(data.sizes.values()) == 16
+    assert data.lineage()["skipped_files"] == 3
+
+
+def test_truncated_jpeg_is_dropped_not_fatal(tmp_path):
+    make_class_folder(tmp_path, per_class=8, classes=("blue", "red"))
+    good = (tmp_path / "blue" / "blue_000.jpg").read_bytes()
+    (tmp_path / "blue" / "truncated.jpg").write_bytes(good[:40])
+    data = load_data(str(tmp_path), 16)
+    assert sum(data.sizes.values()) == 17  # the truncated file passes the header check ...
+    decoded = sum(len(list(ds.as_numpy_iterator())) for ds in data.splits.values())
+    assert decoded == 16  # ... and is dropped when it fails to decode
+
+
+def test_train_validation_folders_carve_a_test_split(split_folder):
+    data = load_data(str(split_folder), 16, seed=1)
+    assert data.class_names == ["blue", "red"]
+    assert data.sizes == {"train": 16, "validation": 4, "test": 4}
+    assert data.split_spec == "train/,validation/[:50%],validation/[50%:] (seed 1)"
+    assert _labels(data, "test") == [0, 0, 1, 1]
+
+
+def test_train_validation_test_folders_are_used_as_given(tmp_path):
+    for split, n in (("train", 4), ("validation", 2), ("test", 3)):
+        make_class_folder(tmp_path / split, per_class=n, classes=("blue", "red"))
+    data = load_data(str(tmp_path), 16)
+    assert data.sizes == {"train": 8, "validation": 4, "test": 6}
+
+
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda p: None, r"has no class subfolders; expected"),
+        (lambda p: make_class_folder(p, 3, ("blue",)), r"has a single class \('blue'\); classification needs at least two"),
+        (lambda p: [(p / "a").mkdir(), (p / "b").mkdir()], r"holds no images"),
+    ],
+    ids=["empty", "single-class", "no-images"],
+)
+def test_bad_folders_are_clear_errors(tmp_path, setup, message):
+    setup(tmp_path)
+    with pytest.raises(UserError, match=message):
+        load_data(str(tmp_path), 16)
+
+
+def test_missing_folder_and_unknown_dataset(tmp_path):
+    with pytest.raises(UserError, match=r"data folder '.*missing' does not exist"):
+        load_data(str(tmp_path / "missing"), 16)
+    with pytest.raises(UserError, match=r"unknown data set 'tf_flower': .*did you mean tf_flowers"):
+        load_data("tf_flower", 16)
+
+
+def test_bad_split_spec(class_folder):
+    with pytest.raises(UserError, match=r"split '80/20' for a folder must be train/validation/test percentages"):
+        load_data(str(class_folder), 16, split="80/20")
+
+
+def test_tfds_default_split_for_tf_flowers():
+    with tfds.testing.mock_data(num_examples=40):
+        data = load_data("tf_flowers", 24)
+    assert data.source == "tfds"
+    assert data.split_spec == "train[:75%],train[75%:90%],train[90%:]"
+    assert data.class_names == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
+    # mock_data serves num_examples per split whatever the slice; sizes must be what is served.
+    assert data.sizes == {k: len(list(ds)) for k, ds in data.splits.items()}
+    x, y = next(data.splits["train"].as_numpy_iterator())
+    assert x.shape == (24, 24, 3) and x.dtype == np.uint8 and 0 <= y < 5
+
+
+def test_tfds_split_option_and_cats_vs_dogs_default():
+    with tfds.testing.mock_data(num_examples=20):
+        data = load_data("cats_vs_dogs", 16)
+        custom = load_data("tf_flowers", 16, split="train[:50%],train[50%:75%],train[75%:]")
+    assert data.split_spec == "train[:40%],train[40%:50%],train[50%:60%]"
+    assert data.class_names == ["cat", "dog"]
+    assert custom.split_spec == "train[:50%],train[50%:75%],train[75%:]"
+    with pytest.raises(UserError, match=r"must name three tfds splits"):
+        with tfds.testing.mock_data(num_examples=20):
+            load_data("tf_flowers", 16, split="train[:50%],train[50%:]")
