@@ -10,25 +10,26 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline.errors import UserError  # noqa: E402
+from pipeline.hparams import DEFAULTS as D  # noqa: E402
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="tfds name (tf_flowers, cats_vs_dogs, ...) or a folder")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="registry name or hub:<URL or SavedModel dir>")
-    p.add_argument("--weights", default="imagenet", help="'imagenet', 'none', or a local weights file")
-    p.add_argument("--epochs", type=int, default=10, help="head epochs with the backbone frozen")
-    p.add_argument("--fine-tune-epochs", type=int, default=5, help="fine-tuning epochs (0: head only)")
+    p.add_argument("--backbone", default=D["backbone"], help="registry name or hub:<URL or SavedModel dir>")
+    p.add_argument("--weights", default=D["weights"], help="'imagenet', 'none', or a local weights file")
+    p.add_argument("--epochs", type=int, default=D["epochs"], help="head epochs with the backbone frozen")
+    p.add_argument("--fine-tune-epochs", type=int, default=D["fine_tune_epochs"], help="fine-tuning epochs (0: head only)")
     p.add_argument(
         "--fine-tune-at",
-        default="0.75",
+        default=str(D["fine_tune_at"]),
         help="first backbone layer to unfreeze: index, fraction of depth, 'all', or 0/'none' for head only",
     )
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate of the head phase")
-    p.add_argument("--fine-tune-learning-rate", type=float, default=1e-5, help="Adam learning rate when fine-tuning")
+    p.add_argument("--dropout", type=float, default=D["dropout"])
+    p.add_argument("--batch-size", type=int, default=D["batch_size"])
+    p.add_argument("--learning-rate", type=float, default=D["learning_rate"], help="Adam learning rate of the head phase")
+    p.add_argument("--fine-tune-learning-rate", type=float, default=D["fine_tune_learning_rate"], help="Adam learning rate when fine-tuning")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: backbone's native)")
-    p.add_argument("--augment", type=_bool, default=False, help="random flip + rotation in training (true/false)")
+    p.add_argument("--augment", type=_bool, default=D["augment"], help="random flip + rotation in training (true/false)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", default=None, help="tfds: 'train[:75%%],train[75%%:90%%],train[90%%:]'; folder: 75/15/10")
     p.add_argument("--data-dir", default=None, help="tfds data directory")

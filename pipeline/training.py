@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.data import DataSplits
 from pipeline.errors import UserError
-from pipeline.model import compile_model, set_trainable
+from pipeline.model import compile_model, set_trainable, trainable_params
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 # Folder pipelines drop undecodable files, so their length is unknown to Keras; that is expected.
@@ -32,6 +32,7 @@ class TrainResult:
     test_loss: float | None = None
     test_accuracy: float | None = None
     head_test_accuracy: float | None = None  # test accuracy before fine-tuning (measured, never used to choose)
+    first_epoch: int = 0  # epoch index of history[...][0] (non-zero when a slice was trained)
 
     @property
     def val_accuracy(self) -> float:
@@ -63,45 +64,58 @@ def train(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | str = 2,
     evaluate_test: bool = True,
+    initial_epoch: int = 0,
+    stop_epoch: int | None = None,
 ) -> TrainResult:
-    """Train the head with the backbone frozen, then fine-tune from ``unfreeze_from`` (if not None)."""
+    """Train the head with the backbone frozen, then fine-tune from ``unfreeze_from`` (if not None).
+
+    Epochs ``[0, epochs)`` are the head phase and ``[epochs, epochs + fine_tune_epochs)`` the
+    fine-tuning phase, on one axis. ``initial_epoch``/``stop_epoch`` run only a slice of it (as
+    Hyperband does): a phase that starts inside the slice freezes/unfreezes and recompiles; a
+    slice that starts in the middle of a phase continues the model as given, so pass the model
+    reloaded from the previous slice (it keeps its trainable flags and optimizer state).
+    """
     check_positive("epochs", epochs)
     check_positive("fine_tune_epochs", fine_tune_epochs, allow_zero=True)
     check_positive("learning_rate", learning_rate)
     check_positive("fine_tune_learning_rate", fine_tune_learning_rate)
     check_positive("batch_size", batch_size)
+    fine_tunes = unfreeze_from is not None and fine_tune_epochs > 0
+    total = epochs + (fine_tune_epochs if fine_tunes else 0)
+    stop = total if stop_epoch is None else min(stop_epoch, total)
     train_ds = data.batches("train", batch_size, shuffle=True, seed=seed)
     val_ds = data.batches("validation", batch_size)
+    merged: dict[str, list[float]] = {k: [] for k in METRICS}
+    seconds = {"head": 0.0, "fine_tune": 0.0}
+    head_test_accuracy = None
 
-    params = set_trainable(model, None)
-    compile_model(model, learning_rate)
-    start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=list(callbacks), verbose=verbose, shuffle=False)
-    head_seconds = time.perf_counter() - start
-    merged = {k: list(map(float, history.history.get(k, []))) for k in METRICS}
-
-    fine_tune_start, fine_tune_seconds, head_test_accuracy = None, 0.0, None
-    if unfreeze_from is not None and fine_tune_epochs > 0:
-        if evaluate_test:
-            head_test_accuracy = evaluate(model, data, "test", batch_size)[1]
-        params = set_trainable(model, unfreeze_from)
-        compile_model(model, fine_tune_learning_rate)  # recompile after changing `trainable`
+    def run(phase: str, first: int, last: int) -> None:
         start = time.perf_counter()
-        fine_tune_start = epochs
         history = model.fit(
-            train_ds,
-            validation_data=val_ds,
-            initial_epoch=epochs,
-            epochs=epochs + fine_tune_epochs,
-            callbacks=list(callbacks),
-            verbose=verbose,
-            shuffle=False,  # the pipeline shuffles, seeded
+            train_ds, validation_data=val_ds, initial_epoch=first, epochs=last,
+            callbacks=list(callbacks), verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
         )
-        fine_tune_seconds = time.perf_counter() - start
+        seconds[phase] += time.perf_counter() - start
         for k in METRICS:
             merged[k] += map(float, history.history.get(k, []))
 
-    result = TrainResult(merged, fine_tune_start, head_seconds, fine_tune_seconds, params)
+    if initial_epoch < min(epochs, stop):
+        if initial_epoch == 0 or model.optimizer is None:
+            set_trainable(model, None)
+            compile_model(model, learning_rate)
+        run("head", initial_epoch, min(epochs, stop))
+    if fine_tunes and max(initial_epoch, epochs) < stop:
+        if initial_epoch <= epochs or model.optimizer is None:
+            if evaluate_test:
+                head_test_accuracy = evaluate(model, data, "test", batch_size)[1]
+            set_trainable(model, unfreeze_from)
+            compile_model(model, fine_tune_learning_rate)  # recompile after changing `trainable`
+        run("fine_tune", max(initial_epoch, epochs), stop)
+
+    result = TrainResult(
+        merged, epochs if fine_tunes and stop > epochs else None, seconds["head"], seconds["fine_tune"],
+        trainable_params(model), first_epoch=initial_epoch,
+    )
     if evaluate_test:
         result.test_loss, result.test_accuracy = evaluate(model, data, "test", batch_size)
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy

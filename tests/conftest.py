@@ -82,3 +82,22 @@ def hub_dir(tmp_path_factory) -> str:
     module = FeatureVector()
     tf.saved_model.save(module, str(path))
     return str(path)
+
+
+@pytest.fixture
+def tracking_store(tmp_path, monkeypatch):
+    """Each test gets its own SQLite MLflow store; afterwards no run may be left active or RUNNING."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    leaked = mlflow.active_run()
+    while mlflow.active_run() is not None:
+        mlflow.end_run("KILLED")
+    assert leaked is None, f"run {leaked.info.run_id} leaked as the active run"
+    client = mlflow.tracking.MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(exps, "attributes.status = 'RUNNING'") if exps else []
+    assert not running, f"runs left RUNNING: {[r.info.run_id for r in running]}"

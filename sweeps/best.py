@@ -1,0 +1,91 @@
+"""``best-export``: the best finished trial by the validation objective, exported and registered."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.data import load_data
+from pipeline.errors import UserError
+from pipeline.export import ExportedModel
+from tracking import leaderboard as lb
+
+ALIAS = "champion"
+
+
+def best_run(experiment: str) -> mlflow.entities.Run:
+    table = lb.leaderboard(lb.trial_runs(experiment))
+    done = table[table["status"] == "FINISHED"]
+    if done.empty:
+        raise UserError(f"experiment {experiment!r} has no finished trials yet; run `make sweep` first")
+    return MlflowClient().get_run(done.iloc[0]["run_id"])
+
+
+def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = False) -> dict:
+    """Export the champion to ``export_dir/<experiment>/``, register it, check it reproduces its test accuracy."""
+    run = best_run(experiment)
+    params, metrics = run.data.params, run.data.metrics
+    target = Path(export_dir) / experiment
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"export directory {target} already exists and is not empty; pass OVERWRITE=1 to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="savedmodel", dst_path=tmp)
+        Path(local, "MODEL_CARD.md").write_text(model_card(experiment, run))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(local, target)
+
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    version = mlflow.register_model(run.data.tags["tlsweep.model_uri"], name)
+    MlflowClient().set_registered_model_alias(name, ALIAS, version.version)
+
+    exported = ExportedModel(target)
+    data = load_data(params["data_name"], exported.image_size, seed=int(params["seed"]),
+                     split=None if params.get("split", "default") == "default" else params["split"])
+    reproduced = exported_accuracy(exported, data)
+    logged = float(metrics["test_accuracy"])
+    tolerance = 1.0 / max(data.sizes["test"], 1) + 1e-6  # one borderline image at most
+    if abs(reproduced - logged) > tolerance:
+        raise RuntimeError(
+            f"export at {target} gives test accuracy {reproduced:.4f} but run {run.info.run_id} logged {logged:.4f}")
+    return {"run_id": run.info.run_id, "path": str(target), "model_name": name, "version": version.version,
+            "val_accuracy": metrics.get(lb.OBJECTIVE), "test_accuracy": logged, "reproduced_test_accuracy": reproduced}
+
+
+def exported_accuracy(exported: ExportedModel, data, split: str = "test") -> float:
+    correct = total = 0
+    for x, y in data.batches(split, 64):
+        correct += int((exported.predict(x.numpy()).argmax(axis=1) == y.numpy()).sum())
+        total += len(y)
+    return correct / total if total else float("nan")
+
+
+def model_card(experiment: str, run: mlflow.entities.Run) -> str:
+    p, m = run.data.params, run.data.metrics
+    hyper = [k for k in lb.PARAMS if k in p] + ["fine_tune_at", "weights", "seed"]
+    lines = [
+        f"# Model card: {experiment}", "",
+        f"- MLflow run: `{run.info.run_id}` (experiment `{experiment}`, trial {run.data.tags.get('kt.trial_id')})",
+        f"- Backbone: `{p.get('backbone')}` at {p.get('resolved_image_size')} px, weights `{p.get('weights')}`",
+        f"- Classes: {p.get('class_names')}",
+        f"- Data: `{p.get('data_name')}` ({p.get('data_source')}), split `{p.get('split_spec')}`, sizes "
+        f"train {p.get('train_size')} / validation {p.get('validation_size')} / test {p.get('test_size')}, "
+        f"skipped files {p.get('skipped_files')}, fingerprint `{p.get('data_fingerprint')}`", "",
+        "## Metrics", "",
+        *(f"- {k}: {m[k]:.4f}" for k in ("val_accuracy", "test_accuracy", "test_loss") if k in m), "",
+        "## Hyperparameters", "",
+        *(f"- {k}: {p[k]}" for k in dict.fromkeys(hyper) if k in p), "",
+        "## Use", "",
+        "`tf.saved_model.load(dir).signatures['serving_default']` takes float32 `[N, H, W, 3]` raw 0..255 pixels and",
+        "returns class probabilities in the order of `labels.txt`.", "",
+    ]
+    return "\n".join(lines)
+
+
+

@@ -1,0 +1,113 @@
+"""``python -m sweeps.cli {sweep,best-export,report}``: the product's main jobs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pipeline.errors import UserError  # noqa: E402
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a Keras-Tuner search for a data set; every trial lands in MLflow. Rerun to continue it."""
+    from sweeps.run import run_sweep
+
+    parent = run_sweep(
+        args.dataset, sweep=args.sweep, experiment=args.experiment, max_trials=args.max_trials, tuner=args.tuner,
+        seed=args.seed, split=args.split, state_dir=args.state_dir, tracking_uri=args.tracking_uri,
+        verbose=0 if args.quiet else 2,
+    )
+    return _print_board(args.experiment or _experiment(args.dataset), parent, top=10)
+
+
+def cmd_best_export(args: argparse.Namespace) -> int:
+    """Export the best finished trial (by validation accuracy), register it as 'champion', check parity."""
+    from sweeps.best import best_export
+    from tracking import store
+
+    store.configure(args.tracking_uri)
+    info = best_export(args.experiment, export_dir=args.export_dir, overwrite=args.overwrite)
+    print(f"best run {info['run_id']}: val_accuracy={info['val_accuracy']:.4f} test_accuracy={info['test_accuracy']:.4f}")
+    print(f"exported to {info['path']} (SavedModel + labels.txt + MODEL_CARD.md)")
+    print(f"registered as model {info['model_name']!r} version {info['version']} with alias 'champion'")
+    print(f"parity: the export reproduces test_accuracy={info['reproduced_test_accuracy']:.4f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print an experiment's leaderboard (best first) and the best trial per backbone."""
+    from tracking import store
+
+    store.configure(args.tracking_uri)
+    return _print_board(args.experiment, None, top=args.top)
+
+
+def _experiment(dataset: str) -> str:
+    from sweeps.run import experiment_name
+
+    return experiment_name(dataset, None)
+
+
+def _print_board(experiment: str, parent: str | None, top: int) -> int:
+    from tracking import leaderboard as lb
+
+    table = lb.leaderboard(lb.trial_runs(experiment, parent))
+    cols = ["trial_id", "status", "backbone", "fine_tune_at", "dropout", "batch_size", "learning_rate",
+            "val_accuracy", "test_accuracy", "wall_seconds", "run_id"]
+    print(f"\nleaderboard of {experiment!r} ({len(table)} trials, best first by val_accuracy):")
+    print(lb.to_markdown(table[[c for c in cols if c in table]].head(top)))
+    best = lb.best_per_backbone(table)
+    if not best.empty:
+        print("\nbest per backbone:")
+        print(lb.to_markdown(best[["backbone", "val_accuracy", "test_accuracy", "run_id"]]))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlsweep-sweeps", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    uri = dict(default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+    p = sub.add_parser("sweep", help=cmd_sweep.__doc__, description=cmd_sweep.__doc__)
+    p.add_argument("--dataset", required=True, help="tfds name or folder (as for `train`)")
+    p.add_argument("--sweep", default=None, help="sweep name in sweeps/ (quick, default, ...) or a YAML path; "
+                   "default: sweeps/<dataset>.yaml if present, else default")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the data set's name)")
+    p.add_argument("--max-trials", type=int, default=None)
+    p.add_argument("--tuner", default=None, help="random, bayesian, hyperband or grid (overrides the YAML)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--split", default=None, help="as for `train`")
+    p.add_argument("--state-dir", default="sweeps_state", help="Keras-Tuner state, one folder per experiment")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--tracking-uri", **uri)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("best-export", help=cmd_best_export.__doc__, description=cmd_best_export.__doc__)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--export-dir", default="exports")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.add_argument("--tracking-uri", **uri)
+    p.set_defaults(func=cmd_best_export)
+
+    p = sub.add_parser("report", help=cmd_report.__doc__, description=cmd_report.__doc__)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--tracking-uri", **uri)
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

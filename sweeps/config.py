@@ -1,0 +1,133 @@
+"""Sweep configuration: YAML at the edge, validated into a ``SweepConfig``.
+
+A sweep file names the tuner, the trial budget, the objective and the space. Each space entry is
+one of ``choice: [...]``, ``float: [lo, hi]`` (``sampling: log``, ``step``), ``int: [lo, hi]``
+(``step``), ``boolean: true`` or ``fixed: value``, with an optional ``default``. Hyperparameters
+left out keep their default (``pipeline.hparams.DEFAULTS``), so an empty space is the baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.hparams import DEFAULTS
+
+SWEEPS_DIR = Path(__file__).resolve().parent
+TUNERS = ("random", "bayesian", "hyperband", "grid")
+TOP_KEYS = ("tuner", "max_trials", "objective", "seed", "space", "hyperband", "description",
+            "max_consecutive_failed_trials")
+KINDS = ("choice", "float", "int", "boolean", "fixed")
+ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
+OBJECTIVES = ("val_accuracy",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    name: str
+    tuner: str = "bayesian"
+    max_trials: int = 10
+    objective: str = "val_accuracy"
+    seed: int = 42
+    space: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    hyperband: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_consecutive_failed_trials: int = 3
+    source: str = ""
+
+    def with_overrides(self, **overrides: Any) -> "SweepConfig":
+        """Command-line overrides (MAX_TRIALS=, TUNER=, SEED=); None means not given."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "tuner" in given:
+            _check_tuner(given["tuner"], "the command line")
+        if "max_trials" in given and int(given["max_trials"]) < 1:
+            raise UserError(f"MAX_TRIALS must be at least 1, got {given['max_trials']}")
+        return dataclasses.replace(self, **given)
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A sweep name (``quick`` -> ``sweeps/quick.yaml``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"sweep file {path} does not exist")
+        return path
+    candidate = SWEEPS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+        raise UserError(f"unknown sweep {name_or_path!r}; known sweeps: {', '.join(known)} (or give a .yaml path)")
+    return candidate
+
+
+def default_sweep_for(dataset: str) -> str:
+    """``sweeps/<dataset>.yaml`` when there is one, else ``default``."""
+    name = Path(dataset).name
+    return name if (SWEEPS_DIR / f"{name}.yaml").is_file() else "default"
+
+
+def load_sweep(name_or_path: str) -> SweepConfig:
+    path = resolve_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"sweep file {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"sweep file {path} must be a mapping with keys {', '.join(TOP_KEYS)}")
+    return parse_sweep(raw, name=path.stem, source=str(path))
+
+
+def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
+    where = source or name
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in sweep {where}; known keys: {', '.join(TOP_KEYS)}")
+    tuner = raw.get("tuner", "bayesian")
+    _check_tuner(tuner, where)
+    objective = raw.get("objective", "val_accuracy")
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective {objective!r} in sweep {where} is not supported; use one of {list(OBJECTIVES)}")
+    space = raw.get("space") or {}
+    if not isinstance(space, dict):
+        raise UserError(f"'space' in sweep {where} must map hyperparameter names to entries")
+    for hp, entry in space.items():
+        _check_entry(hp, entry, where)
+    max_trials = raw.get("max_trials", 10)
+    if not isinstance(max_trials, int) or max_trials < 1:
+        raise UserError(f"max_trials in sweep {where} must be a whole number >= 1, got {max_trials!r}")
+    return SweepConfig(
+        name=name, tuner=tuner, max_trials=max_trials, objective=objective, seed=int(raw.get("seed", 42)),
+        space=space, hyperband=dict(raw.get("hyperband") or {}),
+        max_consecutive_failed_trials=int(raw.get("max_consecutive_failed_trials", 3)), source=source,
+    )
+
+
+def _check_tuner(tuner: str, where: str) -> None:
+    if tuner not in TUNERS:
+        raise UserError(f"unknown tuner {tuner!r} in {where}; known tuners: {', '.join(TUNERS)}")
+
+
+def _check_entry(hp: str, entry: Any, where: str) -> None:
+    if hp not in DEFAULTS:
+        raise UserError(
+            f"unknown hyperparameter {hp!r} in sweep {where}; known hyperparameters: {', '.join(sorted(DEFAULTS))}"
+        )
+    if not isinstance(entry, dict):
+        raise UserError(f"hyperparameter {hp!r} in sweep {where} must be a mapping such as {{choice: [a, b]}}")
+    bad = sorted(set(entry) - set(ENTRY_KEYS))
+    kinds = [k for k in KINDS if k in entry]
+    if bad or len(kinds) != 1:
+        raise UserError(
+            f"hyperparameter {hp!r} in sweep {where} needs exactly one of {', '.join(KINDS)}"
+            + (f"; unknown key(s) {bad}, known: {', '.join(ENTRY_KEYS)}" if bad else f", got {kinds or 'none'}")
+        )
+    kind = kinds[0]
+    value = entry[kind]
+    if kind == "choice" and (not isinstance(value, list) or not value):
+        raise UserError(f"'choice' of {hp!r} in sweep {where} must be a non-empty list")
+    if kind in ("float", "int") and (not isinstance(value, list) or len(value) != 2 or value[0] > value[1]):
+        raise UserError(f"'{kind}' of {hp!r} in sweep {where} must be [low, high] with low <= high, got {value!r}")
+    if "default" in entry and kind == "choice" and entry["default"] not in value:
+        raise UserError(f"default {entry['default']!r} of {hp!r} in sweep {where} is not one of its choices {value}")

@@ -1,0 +1,89 @@
+"""Run (or continue) a sweep: parent run first, then the tuner's trials, then the leaderboard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from sweeps.config import SweepConfig, default_sweep_for, load_sweep
+from sweeps.tuner import TransferTuner, sweep_dir
+from tracking import leaderboard as lb
+from tracking import runs, store
+
+
+def experiment_name(dataset: str, experiment: str | None) -> str:
+    return experiment or Path(dataset.rstrip("/")).name or dataset
+
+
+def run_sweep(
+    dataset: str,
+    sweep: str | None = None,
+    experiment: str | None = None,
+    max_trials: int | None = None,
+    tuner: str | None = None,
+    seed: int | None = None,
+    split: str | None = None,
+    state_dir: str = "sweeps_state",
+    tracking_uri: str | None = None,
+    verbose: int | str = 2,
+) -> str:
+    """Search, tracking every trial; running it again continues the same search. Returns the parent run id."""
+    config = load_sweep(sweep or default_sweep_for(dataset)).with_overrides(
+        max_trials=max_trials, tuner=tuner, seed=seed)
+    experiment = experiment_name(dataset, experiment)
+    store.configure(tracking_uri)
+    exp_id = store.experiment_id(experiment)
+    directory = sweep_dir(state_dir, experiment)
+    key = f"{experiment}:{config.name}"  # not a path: the project may move, workers run elsewhere
+    parent = runs.start_parent(exp_id, key, run_name=f"sweep-{config.name}")
+    closed = runs.close_orphans(exp_id, parent)
+    if closed:
+        print(f"closed {len(closed)} trial run(s) left RUNNING by a process that died: {', '.join(closed)}")
+    _log_settings(parent, config, dataset, split)
+    tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose)
+    status = "FAILED"
+    try:
+        tuner_obj.search()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        summarize(experiment, parent)
+        runs.end_parent(parent, status)
+    return parent
+
+
+def _log_settings(parent: str, config: SweepConfig, dataset: str, split: str | None) -> None:
+    client = MlflowClient()
+    if client.get_run(parent).data.params:
+        client.set_tag(parent, "tlsweep.resumed", "true")
+        return
+    runs.log_params(parent, {
+        "dataset": dataset, "sweep": config.name, "tuner": config.tuner, "max_trials": config.max_trials,
+        "objective": config.objective, "seed": config.seed, "split": split or "default",
+        **{f"hyperband.{k}": v for k, v in config.hyperband.items()},
+    })
+    client.log_dict(parent, {"space": config.space, "source": config.source}, "search_space.json")
+    if config.source:
+        client.log_artifact(parent, config.source, "sweep")
+
+
+def summarize(experiment: str, parent: str) -> lb.pd.DataFrame:
+    """Leaderboard artifacts on the parent; the best finished child tagged."""
+    client = MlflowClient()
+    table = lb.leaderboard(lb.trial_runs(experiment, parent))
+    client.log_text(parent, table.to_csv(index=False), "leaderboard.csv")
+    client.log_text(parent, lb.to_markdown(table), "leaderboard.md")
+    done = table[table["status"] == "FINISHED"]
+    if not done.empty:
+        best = done.iloc[0]
+        for run_id in table["run_id"]:
+            client.set_tag(run_id, "tlsweep.best", "true" if run_id == best["run_id"] else "false")
+        client.set_tag(parent, "tlsweep.best_run_id", best["run_id"])
+        client.log_metric(parent, "best_val_accuracy", float(best[lb.OBJECTIVE]))
+    return table
+
+
+

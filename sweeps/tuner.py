@@ -1,0 +1,181 @@
+"""The tuner: Keras Tuner's oracles choose, the pipeline trains, every trial lands in MLflow.
+
+``TransferTuner`` is a ``BaseTuner`` whose ``run_trial`` runs one two-phase trial through the
+pipeline inside an MLflow child run. Hyperband promotions continue the previous trial's saved
+model (with its trainable flags and optimizer state) on the same two-phase epoch axis.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner as kt
+import numpy as np
+import tensorflow as tf
+
+from pipeline.backbones import get_spec
+from pipeline.data import DataSplits, load_data
+from pipeline.errors import UserError
+from pipeline.export import export_model, load_keras_model
+from pipeline.model import build_model, resolve_fine_tune_at
+from pipeline.training import TrainResult, train
+from sweeps import space as space_module
+from sweeps.config import SweepConfig
+from tracking import plots, pyfunc, runs
+
+CHECKPOINT = "model.keras"
+
+
+class SpaceHyperModel(kt.HyperModel):
+    """Declares the space; ``build`` returns the trial's values (models are built in ``run_trial``)."""
+
+    def __init__(self, space: dict[str, dict[str, Any]]):
+        super().__init__(name="transfer")
+        self.space = space
+
+    def build(self, hp: kt.HyperParameters) -> dict[str, Any]:
+        return space_module.define(hp, self.space)
+
+
+def make_oracle(config: SweepConfig) -> kt.Oracle:
+    objective = kt.Objective(config.objective, direction="max")
+    common = dict(objective=objective, seed=config.seed, max_consecutive_failed_trials=config.max_consecutive_failed_trials)
+    if config.tuner == "random":
+        return kt.oracles.RandomSearchOracle(max_trials=config.max_trials, **common)
+    if config.tuner == "bayesian":
+        return kt.oracles.BayesianOptimizationOracle(max_trials=config.max_trials, **common)
+    if config.tuner == "grid":
+        return kt.oracles.GridSearchOracle(max_trials=config.max_trials, **common)
+    hb = config.hyperband
+    return kt.oracles.HyperbandOracle(
+        max_epochs=int(hb.get("max_epochs", 8)), factor=int(hb.get("factor", 3)),
+        hyperband_iterations=int(hb.get("iterations", 1)), **common,
+    )
+
+
+class TransferTuner(kt.engine.base_tuner.BaseTuner):
+    def __init__(
+        self,
+        config: SweepConfig,
+        dataset: str,
+        directory: str,
+        experiment_id: str,
+        parent_run_id: str,
+        split: str | None = None,
+        verbose: int | str = 2,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            oracle=make_oracle(config), hypermodel=SpaceHyperModel(config.space), directory=directory,
+            project_name=config.name, overwrite=False, **kwargs,
+        )
+        self.config = config
+        self.dataset = dataset
+        self.split = split
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.verbose = verbose
+        self._data: dict[int, DataSplits] = {}
+
+    # -- data, shared by all trials of the same image size (decoded once, cached in memory) --------
+
+    def data_for(self, image_size: int) -> DataSplits:
+        if image_size not in self._data:
+            self._data[image_size] = load_data(self.dataset, image_size, seed=self.config.seed, split=self.split)
+        return self._data[image_size]
+
+    # -- one trial -----------------------------------------------------------------------------
+
+    def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
+        hp = trial.hyperparameters
+        values = self.hypermodel.build(hp)
+        tuner_values = {k: v for k, v in hp.values.items() if k.startswith("tuner/")}
+        tags = {runs.TRIAL_ID: trial.trial_id, "tlsweep.tuner": self.config.tuner}
+        with runs.child_run(self.experiment_id, self.parent_run_id, f"trial-{trial.trial_id}", tags) as run_id:
+            start = time.perf_counter()
+            try:
+                result, model, data, image_size = self._train(trial, values, tuner_values)
+            except (UserError, ValueError) as e:
+                raise kt.errors.FailedTrialError(f"impossible configuration: {e}") from e
+            except tf.errors.ResourceExhaustedError as e:
+                raise kt.errors.FailedTrialError(f"out of memory: {e.message[:500]}") from e
+            finally:
+                runs.log_params(run_id, {**values, **tuner_values, "seed": self.config.seed})
+            self._log_trial(run_id, trial, values, result, model, data, image_size, time.perf_counter() - start)
+            keras.backend.clear_session(free_memory=True)
+            return {self.config.objective: result.val_accuracy}
+
+    def _train(self, trial, values: dict[str, Any], tuner_values: dict[str, Any]):
+        spec = get_spec(values["backbone"])
+        image_size = int(values["image_size"]) or spec.native_size
+        unfreeze_from = resolve_fine_tune_at(values["fine_tune_at"], spec) if values["fine_tune"] else None
+        data = self.data_for(image_size)
+        keras.utils.set_random_seed(self.config.seed)
+        previous = tuner_values.get("tuner/trial_id")
+        if previous:  # Hyperband promotion: continue the earlier trial's model where it stopped
+            model = load_keras_model(Path(self.get_trial_dir(previous)) / CHECKPOINT)
+        else:
+            model = build_model(
+                values["backbone"], data.num_classes, image_size, dropout=float(values["dropout"]),
+                augment=bool(values["augment"]), weights=values["weights"], seed=self.config.seed,
+            )
+        result = train(
+            model, data, epochs=int(values["epochs"]), fine_tune_epochs=int(values["fine_tune_epochs"] or 0),
+            unfreeze_from=unfreeze_from, learning_rate=float(values["learning_rate"]),
+            fine_tune_learning_rate=float(values["fine_tune_learning_rate"] or 1e-5),
+            batch_size=int(values["batch_size"]), seed=self.config.seed, verbose=self.verbose,
+            initial_epoch=int(tuner_values.get("tuner/initial_epoch", 0)),
+            stop_epoch=tuner_values.get("tuner/epochs"),
+        )
+        if any(math.isnan(v) or math.isinf(v) for v in result.history["loss"]):
+            raise kt.errors.FailedTrialError("loss became NaN/inf; lower the learning rate")
+        if self.config.tuner == "hyperband":
+            model.save(Path(self.get_trial_dir(trial.trial_id)) / CHECKPOINT)
+        return result, model, data, image_size
+
+    def _log_trial(self, run_id: str, trial, values, result: TrainResult, model, data: DataSplits,
+                   image_size: int, seconds: float) -> None:
+        runs.log_params(run_id, {**data.lineage(), "resolved_image_size": image_size})
+        runs.log_history(run_id, result.history, first_epoch=result.first_epoch)
+        runs.log_metrics(run_id, {
+            "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
+            "head_test_accuracy": result.head_test_accuracy, "trainable_params": result.trainable_params,
+            "head_seconds": result.head_seconds, "fine_tune_seconds": result.fine_tune_seconds,
+            "wall_seconds": seconds,
+        })
+        import mlflow
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp)
+            plots.learning_curves(result.history, result.fine_tune_start, tmp_path / "learning_curves.png",
+                                  first_epoch=result.first_epoch)
+            matrix = confusion(model, data)
+            plots.confusion_matrix(matrix, data.class_names, tmp_path / "confusion_matrix.png")
+            mlflow.log_artifacts(tmp, "plots")
+            export = export_model(model, tmp_path / "savedmodel", data.class_names, metadata={
+                "run_id": run_id, "trial_id": trial.trial_id, **values, **data.lineage()})
+            mlflow.log_artifacts(str(export), "savedmodel")
+            sample = next(iter(data.batches("test" if data.sizes["test"] else "validation", 2)))[0].numpy()
+            uri = pyfunc.log_pyfunc(str(export), sample, model.predict(sample, verbose=0))
+            mlflow.set_tag("tlsweep.model_uri", uri)
+
+
+def confusion(model: keras.Model, data: DataSplits, split: str = "test", batch_size: int = 64) -> np.ndarray:
+    n = data.num_classes
+    matrix = np.zeros((n, n), dtype=np.int64)
+    for x, y in data.batches(split, batch_size):
+        predicted = model.predict_on_batch(x).argmax(axis=1)
+        np.add.at(matrix, (y.numpy(), predicted), 1)
+    return matrix
+
+
+def sweep_dir(state_dir: str, experiment: str) -> str:
+    path = Path(state_dir) / experiment
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+

@@ -1,0 +1,75 @@
+import keras_tuner as kt
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.hparams import DEFAULTS
+from sweeps import space
+from sweeps.config import SWEEPS_DIR, default_sweep_for, load_sweep, parse_sweep
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+def test_shipped_sweeps_parse_and_their_default_point_is_complete(name):
+    config = load_sweep(name)
+    values = space.define(kt.HyperParameters(), config.space)
+    assert set(values) == set(DEFAULTS)
+    assert all(values[k] is not None for k in DEFAULTS), values
+
+
+def test_default_point_of_default_sweep_is_the_baseline():
+    values = space.define(kt.HyperParameters(), load_sweep("default").space)
+    assert values == DEFAULTS
+
+
+def test_empty_space_is_the_baseline_run():
+    hp = kt.HyperParameters()
+    assert space.define(hp, {}) == DEFAULTS
+    assert all(isinstance(p, kt.engine.hyperparameters.Fixed) for p in hp.space)
+
+
+def test_fine_tune_hyperparameters_are_conditional_on_fine_tune():
+    config = parse_sweep({"space": {"fine_tune": {"boolean": True}, "fine_tune_at": {"choice": [0.5, 0.9]}}}, "t")
+    hp = kt.HyperParameters()
+    hp.values["fine_tune"] = False
+    values = space.define(hp, config.space)
+    assert values["fine_tune"] is False and values["fine_tune_at"] is None and values["fine_tune_epochs"] is None
+    assert not hp.is_active("fine_tune_at")
+
+
+def test_default_sweep_for_dataset():
+    assert default_sweep_for("tf_flowers") == "tf_flowers"
+    assert default_sweep_for("/data/my_photos") == "default"
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"space": {"dropuot": {"float": [0, 0.5]}}},
+         r"unknown hyperparameter 'dropuot' in sweep t; known hyperparameters: augment, backbone, batch_size"),
+        ({"tuners": "random"}, r"unknown key\(s\) \['tuners'\] in sweep t; known keys: tuner, max_trials"),
+        ({"tuner": "evolution"}, r"unknown tuner 'evolution' in t; known tuners: random, bayesian, hyperband, grid"),
+        ({"space": {"dropout": {"float": [0.5, 0.1]}}}, r"'float' of 'dropout' in sweep t must be \[low, high\]"),
+        ({"space": {"dropout": {"float": [0, 0.5], "choice": [0.1]}}}, r"needs exactly one of choice, float"),
+        ({"space": {"batch_size": {"choice": [16, 32], "default": 64}}}, r"default 64 of 'batch_size' .* not one of"),
+        ({"max_trials": 0}, r"max_trials in sweep t must be a whole number >= 1, got 0"),
+        ({"objective": "val_acc"}, r"objective 'val_acc' in sweep t is not supported; use one of \['val_accuracy'\]"),
+    ],
+)
+def test_bad_sweep_config(raw, message):
+    with pytest.raises(UserError, match=message):
+        parse_sweep(raw, "t")
+
+
+def test_bad_yaml_and_unknown_sweep(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tuner: [random\n")
+    with pytest.raises(UserError, match=r"sweep file .*bad.yaml is not valid YAML"):
+        load_sweep(str(bad))
+    with pytest.raises(UserError, match=r"unknown sweep 'qiuck'; known sweeps: .*quick"):
+        load_sweep("qiuck")
+
+
+def test_command_line_overrides():
+    config = load_sweep("quick").with_overrides(max_trials=5, tuner="grid", seed=None)
+    assert (config.max_trials, config.tuner, config.seed) == (5, "grid", 42)
+    with pytest.raises(UserError, match=r"unknown tuner 'best' in the command line"):
+        load_sweep("quick").with_overrides(tuner="best")

@@ -1,0 +1,154 @@
+"""End-to-end sweeps on generated images into a per-test SQLite store."""
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sweeps.best import best_export
+from sweeps.cli import main as sweeps_main
+from sweeps.run import run_sweep
+from tracking.runs import TRIAL_ID
+
+TINY = {
+    "tuner": "grid",
+    "max_trials": 4,
+    "space": {
+        # xception cannot take 32 px images: those trials must fail cleanly while the sweep goes on.
+        "backbone": {"choice": ["efficientnet_lite0", "xception"]},
+        "dropout": {"choice": [0.1, 0.3]},
+        "image_size": {"fixed": 32},
+        "epochs": {"fixed": 2},
+        "fine_tune_epochs": {"fixed": 1},
+        "fine_tune_at": {"fixed": 120},
+        "learning_rate": {"fixed": 0.01},
+        "batch_size": {"fixed": 8},
+    },
+}
+
+
+def write_sweep(tmp_path: Path, config: dict, name: str = "tiny") -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def children(experiment: str, parent: str):
+    exp = mlflow.get_experiment_by_name(experiment)
+    return MlflowClient().search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+@pytest.fixture(scope="module")
+def _sweep_once(tmp_path_factory, class_folder):
+    """One real sweep per module (it takes a minute); tests get their own copy of its store."""
+    root = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    parent = run_sweep(str(class_folder), sweep=write_sweep(root, TINY), experiment="tiny",
+                       state_dir=str(root / "state"), tracking_uri=uri, verbose=0)
+    return root, parent
+
+
+@pytest.fixture
+def swept(_sweep_once, tmp_path, monkeypatch):
+    """A private copy of the swept store (artifacts stay where the sweep wrote them), same checks."""
+    root, parent = _sweep_once
+    shutil.copy(root / "mlflow.db", tmp_path / "mlflow.db")
+    shutil.copytree(root / "state", tmp_path / "state")
+    (tmp_path / "tiny.yaml").write_text((root / "tiny.yaml").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield tmp_path, parent
+    assert mlflow.active_run() is None
+    exp = mlflow.get_experiment_by_name("tiny")
+    assert not MlflowClient().search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+
+def test_sweep_tracks_every_trial(swept, class_folder):
+    tmp_path, parent = swept
+    client = MlflowClient()
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.params["tuner"] == "grid" and parent_run.data.params["max_trials"] == "4"
+    kids = children("tiny", parent)
+    assert len(kids) == 4 and len({k.data.tags[TRIAL_ID] for k in kids}) == 4
+    done = [k for k in kids if k.info.status == "FINISHED"]
+    failed = [k for k in kids if k.info.status == "FAILED"]
+    assert {k.data.params["backbone"] for k in done} == {"efficientnet_lite0"}
+    assert {k.data.params["backbone"] for k in failed} == {"xception"}
+    assert all("image size 32 is too small for backbone 'xception'" in k.data.tags["error"] for k in failed)
+
+    run = done[0]
+    p = run.data.params
+    for name in ("backbone", "fine_tune_at", "dropout", "batch_size", "learning_rate", "fine_tune_learning_rate"):
+        assert name in p
+    assert p["data_name"] == str(class_folder) and p["class_names"] == "['blue', 'green', 'red']"
+    assert p["data_fingerprint"] and p["skipped_files"] == "0" and p["train_size"] == "27"
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [0, 1, 2], key  # both phases on one axis
+    m = run.data.metrics
+    assert 0 <= m["test_accuracy"] <= 1 and m["test_loss"] > 0 and m["wall_seconds"] > 0 and m["trainable_params"] > 0
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "savedmodel"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+        "plots/confusion_matrix.png", "plots/learning_curves.png"}
+    assert "savedmodel/saved_model.pb" in {a.path for a in client.list_artifacts(run.info.run_id, "savedmodel")}
+
+    model = mlflow.pyfunc.load_model(run.data.tags["tlsweep.model_uri"])
+    probs = model.predict(np.full((2, 32, 32, 3), 128.0, np.float32))
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+    parent_artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"leaderboard.csv", "leaderboard.md", "search_space.json", "sweep"} <= parent_artifacts
+    best = parent_run.data.tags["tlsweep.best_run_id"]
+    assert best in {k.info.run_id for k in done}
+    assert client.get_run(best).data.metrics["val_accuracy"] == max(k.data.metrics["val_accuracy"] for k in done)
+
+
+def test_running_again_continues_without_redoing_trials(swept, class_folder, capsys):
+    tmp_path, parent = swept
+    sweep = write_sweep(tmp_path, TINY)
+    again = run_sweep(str(class_folder), sweep=sweep, experiment="tiny", state_dir=str(tmp_path / "state"), verbose=0)
+    assert again == parent and len(children("tiny", parent)) == 4
+
+    more = {**TINY, "tuner": "random", "max_trials": 1}
+    sweep2 = write_sweep(tmp_path, more, name="more")
+    first = run_sweep(str(class_folder), sweep=sweep2, experiment="tiny", state_dir=str(tmp_path / "state"), verbose=0)
+    assert first != parent and len(children("tiny", first)) == 1
+    run_sweep(str(class_folder), sweep=sweep2, experiment="tiny", max_trials=2, state_dir=str(tmp_path / "state"),
+              verbose=0)
+    assert len(children("tiny", first)) == 2
+
+
+def test_best_export_registers_and_reproduces(swept, capsys):
+    tmp_path, parent = swept
+    info = best_export("tiny", export_dir=str(tmp_path / "exports"))
+    assert info["run_id"] == MlflowClient().get_run(parent).data.tags["tlsweep.best_run_id"]
+    target = Path(info["path"])
+    assert {"saved_model.pb", "labels.txt", "MODEL_CARD.md"} <= {p.name for p in target.iterdir()}
+    assert (target / "labels.txt").read_text().split() == ["blue", "green", "red"]
+    card = (target / "MODEL_CARD.md").read_text()
+    assert info["run_id"] in card and "fingerprint" in card
+    version = MlflowClient().get_model_version_by_alias("tiny", "champion")
+    assert version.version == info["version"]
+    assert abs(info["reproduced_test_accuracy"] - info["test_accuracy"]) <= 1 / 3 + 1e-6
+
+    assert sweeps_main(["best-export", "--experiment", "tiny", "--export-dir", str(tmp_path / "exports")]) == 2
+    assert "already exists and is not empty; pass OVERWRITE=1" in capsys.readouterr().err
+    assert sweeps_main(["report", "--experiment", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "leaderboard of 'tiny' (4 trials" in out and "best per backbone" in out
+
+
+def test_report_and_best_export_on_missing_experiment(tracking_store, capsys):
+    assert sweeps_main(["report", "--experiment", "nope"]) == 2
+    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""Trials of an experiment as a pandas leaderboard, sorted by the objective."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from pipeline.errors import UserError
+from tracking.runs import KIND, TRIAL_ID
+
+OBJECTIVE = "val_accuracy"
+PARAMS = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
+          "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
+METRICS = (OBJECTIVE, "test_accuracy", "test_loss", "wall_seconds", "trainable_params")
+
+
+def trial_runs(experiment: str, parent_id: str | None = None) -> pd.DataFrame:
+    """All trial runs of ``experiment`` (optionally of one sweep), one row each."""
+    if mlflow.get_experiment_by_name(experiment) is None:
+        raise UserError(f"no MLflow experiment named {experiment!r} in {mlflow.get_tracking_uri()}; run a sweep first")
+    query = f"tags.`{KIND}` = 'trial'"
+    if parent_id:
+        query += f" and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'"
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=query, output_format="pandas")
+
+
+def leaderboard(runs: pd.DataFrame, objective: str = OBJECTIVE) -> pd.DataFrame:
+    """Finished trials first, sorted by the objective (best first), with the columns people compare."""
+    if runs.empty:
+        return pd.DataFrame(columns=["run_id", "trial_id", "status", *PARAMS, *METRICS])
+    table = pd.DataFrame({
+        "run_id": runs["run_id"],
+        "trial_id": runs.get(f"tags.{TRIAL_ID}"),
+        "status": runs["status"],
+    })
+    for p in PARAMS:
+        table[p] = runs.get(f"params.{p}")
+    for m in dict.fromkeys((objective, *METRICS)):
+        table[m] = runs.get(f"metrics.{m}")
+    table["finished"] = table["status"] == "FINISHED"
+    table = table.sort_values(["finished", objective], ascending=[False, False], na_position="last")
+    return table.drop(columns="finished").reset_index(drop=True)
+
+
+def best_per_backbone(table: pd.DataFrame, objective: str = OBJECTIVE) -> pd.DataFrame:
+    done = table[table["status"] == "FINISHED"]
+    return done.sort_values(objective, ascending=False).groupby("backbone", sort=False).head(1).reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 4) -> str:
+    """A GitHub-style markdown table (no extra dependency)."""
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return "" if pd.isna(v) else f"{v:.{digits}g}" if abs(v) < 1e-3 and v else f"{v:.{digits}f}".rstrip("0").rstrip(".")
+        return "" if v is None else str(v)
+
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)

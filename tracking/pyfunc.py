@@ -1,0 +1,40 @@
+"""The exported SavedModel as an MLflow pyfunc model: ``mlflow.pyfunc.load_model(uri).predict(x)``."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import numpy as np
+
+
+class SavedModelClassifier(mlflow.pyfunc.PythonModel):
+    """Input: float32 ``[N, H, W, 3]`` raw 0..255 pixels. Output: class probabilities ``[N, classes]``."""
+
+    def load_context(self, context) -> None:
+        import tensorflow as tf
+
+        export = context.artifacts["export"]
+        self._serve = tf.saved_model.load(export).signatures["serving_default"]
+        with open(os.path.join(export, "labels.txt")) as f:
+            self.class_names = f.read().splitlines()
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        import tensorflow as tf
+
+        (probs,) = self._serve(tf.constant(np.asarray(model_input, dtype=np.float32))).values()
+        return probs.numpy()
+
+
+def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str = "model") -> str:
+    """Log the export as a pyfunc model with a signature; returns its model URI."""
+    import tensorflow as tf
+
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=SavedModelClassifier(),
+        artifacts={"export": str(export_dir)},
+        signature=mlflow.models.infer_signature(sample.astype(np.float32), probs.astype(np.float32)),
+        pip_requirements=[f"tensorflow=={tf.__version__}", f"mlflow=={mlflow.__version__}", "numpy"],
+    )
+    return info.model_uri
