@@ -16,7 +16,18 @@ TRAIN_FLAGS = --dataset "$(DATASET)" $(call opt,BACKBONE,backbone) $(call opt,WE
 	$(call opt,AUGMENT,augment) $(call opt,SEED,seed) $(call opt,SPLIT,split) $(call opt,OUTPUT,output) \
 	$(if $(OVERWRITE),--overwrite)
 
-.PHONY: help install test test-slow test-all train
+.PHONY: help install test test-slow test-all train sweep best-export report ui clean
+
+DATASET ?=
+EXPERIMENT ?=
+EXPORT_DIR ?= exports
+UI_PORT ?= 5000
+# The tracking store: MLFLOW_TRACKING_URI when set, else SQLite mlflow.db here.
+MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export MLFLOW_TRACKING_URI
+SWEEP_FLAGS = --dataset "$(DATASET)" $(call opt,SWEEP,sweep) $(call opt,EXPERIMENT,experiment) \
+	$(call opt,MAX_TRIALS,max-trials) $(call opt,TUNER,tuner) $(call opt,SEED,seed) $(call opt,SPLIT,split) \
+	$(if $(QUIET),--quiet)
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -40,3 +51,22 @@ test-all: ## every test, fast and slow
 train: ## train one configuration: DATASET= BACKBONE= [EPOCHS= FINE_TUNE_AT= ... OUTPUT=]
 	@test -n "$(DATASET)" || { echo "usage: make train DATASET=<tfds name or folder> [BACKBONE=...]"; exit 2; }
 	$(PY) -m pipeline.cli train $(TRAIN_FLAGS)
+
+sweep: ## Keras-Tuner search, every trial in MLflow: DATASET= [SWEEP=quick|<yaml>] [MAX_TRIALS= TUNER= EXPERIMENT= SEED=]
+	@test -n "$(DATASET)" || { echo "usage: make sweep DATASET=<tfds name or folder> [SWEEP=quick]"; exit 2; }
+	$(PY) -m sweeps.cli sweep $(SWEEP_FLAGS)
+
+best-export: ## export the best trial by val_accuracy: EXPERIMENT= [EXPORT_DIR=exports/] [OVERWRITE=1]
+	@test -n "$(EXPERIMENT)" || { echo "usage: make best-export EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }
+	$(PY) -m sweeps.cli best-export --experiment "$(EXPERIMENT)" --export-dir "$(EXPORT_DIR)" $(if $(OVERWRITE),--overwrite)
+
+report: ## print the leaderboard of an experiment: EXPERIMENT=
+	@test -n "$(EXPERIMENT)" || { echo "usage: make report EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }
+	$(PY) -m sweeps.cli report --experiment "$(EXPERIMENT)"
+
+ui: ## open MLflow's UI on the tracking store at http://127.0.0.1:5000 [UI_PORT=]
+	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)
+
+clean: ## remove sweep state, exports and the local tracking store (asks first)
+	@read -p "delete sweeps_state/ exports/ mlflow.db mlartifacts/? [y/N] " ok && [ "$$ok" = y ] && \
+	rm -rf sweeps_state exports mlflow.db mlartifacts || echo kept

@@ -88,7 +88,7 @@ def load_data(
         raise UserError(f"image size must be an integer of at least 8 px, got {image_size!r}")
     path = Path(dataset).expanduser()
     if path.is_dir():
-        data = _load_folder(path, image_size, seed, split)
+        data = _load_folder(path, image_size, seed, split, cache)
     elif path.exists():
         raise UserError(
             f"data set {dataset!r} is a file, not a folder; give a folder of class subfolders "
@@ -98,8 +98,8 @@ def load_data(
         raise UserError(f"data folder {dataset!r} does not exist; check the path (relative to {os.getcwd()})")
     else:
         data = _load_tfds(dataset, image_size, split, data_dir)
-    if cache:
-        data.splits = {k: ds.cache() for k, ds in data.splits.items()}
+        if cache:
+            data.splits = {k: ds.cache() for k, ds in data.splits.items()}
     return data
 
 
@@ -163,7 +163,7 @@ def _default_tfds_split(info) -> str:
 # --- folders -------------------------------------------------------------------------------------
 
 
-def _load_folder(root: Path, image_size: int, seed: int, split: str | None) -> DataSplits:
+def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cache: bool) -> DataSplits:
     subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
     val_name = "validation" if "validation" in subdirs else "val" if "val" in subdirs else None
     skipped: list[str] = []
@@ -196,15 +196,25 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None) -> D
 
     def decode(path, label):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return resize(image), label
+        return path, resize(image), label
 
     splits = {}
     for name, items in files.items():
-        paths = [str(p) for p, _ in items]
+        paths = tf.constant([str(p) for p, _ in items], tf.string, shape=[len(items)])
         labels = np.array([c for _, c in items], dtype=np.int32)
-        ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string, shape=[len(paths)]), labels))
         # Files that pass the header check but still fail to decode are dropped, not fatal.
-        splits[name] = ds.map(decode, num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True)
+        ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(decode, num_parallel_calls=AUTOTUNE)
+        ds = ds.ignore_errors()
+        if cache:
+            # Decode once now into the in-memory cache: later epochs read it, the exact size is known
+            # (Keras needs it for whole epochs), and files that failed to decode are named.
+            ds = ds.cache()
+            decoded = {p.decode() for p in ds.map(lambda p, x, y: p).as_numpy_iterator()}
+            dropped = [str(p) for p, _ in items if str(p) not in decoded]
+            skipped.extend(dropped)
+            files[name] = [it for it in items if str(it[0]) in decoded]
+            ds = ds.apply(tf.data.experimental.assert_cardinality(len(decoded)))
+        splits[name] = ds.map(lambda p, x, y: (x, y))
     listing = [f"{s}:{p.relative_to(root)}:{p.stat().st_size}" for s, items in files.items() for p, _ in items]
     fingerprint = _hash([*sorted(listing), *class_names, spec, str(image_size)])
     sizes = {k: len(v) for k, v in files.items()}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from typing import Sequence
 
 import keras
@@ -18,8 +17,6 @@ from pipeline.errors import UserError
 from pipeline.model import compile_model, set_trainable, trainable_params
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-# Folder pipelines drop undecodable files, so their length is unknown to Keras; that is expected.
-warnings.filterwarnings("ignore", message="Your input ran out of data")
 
 
 @dataclasses.dataclass

@@ -24,6 +24,8 @@ TOP_KEYS = ("tuner", "max_trials", "objective", "seed", "space", "hyperband", "d
 KINDS = ("choice", "float", "int", "boolean", "fixed")
 ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
 OBJECTIVES = ("val_accuracy",)
+# Local copies of tfds data sets use their tfds sweep.
+DATASET_ALIASES = {"flower_photos": "tf_flowers", "cats_and_dogs_filtered": "cats_vs_dogs", "PetImages": "cats_vs_dogs"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +66,8 @@ def resolve_path(name_or_path: str) -> Path:
 
 def default_sweep_for(dataset: str) -> str:
     """``sweeps/<dataset>.yaml`` when there is one, else ``default``."""
-    name = Path(dataset).name
+    name = Path(dataset.rstrip("/")).name
+    name = DATASET_ALIASES.get(name, name)
     return name if (SWEEPS_DIR / f"{name}.yaml").is_file() else "default"
 
 

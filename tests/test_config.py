@@ -38,6 +38,7 @@ def test_fine_tune_hyperparameters_are_conditional_on_fine_tune():
 def test_default_sweep_for_dataset():
     assert default_sweep_for("tf_flowers") == "tf_flowers"
     assert default_sweep_for("/data/my_photos") == "default"
+    assert default_sweep_for("../shared/data/flower_photos/") == "tf_flowers"
 
 
 @pytest.mark.parametrize(

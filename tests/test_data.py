@@ -59,9 +59,13 @@ def test_truncated_jpeg_is_dropped_not_fatal(tmp_path):
     good = (tmp_path / "blue" / "blue_000.jpg").read_bytes()
     (tmp_path / "blue" / "truncated.jpg").write_bytes(good[:40])
     data = load_data(str(tmp_path), 16)
-    assert sum(data.sizes.values()) == 17  # the truncated file passes the header check ...
-    decoded = sum(len(list(ds.as_numpy_iterator())) for ds in data.splits.values())
-    assert decoded == 16  # ... and is dropped when it fails to decode
+    # the truncated file passes the header check, fails to decode, and is counted as skipped
+    assert [Path(p).name for p in data.skipped_files] == ["truncated.jpg"]
+    assert sum(data.sizes.values()) == 16
+    assert {k: len(list(ds)) for k, ds in data.splits.items()} == data.sizes
+    assert all(int(ds.cardinality()) == data.sizes[k] for k, ds in data.splits.items())
+    lazy = load_data(str(tmp_path), 16, cache=False)  # too big to cache: dropped while training
+    assert sum(len(list(ds)) for ds in lazy.splits.values()) == 16
 
 
 def test_train_validation_folders_carve_a_test_split(split_folder):

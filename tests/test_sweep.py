@@ -152,3 +152,28 @@ def test_best_export_registers_and_reproduces(swept, capsys):
 def test_report_and_best_export_on_missing_experiment(tracking_store, capsys):
     assert sweeps_main(["report", "--experiment", "nope"]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_hyperband_promotions_continue_two_phase_trials(tmp_path, tracking_store, class_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "tuner": "hyperband",
+        "hyperband": {"max_epochs": 2, "factor": 2},
+        "space": {**TINY["space"], "backbone": {"fixed": "efficientnet_lite0"}, "dropout": {"choice": [0.1, 0.3]},
+                  "epochs": {"fixed": 1}, "fine_tune_epochs": {"fixed": 1}},
+    }
+    parent = run_sweep(str(class_folder), sweep=write_sweep(tmp_path, config, "hb"), experiment="hb",
+                       state_dir=str(tmp_path / "state"), verbose=0)
+    client = MlflowClient()
+    kids = children("hb", parent)
+    assert kids and all(k.info.status == "FINISHED" for k in kids)
+    promoted = [k for k in kids if "tuner/trial_id" in k.data.params]
+    assert promoted, "hyperband should promote at least one trial"
+    by_trial = {k.data.tags[TRIAL_ID]: k for k in kids}
+    for run in promoted:
+        start = int(run.data.params["tuner/initial_epoch"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert start == 1 and steps == [1], "a promoted trial runs only the epochs it was promoted for"
+        assert run.data.params["tuner/trial_id"] in by_trial
+        # epoch 1 is the first fine-tuning epoch: backbone layers were unfrozen and recompiled
+        assert run.data.metrics["trainable_params"] > by_trial[run.data.params["tuner/trial_id"]].data.metrics["trainable_params"]

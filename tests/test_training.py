@@ -50,3 +50,48 @@ def test_bad_training_arguments(class_folder, kwargs, message):
     model = build_model("mobilenet_v2", data.num_classes, 32, weights=None)
     with pytest.raises(UserError, match=message):
         train(model, data, **kwargs)
+
+
+def _backbone_flags(model):
+    """Which backbone layers have trainable weights (layers without weights do not matter)."""
+    from pipeline.model import backbone_of
+
+    return [bool(layer.trainable_weights) for layer in backbone_of(model).layers]
+
+
+def test_sliced_training_as_hyperband_promotes_keeps_phases_and_optimizer_state(class_folder, tmp_path):
+    """Hyperband reloads the previous trial's model and continues from initial_epoch: no phase may be
+    replayed or skipped, and trainable flags and optimizer state must survive the reload."""
+    from pipeline.export import load_keras_model
+    from pipeline.model import backbone_of
+
+    keras.utils.set_random_seed(0)
+    data = load_data(str(class_folder), 32, seed=0)
+    kwargs = dict(epochs=2, fine_tune_epochs=2, unfreeze_from=120, learning_rate=1e-2, fine_tune_learning_rate=1e-4,
+                  batch_size=8, seed=0, verbose=0, evaluate_test=False)
+    steps = -(-data.sizes["train"] // 8)
+    model = build_model("efficientnet_lite0", data.num_classes, 32, seed=0)
+
+    a = train(model, data, initial_epoch=0, stop_epoch=1, **kwargs)  # head epoch 0 only
+    assert len(a.history["loss"]) == 1 and a.fine_tune_start is None and not backbone_of(model).trainable_weights
+    model.save(tmp_path / "a.keras")
+
+    model = load_keras_model(tmp_path / "a.keras")
+    assert int(model.optimizer.iterations) == steps, "optimizer state survives the reload"
+    b = train(model, data, initial_epoch=1, stop_epoch=3, **kwargs)  # head epoch 1, then fine-tune epoch 2
+    assert b.first_epoch == 1 and len(b.history["loss"]) == 2 and b.fine_tune_start == 2
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
+    flags = _backbone_flags(model)
+    assert any(flags[120:]) and not any(flags[:120])
+    iterations = int(model.optimizer.iterations)
+    assert iterations == steps, "fine-tuning starts with a fresh optimizer after the recompile"
+    model.save(tmp_path / "b.keras")
+
+    model = load_keras_model(tmp_path / "b.keras")
+    assert _backbone_flags(model) == flags, "trainable flags survive the reload"
+    assert int(model.optimizer.iterations) == iterations
+    c = train(model, data, initial_epoch=3, stop_epoch=4, **kwargs)  # fine-tune epoch 3, no recompile
+    assert c.first_epoch == 3 and len(c.history["loss"]) == 1 and c.fine_tune_start == 2
+    assert int(model.optimizer.iterations) == iterations + steps, "optimizer state continued, not reset"
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
+    assert _backbone_flags(model) == flags

@@ -1,0 +1,53 @@
+"""Real photos from ../shared/data/flower_photos (skipped when absent)."""
+
+from pathlib import Path
+
+import keras
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import FLOWERS, needs_flowers
+from pipeline.data import load_data
+from pipeline.model import build_model
+from pipeline.training import train
+
+pytestmark = [needs_flowers(), pytest.mark.realdata]
+CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
+
+
+def flower_subset(root: Path, per_class: int) -> Path:
+    """The first ``per_class`` photos of each class, linked (never copied) into ``root``."""
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        for photo in sorted((FLOWERS / name).glob("*.jpg"))[:per_class]:
+            (root / name / photo.name).symlink_to(photo)
+    return root
+
+
+def test_full_flowers_folder_loads_with_default_split():
+    data = load_data(str(FLOWERS), 32, cache=False)
+    assert data.class_names == list(CLASSES) and data.skipped == 0
+    assert data.sizes == {"train": 2753, "validation": 550, "test": 367}
+
+
+def test_short_training_on_a_flower_subset_reaches_accuracy(tmp_path):
+    keras.utils.set_random_seed(0)
+    data = load_data(str(flower_subset(tmp_path, 40)), 128, seed=0, split="60/20/20")
+    model = build_model("efficientnet_lite0", 5, 128, dropout=0.2, seed=0)
+    result = train(model, data, epochs=6, fine_tune_epochs=0, learning_rate=1e-3, batch_size=16, seed=0, verbose=0)
+    # 200 photos, 40 validation, 40 test: head on real ImageNet features
+    assert result.val_accuracy >= 0.75 and result.test_accuracy >= 0.75, result
+
+
+@pytest.mark.slow
+def test_quick_sweep_on_a_flower_subset(tmp_path, tracking_store, monkeypatch):
+    from sweeps.run import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    parent = run_sweep(str(flower_subset(tmp_path / "flowers", 60)), sweep="quick", experiment="flowers_quick",
+                       state_dir=str(tmp_path / "state"), verbose=0)
+    exp = mlflow.get_experiment_by_name("flowers_quick")
+    kids = MlflowClient().search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)
+    assert max(k.data.metrics["val_accuracy"] for k in kids) >= 0.8
