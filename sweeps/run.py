@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import UserError
 from sweeps.config import SweepConfig, default_sweep_for, load_sweep
 from sweeps.tuner import TransferTuner, sweep_dir
 from tracking import leaderboard as lb
@@ -49,6 +50,15 @@ def run_sweep(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except RuntimeError as e:
+        if "consecutive failures" not in str(e):
+            raise
+        last = str(e).strip().splitlines()[-1]
+        raise UserError(
+            f"sweep stopped: {config.max_consecutive_failed_trials} trials failed in a row; last error: {last}. "
+            f"Each failed trial's run in MLflow has the error; fix the space in {config.source or config.name} "
+            "and run the same command again to continue"
+        ) from e
     finally:
         summarize(experiment, parent)
         runs.end_parent(parent, status)

@@ -177,3 +177,20 @@ def test_hyperband_promotions_continue_two_phase_trials(tmp_path, tracking_store
         assert run.data.params["tuner/trial_id"] in by_trial
         # epoch 1 is the first fine-tuning epoch: backbone layers were unfrozen and recompiled
         assert run.data.metrics["trainable_params"] > by_trial[run.data.params["tuner/trial_id"]].data.metrics["trainable_params"]
+
+
+def test_sweep_whose_trials_keep_failing_stops_with_a_clear_message(tmp_path, tracking_store, class_folder,
+                                                                    monkeypatch):
+    from pipeline.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    config = {"tuner": "random", "max_trials": 5, "max_consecutive_failed_trials": 2,
+              "space": {"backbone": {"fixed": "xception"}, "image_size": {"fixed": 32},
+                        "dropout": {"choice": [0.1, 0.2, 0.3, 0.4]}}}
+    with pytest.raises(UserError, match=r"sweep stopped: 2 trials failed in a row; last error: .*image size 32 is too "
+                                        r"small for backbone 'xception'.*run the same command again to continue"):
+        run_sweep(str(class_folder), sweep=write_sweep(tmp_path, config, "bad"), experiment="bad",
+                  state_dir=str(tmp_path / "state"), verbose=0)
+    exp = mlflow.get_experiment_by_name("bad")
+    runs = MlflowClient().search_runs([exp.experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FAILED"]  # parent + 2 trials
