@@ -194,3 +194,38 @@ def test_sweep_whose_trials_keep_failing_stops_with_a_clear_message(tmp_path, tr
     exp = mlflow.get_experiment_by_name("bad")
     runs = MlflowClient().search_runs([exp.experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FAILED"]  # parent + 2 trials
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupted_sweep_leaves_no_run_running(tmp_path, tracking_store, class_folder, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = {"tuner": "random", "max_trials": 3,
+              "space": {**TINY["space"], "backbone": {"fixed": "efficientnet_lite0"}, "epochs": {"fixed": 200}}}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "sweep", "--dataset", str(class_folder), "--sweep",
+         write_sweep(tmp_path, config, "long"), "--experiment", "interrupt", "--state-dir", str(tmp_path / "state"),
+         "--tracking-uri", tracking_store, "--quiet"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    client = MlflowClient(tracking_store)
+    deadline = time.time() + 240
+    trial = None
+    while time.time() < deadline and trial is None:
+        time.sleep(2)
+        exp = client.get_experiment_by_name("interrupt")
+        found = client.search_runs([exp.experiment_id], "tags.`tlsweep.kind` = 'trial'") if exp else []
+        trial = found[0] if found else None
+    assert trial is not None, "the trial never started"
+    time.sleep(3)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same command again to continue" in err and "Traceback" not in err
+    runs = client.search_runs([client.get_experiment_by_name("interrupt").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the parent and its trial
