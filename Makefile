@@ -14,9 +14,9 @@ TRAIN_FLAGS = --dataset "$(DATASET)" $(call opt,BACKBONE,backbone) $(call opt,WE
 	$(call opt,DROPOUT,dropout) $(call opt,BATCH_SIZE,batch-size) $(call opt,LEARNING_RATE,learning-rate) \
 	$(call opt,FINE_TUNE_LEARNING_RATE,fine-tune-learning-rate) $(call opt,IMAGE_SIZE,image-size) \
 	$(call opt,AUGMENT,augment) $(call opt,SEED,seed) $(call opt,SPLIT,split) $(call opt,OUTPUT,output) \
-	$(if $(OVERWRITE),--overwrite)
+	$(if $(OVERWRITE),--overwrite) $(call opt,FEATURE_CACHE,feature-cache)
 
-.PHONY: help install test test-slow test-all train sweep best-export report ui clean
+.PHONY: help install test test-slow test-all train sweep best-export report ui clean clean-cache
 
 DATASET ?=
 EXPERIMENT ?=
@@ -27,7 +27,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export MLFLOW_TRACKING_URI
 SWEEP_FLAGS = --dataset "$(DATASET)" $(call opt,SWEEP,sweep) $(call opt,EXPERIMENT,experiment) \
 	$(call opt,MAX_TRIALS,max-trials) $(call opt,TUNER,tuner) $(call opt,SEED,seed) $(call opt,SPLIT,split) \
-	$(if $(QUIET),--quiet)
+	$(if $(QUIET),--quiet) $(if $(NO_FEATURE_CACHE),--no-feature-cache)
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -70,3 +70,6 @@ ui: ## open MLflow's UI on the tracking store at http://127.0.0.1:5000 [UI_PORT=
 clean: ## remove sweep state, exports and the local tracking store (asks first)
 	@read -p "delete sweeps_state/ exports/ mlflow.db mlartifacts/? [y/N] " ok && [ "$$ok" = y ] && \
 	rm -rf sweeps_state exports mlflow.db mlartifacts || echo kept
+
+clean-cache: ## empty the frozen-feature cache (TLSWEEP_CACHE/features, default ~/.cache/tlsweep/features)
+	rm -rf "$${TLSWEEP_CACHE:-$$HOME/.cache/tlsweep}/features"

@@ -33,6 +33,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", default=None, help="tfds: 'train[:75%%],train[75%%:90%%],train[90%%:]'; folder: 75/15/10")
     p.add_argument("--data-dir", default=None, help="tfds data directory")
+    p.add_argument(
+        "--feature-cache", type=_bool, default=True,
+        help="train the frozen-backbone head on cached backbone features (same model, far faster; "
+        "not used with augmentation or random weights)",
+    )
 
 
 def _bool(text: str) -> bool:
@@ -46,6 +51,7 @@ def _bool(text: str) -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     import keras
 
+    from pipeline import features
     from pipeline.backbones import get_spec
     from pipeline.data import load_data
     from pipeline.export import export_model
@@ -69,8 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.backbone, data.num_classes, image_size, dropout=args.dropout, augment=args.augment,
         weights=args.weights, seed=args.seed,
     )
+    cached, seconds = features.for_model(model, data, spec, args.weights, image_size) if args.feature_cache else (None, 0)
+    if cached is not None:
+        print(f"frozen backbone features: {f'computed in {seconds:.1f}s and cached' if seconds else 'from the cache'}")
     result = train(
-        model, data, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, unfreeze_from=unfreeze_from,
+        model, data, features=cached, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, unfreeze_from=unfreeze_from,
         learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
         batch_size=args.batch_size, seed=args.seed,
     )

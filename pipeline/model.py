@@ -48,7 +48,10 @@ def build_model(
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier")(x)
+    # A seeded initializer: the head must not depend on what else drew random numbers before it
+    # (e.g. a first-time weight conversion), or the same seed would not give the same run.
+    init = keras.initializers.GlorotUniform(seed=seed)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=init, name="classifier")(x)
     return keras.Model(inputs, outputs, name="classifier_on_" + spec.name.replace(":", "_").replace("/", "_")[-40:])
 
 

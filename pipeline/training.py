@@ -14,7 +14,9 @@ import numpy as np
 
 from pipeline.data import DataSplits
 from pipeline.errors import UserError
-from pipeline.model import compile_model, set_trainable, trainable_params
+from pipeline.features import feature_batches
+from pipeline.features import head as feature_head
+from pipeline.model import backbone_of, compile_model, set_trainable, trainable_params
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -30,6 +32,8 @@ class TrainResult:
     test_accuracy: float | None = None
     head_test_accuracy: float | None = None  # test accuracy before fine-tuning (measured, never used to choose)
     first_epoch: int = 0  # epoch index of history[...][0] (non-zero when a slice was trained)
+    feature_seconds: float = 0.0  # spent computing frozen-backbone features (0 when cached or unused)
+    used_feature_cache: bool = False
 
     @property
     def val_accuracy(self) -> float:
@@ -63,6 +67,7 @@ def train(
     evaluate_test: bool = True,
     initial_epoch: int = 0,
     stop_epoch: int | None = None,
+    features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> TrainResult:
     """Train the head with the backbone frozen, then fine-tune from ``unfreeze_from`` (if not None).
 
@@ -71,6 +76,9 @@ def train(
     Hyperband does): a phase that starts inside the slice freezes/unfreezes and recompiles; a
     slice that starts in the middle of a phase continues the model as given, so pass the model
     reloaded from the previous slice (it keeps its trainable flags and optimizer state).
+
+    ``features`` (from ``pipeline.features.load_or_compute``) trains the head phase on cached
+    frozen-backbone features instead of images: the same model, without running the backbone.
     """
     check_positive("epochs", epochs)
     check_positive("fine_tune_epochs", fine_tune_epochs, allow_zero=True)
@@ -88,8 +96,13 @@ def train(
 
     def run(phase: str, first: int, last: int) -> None:
         start = time.perf_counter()
-        history = model.fit(
-            train_ds, validation_data=val_ds, initial_epoch=first, epochs=last,
+        net, train_in, val_in = model, train_ds, val_ds
+        if phase == "head" and features is not None:
+            net = head_on_features(model)
+            train_in = feature_batches(features["train"], batch_size, shuffle=True, seed=seed)
+            val_in = feature_batches(features["validation"], batch_size)
+        history = net.fit(
+            train_in, validation_data=val_in, initial_epoch=first, epochs=last,
             callbacks=list(callbacks), verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
         )
         seconds[phase] += time.perf_counter() - start
@@ -104,7 +117,7 @@ def train(
     if fine_tunes and max(initial_epoch, epochs) < stop:
         if initial_epoch <= epochs or model.optimizer is None:
             if evaluate_test:
-                head_test_accuracy = evaluate(model, data, "test", batch_size)[1]
+                head_test_accuracy = evaluate(model, data, "test", batch_size, features)[1]
             set_trainable(model, unfreeze_from)
             compile_model(model, fine_tune_learning_rate)  # recompile after changing `trainable`
         run("fine_tune", max(initial_epoch, epochs), stop)
@@ -114,14 +127,32 @@ def train(
         trainable_params(model), first_epoch=initial_epoch,
     )
     if evaluate_test:
-        result.test_loss, result.test_accuracy = evaluate(model, data, "test", batch_size)
+        result.test_loss, result.test_accuracy = evaluate(model, data, "test", batch_size, features)
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy
     return result
 
 
-def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int = 32) -> tuple[float, float]:
-    """``(loss, accuracy)`` of ``model`` on one split."""
+def head_on_features(model: keras.Model) -> keras.Model:
+    """The classifier's head, compiled with the classifier's own optimizer (its state carries over)."""
+    net = feature_head(model)
+    net.compile(optimizer=model.optimizer, loss=model.loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    return net
+
+
+def backbone_trainable(model: keras.Model) -> bool:
+    return bool(backbone_of(model).trainable_weights)
+
+
+def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int = 32,
+             features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` on one split (on cached features while the backbone is frozen)."""
     if data.sizes.get(split, 0) == 0:
         return float("nan"), float("nan")
+    if features is not None and not backbone_trainable(model):
+        if model.optimizer is None:
+            compile_model(model, 1e-3)
+        scores = head_on_features(model).evaluate(feature_batches(features[split], batch_size), verbose=0,
+                                                  return_dict=True)
+        return float(scores["loss"]), float(scores["accuracy"])
     scores = model.evaluate(data.batches(split, batch_size), verbose=0, return_dict=True)
     return float(scores["loss"]), float(scores["accuracy"])

@@ -28,6 +28,7 @@ def run_sweep(
     state_dir: str = "sweeps_state",
     tracking_uri: str | None = None,
     verbose: int | str = 2,
+    feature_cache: bool = True,
 ) -> str:
     """Search, tracking every trial; running it again continues the same search. Returns the parent run id."""
     config = load_sweep(sweep or default_sweep_for(dataset)).with_overrides(
@@ -42,7 +43,8 @@ def run_sweep(
     if closed:
         print(f"closed {len(closed)} trial run(s) left RUNNING by a process that died: {', '.join(closed)}")
     _log_settings(parent, config, dataset, split)
-    tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose)
+    tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose,
+                              feature_cache=feature_cache)
     status = "FAILED"
     try:
         tuner_obj.search()

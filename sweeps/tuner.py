@@ -18,6 +18,7 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
+from pipeline import features
 from pipeline.backbones import get_spec
 from pipeline.data import DataSplits, load_data
 from pipeline.errors import UserError
@@ -68,6 +69,7 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         parent_run_id: str,
         split: str | None = None,
         verbose: int | str = 2,
+        feature_cache: bool = True,
         **kwargs: Any,
     ):
         super().__init__(
@@ -80,6 +82,7 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.verbose = verbose
+        self.feature_cache = feature_cache
         self._data: dict[int, DataSplits] = {}
 
     # -- data, shared by all trials of the same image size (decoded once, cached in memory) --------
@@ -124,8 +127,10 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
                 values["backbone"], data.num_classes, image_size, dropout=float(values["dropout"]),
                 augment=bool(values["augment"]), weights=values["weights"], seed=self.config.seed,
             )
+        cached, feature_seconds = (
+            features.for_model(model, data, spec, values["weights"], image_size) if self.feature_cache else (None, 0.0))
         result = train(
-            model, data, epochs=int(values["epochs"]), fine_tune_epochs=int(values["fine_tune_epochs"] or 0),
+            model, data, features=cached, epochs=int(values["epochs"]), fine_tune_epochs=int(values["fine_tune_epochs"] or 0),
             unfreeze_from=unfreeze_from, learning_rate=float(values["learning_rate"]),
             fine_tune_learning_rate=float(values["fine_tune_learning_rate"] or 1e-5),
             batch_size=int(values["batch_size"]), seed=self.config.seed, verbose=self.verbose,
@@ -136,17 +141,20 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             raise kt.errors.FailedTrialError("loss became NaN/inf; lower the learning rate")
         if self.config.tuner == "hyperband":
             model.save(Path(self.get_trial_dir(trial.trial_id)) / CHECKPOINT)
+        result.feature_seconds = feature_seconds
+        result.used_feature_cache = cached is not None
         return result, model, data, image_size
 
     def _log_trial(self, run_id: str, trial, values, result: TrainResult, model, data: DataSplits,
                    image_size: int, seconds: float) -> None:
-        runs.log_params(run_id, {**data.lineage(), "resolved_image_size": image_size})
+        runs.log_params(run_id, {**data.lineage(), "resolved_image_size": image_size,
+                                 "feature_cache": result.used_feature_cache})
         runs.log_history(run_id, result.history, first_epoch=result.first_epoch)
         runs.log_metrics(run_id, {
             "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
             "head_test_accuracy": result.head_test_accuracy, "trainable_params": result.trainable_params,
             "head_seconds": result.head_seconds, "fine_tune_seconds": result.fine_tune_seconds,
-            "wall_seconds": seconds,
+            "feature_seconds": result.feature_seconds, "wall_seconds": seconds,
         })
         import mlflow
 

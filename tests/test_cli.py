@@ -23,6 +23,7 @@ def test_train_prints_scores_and_exports(class_folder, tmp_path, capsys):
     assert code == 0
     assert "classes ['blue', 'green', 'red']" in text and "skipped files 0" in text
     assert "Epoch 3/3" in text, "per-epoch progress over both phases"
+    assert "frozen backbone features:" in text
     assert "test_accuracy=" in text and "(fine-tuned from layer 120)" in text
     exported = ExportedModel(out)
     assert exported.class_names == ["blue", "green", "red"]

@@ -97,3 +97,13 @@ def test_bad_dropout_and_classes():
         build_model("mobilenet_v2", 2, 32, dropout=1.5, weights=None)
     with pytest.raises(UserError, match=r"a classifier needs at least 2 classes, got 1"):
         build_model("mobilenet_v2", 1, 32, weights=None)
+
+
+def test_head_initialisation_depends_on_the_seed_only(tmp_path, monkeypatch):
+    """A first-time weight conversion draws random numbers; the seeded head must not notice."""
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path))  # empty: the first build converts the weights
+    keras.utils.set_random_seed(7)
+    first = build_model("efficientnet_lite0", 3, 32, seed=7).get_layer("classifier").get_weights()[0]
+    keras.utils.set_random_seed(7)
+    second = build_model("efficientnet_lite0", 3, 32, seed=7).get_layer("classifier").get_weights()[0]
+    np.testing.assert_array_equal(first, second)

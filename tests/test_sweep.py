@@ -90,6 +90,7 @@ def test_sweep_tracks_every_trial(swept, class_folder):
         assert name in p
     assert p["data_name"] == str(class_folder) and p["class_names"] == "['blue', 'green', 'red']"
     assert p["data_fingerprint"] and p["skipped_files"] == "0" and p["train_size"] == "27"
+    assert p["feature_cache"] == "True", "heads of a frozen backbone train on cached features"
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == [0, 1, 2], key  # both phases on one axis

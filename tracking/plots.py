@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -26,6 +27,7 @@ def learning_curves(history: dict[str, Sequence[float]], fine_tune_start: int | 
         ax.legend(loc="best")
     axes[0].set_title("Training and validation")
     axes[1].set_xlabel("epoch")
+    axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

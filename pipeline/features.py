@@ -1,0 +1,110 @@
+"""Frozen-backbone feature cache: compute pooled backbone features once, train heads on them.
+
+While the backbone is frozen (and there is no augmentation), everything below the head is a fixed
+function of the image, so a sweep's trials share it: features are computed once per key (backbone,
+weights, image size, preprocessing, data fingerprint) and kept on disk. The head trained on them
+uses the classifier's own Dropout and Dense layers, so the full model is the same model as one
+trained end to end, and goes on into fine-tuning and export as usual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.backbones import BackboneSpec
+from pipeline.data import SPLITS, DataSplits
+
+FEATURES_DIR = "features"
+
+
+def cache_root() -> Path:
+    """``$TLSWEEP_CACHE/features`` (default ``~/.cache/tlsweep/features``)."""
+    return Path(os.environ.get("TLSWEEP_CACHE", Path.home() / ".cache" / "tlsweep")) / FEATURES_DIR
+
+
+def can_cache(model: keras.Model) -> bool:
+    """Cached features stand in for the frozen part only when nothing random runs before the head."""
+    names = {layer.name for layer in model.layers}
+    return "augmentation" not in names and {"dropout", "classifier"} <= names
+
+
+def feature_key(backbone: str, weights_id: str, image_size: int, preprocessing: dict, data: DataSplits) -> str:
+    """Changes whenever any input to the frozen features changes."""
+    parts = {"backbone": backbone, "weights": weights_id, "image_size": image_size,
+             "preprocessing": preprocessing, "data": data.fingerprint, "format": 1}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def weights_identity(weights: str | None, weight_source: str) -> str | None:
+    """A stable id of the backbone weights, or None when they are random (nothing to share)."""
+    if weights in (None, "none", ""):
+        return None
+    if weights == "imagenet":
+        return f"imagenet:{weight_source}"
+    stat = os.stat(weights)
+    return f"file:{os.path.abspath(weights)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def extractor(model: keras.Model) -> keras.Model:
+    """Raw pixels -> pooled backbone features: the classifier up to (not including) its Dropout."""
+    return keras.Model(model.inputs, model.get_layer("dropout").input, name="feature_extractor")
+
+
+def head(model: keras.Model) -> keras.Model:
+    """Features -> probabilities through the classifier's own Dropout and Dense layers (shared weights)."""
+    dropout = model.get_layer("dropout")
+    inputs = keras.Input(shape=tuple(dropout.input.shape[1:]), name="features")
+    return keras.Model(inputs, model.get_layer("classifier")(dropout(inputs)), name="head")
+
+
+def for_model(model: keras.Model, data: DataSplits, spec: BackboneSpec, weights: str | None, image_size: int,
+              ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]] | None, float]:
+    """Cached features for this classifier and data, or ``(None, 0)`` when they cannot stand in
+    (augmentation before the head, or random backbone weights that no other run shares)."""
+    identity = weights_identity(weights, spec.weight_source)
+    if identity is None or not can_cache(model):
+        return None, 0.0
+    return load_or_compute(model, data, feature_key(spec.name, identity, image_size, spec.preprocessing, data))
+
+
+def load_or_compute(model: keras.Model, data: DataSplits, key: str, batch_size: int = 64,
+                    root: Path | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """Features and labels per split, from the cache or computed now. Returns them and the seconds spent."""
+    path = (root or cache_root()) / f"{key}.npz"
+    if path.exists():
+        with np.load(path) as stored:
+            return {s: (stored[f"{s}_x"], stored[f"{s}_y"]) for s in SPLITS}, 0.0
+    start = time.perf_counter()
+    fx = extractor(model)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split in SPLITS:
+        xs, ys = [], []
+        for x, y in data.batches(split, batch_size):
+            xs.append(fx(x, training=False).numpy())
+            ys.append(y.numpy())
+        width = int(fx.output.shape[-1])
+        out[split] = (np.concatenate(xs) if xs else np.zeros((0, width), np.float32),
+                      np.concatenate(ys) if ys else np.zeros((0,), np.int32))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **{f"{s}_{k}": v for s, (x, y) in out.items() for k, v in (("x", x), ("y", y))})
+    os.replace(tmp, path)  # atomic: concurrent trials never read half a file
+    return out, time.perf_counter() - start
+
+
+def feature_batches(features: tuple[np.ndarray, np.ndarray], batch_size: int, shuffle: bool = False,
+                    seed: int = 0) -> tf.data.Dataset:
+    """Batched features, shuffled exactly like ``DataSplits.batches`` shuffles images."""
+    x, y = features
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(max(len(x), 1), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

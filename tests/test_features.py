@@ -1,0 +1,68 @@
+import keras
+import numpy as np
+import pytest
+
+from pipeline import features
+from pipeline.backbones import get_spec
+from pipeline.data import load_data
+from pipeline.model import build_model
+from pipeline.training import train
+
+
+@pytest.fixture(scope="module")
+def data(class_folder):
+    return load_data(str(class_folder), 32, seed=0)
+
+
+def _trained(data, use_cache, seed=0, **kwargs):
+    keras.utils.set_random_seed(seed)
+    model = build_model("efficientnet_lite0", data.num_classes, 32, dropout=0.2, seed=seed)
+    cached = None
+    if use_cache:
+        cached, _ = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 32)
+        assert cached is not None
+    result = train(model, data, batch_size=8, seed=seed, verbose=0, learning_rate=1e-2, features=cached, **kwargs)
+    return model, result
+
+
+def test_head_on_cached_features_is_the_same_model_as_end_to_end(data):
+    plain_model, plain = _trained(data, use_cache=False, epochs=3, fine_tune_epochs=0)
+    cached_model, cached = _trained(data, use_cache=True, epochs=3, fine_tune_epochs=0)
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        np.testing.assert_allclose(plain.history[key], cached.history[key], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(plain_model.get_layer("classifier").get_weights()[0],
+                               cached_model.get_layer("classifier").get_weights()[0], rtol=1e-3, atol=1e-5)
+    assert cached.test_accuracy == pytest.approx(plain.test_accuracy)
+    assert cached.test_loss == pytest.approx(plain.test_loss, rel=1e-3)
+
+
+def test_cached_head_goes_on_into_fine_tuning(data):
+    model, result = _trained(data, use_cache=True, epochs=2, fine_tune_epochs=1, unfreeze_from=120)
+    assert len(result.history["val_accuracy"]) == 3 and result.fine_tune_start == 2
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-5)
+    assert 0 <= result.test_accuracy <= 1
+
+
+def test_features_are_computed_once_and_keyed_on_everything(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path))
+    spec = get_spec("efficientnet_lite0")
+    model = build_model("efficientnet_lite0", data.num_classes, 32)
+    first, seconds = features.for_model(model, data, spec, "imagenet", 32)
+    again, again_seconds = features.for_model(model, data, spec, "imagenet", 32)
+    assert seconds > 0 and again_seconds == 0.0
+    assert first["train"][0].shape == (27, 1280) and list(first["train"][1]) == list(again["train"][1])
+    np.testing.assert_array_equal(first["test"][0], again["test"][0])
+    key = features.feature_key(spec.name, "imagenet:x", 32, spec.preprocessing, data)
+    other_data = load_data(str(data.name), 32, seed=1)
+    assert key != features.feature_key(spec.name, "imagenet:x", 32, spec.preprocessing, other_data)
+    assert key != features.feature_key(spec.name, "imagenet:y", 32, spec.preprocessing, data)
+    assert key != features.feature_key(spec.name, "imagenet:x", 64, spec.preprocessing, data)
+    assert key != features.feature_key("mobilenet_v2", "imagenet:x", 32, spec.preprocessing, data)
+
+
+def test_no_cache_with_augmentation_or_random_weights(data):
+    spec = get_spec("efficientnet_lite0")
+    augmented = build_model("efficientnet_lite0", data.num_classes, 32, augment=True)
+    assert features.for_model(augmented, data, spec, "imagenet", 32) == (None, 0.0)
+    random_init = build_model("efficientnet_lite0", data.num_classes, 32, weights=None)
+    assert features.for_model(random_init, data, spec, None, 32) == (None, 0.0)
