@@ -16,7 +16,7 @@ TRAIN_FLAGS = --dataset "$(DATASET)" $(call opt,BACKBONE,backbone) $(call opt,WE
 	$(call opt,AUGMENT,augment) $(call opt,SEED,seed) $(call opt,SPLIT,split) $(call opt,OUTPUT,output) \
 	$(if $(OVERWRITE),--overwrite) $(call opt,FEATURE_CACHE,feature-cache)
 
-.PHONY: help install test test-slow test-all train sweep best-export report ui clean clean-cache
+.PHONY: help install test test-slow test-all train sweep best-export report ui clean clean-cache bench
 
 DATASET ?=
 EXPERIMENT ?=
@@ -27,7 +27,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export MLFLOW_TRACKING_URI
 SWEEP_FLAGS = --dataset "$(DATASET)" $(call opt,SWEEP,sweep) $(call opt,EXPERIMENT,experiment) \
 	$(call opt,MAX_TRIALS,max-trials) $(call opt,TUNER,tuner) $(call opt,SEED,seed) $(call opt,SPLIT,split) \
-	$(if $(QUIET),--quiet) $(if $(NO_FEATURE_CACHE),--no-feature-cache)
+	$(if $(QUIET),--quiet) $(if $(NO_FEATURE_CACHE),--no-feature-cache) $(call opt,LOG_MODELS,log-models)
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -73,3 +73,6 @@ clean: ## remove sweep state, exports and the local tracking store (asks first)
 
 clean-cache: ## empty the frozen-feature cache (TLSWEEP_CACHE/features, default ~/.cache/tlsweep/features)
 	rm -rf "$${TLSWEEP_CACHE:-$$HOME/.cache/tlsweep}/features"
+
+bench: ## plain Keras Tuner vs ours with the feature cache on a flower_photos subset [BENCH_ARGS=--trials 10 --epochs 5]
+	$(PY) -m sweeps.bench $(BENCH_ARGS)

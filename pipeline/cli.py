@@ -33,6 +33,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--split", default=None, help="tfds: 'train[:75%%],train[75%%:90%%],train[90%%:]'; folder: 75/15/10")
     p.add_argument("--data-dir", default=None, help="tfds data directory")
+    p.add_argument("--mixed-precision", type=_bool, default=False, help="float16 compute (for GPUs; slow on CPU)")
+    p.add_argument("--xla", type=_bool, default=False, help="compile training steps with XLA (for GPUs)")
     p.add_argument(
         "--feature-cache", type=_bool, default=True,
         help="train the frozen-backbone head on cached backbone features (same model, far faster; "
@@ -73,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  skipped (not a readable image): {path}")
     model = build_model(
         args.backbone, data.num_classes, image_size, dropout=args.dropout, augment=args.augment,
-        weights=args.weights, seed=args.seed,
+        weights=args.weights, seed=args.seed, mixed_precision=args.mixed_precision,
     )
     cached, seconds = features.for_model(model, data, spec, args.weights, image_size) if args.feature_cache else (None, 0)
     if cached is not None:
@@ -81,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(
         model, data, features=cached, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, unfreeze_from=unfreeze_from,
         learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
-        batch_size=args.batch_size, seed=args.seed,
+        batch_size=args.batch_size, seed=args.seed, jit_compile=args.xla,
     )
     phase = f"fine-tuned from layer {unfreeze_from}" if result.fine_tune_start is not None else "head only"
     print(f"val_accuracy={result.val_accuracy:.4f} test_accuracy={result.test_accuracy:.4f} ({phase})")

@@ -36,10 +36,11 @@ def can_cache(model: keras.Model) -> bool:
     return "augmentation" not in names and {"dropout", "classifier"} <= names
 
 
-def feature_key(backbone: str, weights_id: str, image_size: int, preprocessing: dict, data: DataSplits) -> str:
+def feature_key(backbone: str, weights_id: str, image_size: int, preprocessing: dict, data: DataSplits,
+                compute_dtype: str = "float32") -> str:
     """Changes whenever any input to the frozen features changes."""
-    parts = {"backbone": backbone, "weights": weights_id, "image_size": image_size,
-             "preprocessing": preprocessing, "data": data.fingerprint, "format": 1}
+    parts = {"backbone": backbone, "weights": weights_id, "image_size": image_size, "preprocessing": preprocessing,
+             "data": data.fingerprint, "dtype": compute_dtype, "format": 1}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -72,7 +73,8 @@ def for_model(model: keras.Model, data: DataSplits, spec: BackboneSpec, weights:
     identity = weights_identity(weights, spec.weight_source)
     if identity is None or not can_cache(model):
         return None, 0.0
-    return load_or_compute(model, data, feature_key(spec.name, identity, image_size, spec.preprocessing, data))
+    dtype = model.get_layer("preprocess").compute_dtype  # float16 features differ from float32 ones
+    return load_or_compute(model, data, feature_key(spec.name, identity, image_size, spec.preprocessing, data, dtype))
 
 
 def load_or_compute(model: keras.Model, data: DataSplits, key: str, batch_size: int = 64,

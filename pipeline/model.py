@@ -27,8 +27,23 @@ def build_model(
     augment: bool = False,
     weights: str | None = "imagenet",
     seed: int | None = None,
+    mixed_precision: bool = False,
 ) -> keras.Model:
-    """Raw pixels -> [augmentation] -> preprocessing -> frozen backbone -> pool -> dropout -> softmax."""
+    """Raw pixels -> [augmentation] -> preprocessing -> frozen backbone -> pool -> dropout -> softmax.
+
+    ``mixed_precision`` computes in float16 with float32 weights (for GPUs; slow on CPU); the
+    softmax output stays float32.
+    """
+    previous = keras.mixed_precision.dtype_policy()
+    keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
+    try:
+        return _build(backbone, num_classes, image_size, dropout, augment, weights, seed)
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
+
+
+def _build(backbone: str, num_classes: int, image_size: int, dropout: float, augment: bool,
+           weights: str | None, seed: int | None) -> keras.Model:
     if num_classes < 2:
         raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
@@ -51,7 +66,8 @@ def build_model(
     # A seeded initializer: the head must not depend on what else drew random numbers before it
     # (e.g. a first-time weight conversion), or the same seed would not give the same run.
     init = keras.initializers.GlorotUniform(seed=seed)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=init, name="classifier")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=init, dtype="float32",
+                                 name="classifier")(x)
     return keras.Model(inputs, outputs, name="classifier_on_" + spec.name.replace(":", "_").replace("/", "_")[-40:])
 
 

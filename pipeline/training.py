@@ -33,7 +33,7 @@ class TrainResult:
     head_test_accuracy: float | None = None  # test accuracy before fine-tuning (measured, never used to choose)
     first_epoch: int = 0  # epoch index of history[...][0] (non-zero when a slice was trained)
     feature_seconds: float = 0.0  # spent computing frozen-backbone features (0 when cached or unused)
-    used_feature_cache: bool = False
+    features: dict | None = dataclasses.field(default=None, repr=False)  # the cached features used, if any
 
     @property
     def val_accuracy(self) -> float:
@@ -41,8 +41,8 @@ class TrainResult:
         return float(self.history["val_accuracy"][-1])
 
     @property
-    def best_val_accuracy(self) -> float:
-        return float(np.max(self.history["val_accuracy"]))
+    def used_feature_cache(self) -> bool:
+        return self.features is not None
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -68,6 +68,7 @@ def train(
     initial_epoch: int = 0,
     stop_epoch: int | None = None,
     features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    jit_compile: bool = False,
 ) -> TrainResult:
     """Train the head with the backbone frozen, then fine-tune from ``unfreeze_from`` (if not None).
 
@@ -79,6 +80,7 @@ def train(
 
     ``features`` (from ``pipeline.features.load_or_compute``) trains the head phase on cached
     frozen-backbone features instead of images: the same model, without running the backbone.
+    ``jit_compile`` compiles training steps with XLA (for GPUs; off by default).
     """
     check_positive("epochs", epochs)
     check_positive("fine_tune_epochs", fine_tune_epochs, allow_zero=True)
@@ -112,19 +114,19 @@ def train(
     if initial_epoch < min(epochs, stop):
         if initial_epoch == 0 or model.optimizer is None:
             set_trainable(model, None)
-            compile_model(model, learning_rate)
+            compile_model(model, learning_rate, jit_compile=jit_compile)
         run("head", initial_epoch, min(epochs, stop))
     if fine_tunes and max(initial_epoch, epochs) < stop:
         if initial_epoch <= epochs or model.optimizer is None:
             if evaluate_test:
                 head_test_accuracy = evaluate(model, data, "test", batch_size, features)[1]
             set_trainable(model, unfreeze_from)
-            compile_model(model, fine_tune_learning_rate)  # recompile after changing `trainable`
+            compile_model(model, fine_tune_learning_rate, jit_compile=jit_compile)  # recompile after `trainable`
         run("fine_tune", max(initial_epoch, epochs), stop)
 
     result = TrainResult(
         merged, epochs if fine_tunes and stop > epochs else None, seconds["head"], seconds["fine_tune"],
-        trainable_params(model), first_epoch=initial_epoch,
+        trainable_params(model), first_epoch=initial_epoch, features=features,
     )
     if evaluate_test:
         result.test_loss, result.test_accuracy = evaluate(model, data, "test", batch_size, features)

@@ -23,7 +23,10 @@ def best_run(experiment: str) -> mlflow.entities.Run:
     done = table[table["status"] == "FINISHED"]
     if done.empty:
         raise UserError(f"experiment {experiment!r} has no finished trials yet; run `make sweep` first")
-    return MlflowClient().get_run(done.iloc[0]["run_id"])
+    run = MlflowClient().get_run(done.iloc[0]["run_id"])
+    if "tlsweep.model_uri" not in run.data.tags:
+        raise UserError(f"the best trial {run.info.run_id} of {experiment!r} logged no model; sweep with log_models: all")
+    return run
 
 
 def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = False) -> dict:

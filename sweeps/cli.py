@@ -19,7 +19,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     parent = run_sweep(
         args.dataset, sweep=args.sweep, experiment=args.experiment, max_trials=args.max_trials, tuner=args.tuner,
         seed=args.seed, split=args.split, state_dir=args.state_dir, tracking_uri=args.tracking_uri,
-        verbose=0 if args.quiet else 2, feature_cache=not args.no_feature_cache,
+        verbose=0 if args.quiet else 2, feature_cache=not args.no_feature_cache, log_models=args.log_models,
     )
     return _print_board(args.experiment or _experiment(args.dataset), parent, top=10)
 
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="as for `train`")
     p.add_argument("--state-dir", default="sweeps_state", help="Keras-Tuner state, one folder per experiment")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--log-models", default=None, choices=("all", "improving"),
+                   help="log the SavedModel + pyfunc model of every trial, or only of trials that beat the best so "
+                   "far (faster sweeps); overrides the YAML (default: all)")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="run the frozen backbone every epoch instead of training heads on cached features")
     p.add_argument("--tracking-uri", **uri)

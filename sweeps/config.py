@@ -20,7 +20,8 @@ from pipeline.hparams import DEFAULTS
 SWEEPS_DIR = Path(__file__).resolve().parent
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 TOP_KEYS = ("tuner", "max_trials", "objective", "seed", "space", "hyperband", "description",
-            "max_consecutive_failed_trials")
+            "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla")
+LOG_MODELS = ("all", "improving")  # which trials log their SavedModel + pyfunc model
 KINDS = ("choice", "float", "int", "boolean", "fixed")
 ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
 OBJECTIVES = ("val_accuracy",)
@@ -38,6 +39,9 @@ class SweepConfig:
     space: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     hyperband: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_consecutive_failed_trials: int = 3
+    log_models: str = "all"
+    mixed_precision: bool = False  # float16 compute, for GPUs
+    xla: bool = False  # XLA-compiled training steps, for GPUs
     source: str = ""
 
     def with_overrides(self, **overrides: Any) -> "SweepConfig":
@@ -45,6 +49,8 @@ class SweepConfig:
         given = {k: v for k, v in overrides.items() if v is not None}
         if "tuner" in given:
             _check_tuner(given["tuner"], "the command line")
+        if "log_models" in given and given["log_models"] not in LOG_MODELS:
+            raise UserError(f"log_models {given['log_models']!r} is not one of {', '.join(LOG_MODELS)}")
         if "max_trials" in given and int(given["max_trials"]) < 1:
             raise UserError(f"MAX_TRIALS must be at least 1, got {given['max_trials']}")
         return dataclasses.replace(self, **given)
@@ -97,13 +103,17 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         raise UserError(f"'space' in sweep {where} must map hyperparameter names to entries")
     for hp, entry in space.items():
         _check_entry(hp, entry, where)
+    log_models = raw.get("log_models", "all")
+    if log_models not in LOG_MODELS:
+        raise UserError(f"log_models {log_models!r} in sweep {where} is not one of {', '.join(LOG_MODELS)}")
     max_trials = raw.get("max_trials", 10)
     if not isinstance(max_trials, int) or max_trials < 1:
         raise UserError(f"max_trials in sweep {where} must be a whole number >= 1, got {max_trials!r}")
     return SweepConfig(
         name=name, tuner=tuner, max_trials=max_trials, objective=objective, seed=int(raw.get("seed", 42)),
         space=space, hyperband=dict(raw.get("hyperband") or {}),
-        max_consecutive_failed_trials=int(raw.get("max_consecutive_failed_trials", 3)), source=source,
+        max_consecutive_failed_trials=int(raw.get("max_consecutive_failed_trials", 3)), log_models=log_models,
+        mixed_precision=bool(raw.get("mixed_precision", False)), xla=bool(raw.get("xla", False)), source=source,
     )
 
 

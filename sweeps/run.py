@@ -29,10 +29,12 @@ def run_sweep(
     tracking_uri: str | None = None,
     verbose: int | str = 2,
     feature_cache: bool = True,
+    log_models: str | None = None,
+    tuner_out: list | None = None,
 ) -> str:
     """Search, tracking every trial; running it again continues the same search. Returns the parent run id."""
     config = load_sweep(sweep or default_sweep_for(dataset)).with_overrides(
-        max_trials=max_trials, tuner=tuner, seed=seed)
+        max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models)
     experiment = experiment_name(dataset, experiment)
     store.configure(tracking_uri)
     exp_id = store.experiment_id(experiment)
@@ -45,9 +47,11 @@ def run_sweep(
     _log_settings(parent, config, dataset, split)
     tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose,
                               feature_cache=feature_cache)
+    if tuner_out is not None:  # for benchmarks: the tuner and its timings
+        tuner_out.append(tuner_obj)
     status = "FAILED"
     try:
-        tuner_obj.search()
+        tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -75,6 +79,7 @@ def _log_settings(parent: str, config: SweepConfig, dataset: str, split: str | N
     runs.log_params(parent, {
         "dataset": dataset, "sweep": config.name, "tuner": config.tuner, "max_trials": config.max_trials,
         "objective": config.objective, "seed": config.seed, "split": split or "default",
+        "log_models": config.log_models, "mixed_precision": config.mixed_precision, "xla": config.xla,
         **{f"hyperband.{k}": v for k, v in config.hyperband.items()},
     })
     client.log_dict(parent, {"space": config.space, "source": config.source}, "search_space.json")

@@ -23,8 +23,9 @@ from pipeline.backbones import get_spec
 from pipeline.data import DataSplits, load_data
 from pipeline.errors import UserError
 from pipeline.export import export_model, load_keras_model
+from pipeline.hparams import DEFAULTS
 from pipeline.model import build_model, resolve_fine_tune_at
-from pipeline.training import TrainResult, train
+from pipeline.training import TrainResult, backbone_trainable, train
 from sweeps import space as space_module
 from sweeps.config import SweepConfig
 from tracking import plots, pyfunc, runs
@@ -84,6 +85,8 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         self.verbose = verbose
         self.feature_cache = feature_cache
         self._data: dict[int, DataSplits] = {}
+        self._best: float | None = None  # best objective logged by this process (for log_models: improving)
+        self.timings = {"trials": 0.0, "tracking": 0.0, "export": 0.0}  # seconds, summed over trials
 
     # -- data, shared by all trials of the same image size (decoded once, cached in memory) --------
 
@@ -99,8 +102,8 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         values = self.hypermodel.build(hp)
         tuner_values = {k: v for k, v in hp.values.items() if k.startswith("tuner/")}
         tags = {runs.TRIAL_ID: trial.trial_id, "tlsweep.tuner": self.config.tuner}
+        start = time.perf_counter()
         with runs.child_run(self.experiment_id, self.parent_run_id, f"trial-{trial.trial_id}", tags) as run_id:
-            start = time.perf_counter()
             try:
                 result, model, data, image_size = self._train(trial, values, tuner_values)
             except (UserError, ValueError) as e:
@@ -110,8 +113,9 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             finally:
                 runs.log_params(run_id, {**values, **tuner_values, "seed": self.config.seed})
             self._log_trial(run_id, trial, values, result, model, data, image_size, time.perf_counter() - start)
-            keras.backend.clear_session(free_memory=True)
-            return {self.config.objective: result.val_accuracy}
+        keras.backend.clear_session(free_memory=True)
+        self.timings["trials"] += time.perf_counter() - start
+        return {self.config.objective: result.val_accuracy}
 
     def _train(self, trial, values: dict[str, Any], tuner_values: dict[str, Any]):
         spec = get_spec(values["backbone"])
@@ -126,27 +130,30 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             model = build_model(
                 values["backbone"], data.num_classes, image_size, dropout=float(values["dropout"]),
                 augment=bool(values["augment"]), weights=values["weights"], seed=self.config.seed,
+                mixed_precision=self.config.mixed_precision,
             )
         cached, feature_seconds = (
             features.for_model(model, data, spec, values["weights"], image_size) if self.feature_cache else (None, 0.0))
         result = train(
             model, data, features=cached, epochs=int(values["epochs"]), fine_tune_epochs=int(values["fine_tune_epochs"] or 0),
             unfreeze_from=unfreeze_from, learning_rate=float(values["learning_rate"]),
-            fine_tune_learning_rate=float(values["fine_tune_learning_rate"] or 1e-5),
+            fine_tune_learning_rate=float(values["fine_tune_learning_rate"] or DEFAULTS["fine_tune_learning_rate"]),
             batch_size=int(values["batch_size"]), seed=self.config.seed, verbose=self.verbose,
             initial_epoch=int(tuner_values.get("tuner/initial_epoch", 0)),
-            stop_epoch=tuner_values.get("tuner/epochs"),
+            stop_epoch=tuner_values.get("tuner/epochs"), jit_compile=self.config.xla,
         )
         if any(math.isnan(v) or math.isinf(v) for v in result.history["loss"]):
             raise kt.errors.FailedTrialError("loss became NaN/inf; lower the learning rate")
         if self.config.tuner == "hyperband":
             model.save(Path(self.get_trial_dir(trial.trial_id)) / CHECKPOINT)
         result.feature_seconds = feature_seconds
-        result.used_feature_cache = cached is not None
         return result, model, data, image_size
 
     def _log_trial(self, run_id: str, trial, values, result: TrainResult, model, data: DataSplits,
                    image_size: int, seconds: float) -> None:
+        import mlflow
+
+        tracking = time.perf_counter()
         runs.log_params(run_id, {**data.lineage(), "resolved_image_size": image_size,
                                  "feature_cache": result.used_feature_cache})
         runs.log_history(run_id, result.history, first_epoch=result.first_epoch)
@@ -156,26 +163,37 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             "head_seconds": result.head_seconds, "fine_tune_seconds": result.fine_tune_seconds,
             "feature_seconds": result.feature_seconds, "wall_seconds": seconds,
         })
-        import mlflow
-
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
             plots.learning_curves(result.history, result.fine_tune_start, tmp_path / "learning_curves.png",
                                   first_epoch=result.first_epoch)
-            matrix = confusion(model, data)
-            plots.confusion_matrix(matrix, data.class_names, tmp_path / "confusion_matrix.png")
+            plots.confusion_matrix(confusion(model, data, result), data.class_names, tmp_path / "confusion_matrix.png")
             mlflow.log_artifacts(tmp, "plots")
-            export = export_model(model, tmp_path / "savedmodel", data.class_names, metadata={
-                "run_id": run_id, "trial_id": trial.trial_id, **values, **data.lineage()})
-            mlflow.log_artifacts(str(export), "savedmodel")
-            sample = next(iter(data.batches("test" if data.sizes["test"] else "validation", 2)))[0].numpy()
-            uri = pyfunc.log_pyfunc(str(export), sample, model.predict(sample, verbose=0))
-            mlflow.set_tag("tlsweep.model_uri", uri)
+            improving = self._best is None or result.val_accuracy > self._best
+            self._best = result.val_accuracy if improving else self._best
+            if self.config.log_models == "all" or improving:
+                exporting = time.perf_counter()
+                export = export_model(model, tmp_path / "savedmodel", data.class_names, metadata={
+                    "run_id": run_id, "trial_id": trial.trial_id, **values, **data.lineage()})
+                self.timings["export"] += time.perf_counter() - exporting
+                tracking += time.perf_counter() - exporting  # shift the start: exporting is pipeline work
+                mlflow.log_artifacts(str(export), "savedmodel")
+                sample = next(iter(data.batches("test" if data.sizes["test"] else "validation", 2)))[0].numpy()
+                uri = pyfunc.log_pyfunc(str(export), sample, model.predict(sample, verbose=0))
+                mlflow.set_tag("tlsweep.model_uri", uri)
+        self.timings["tracking"] += time.perf_counter() - tracking
 
 
-def confusion(model: keras.Model, data: DataSplits, split: str = "test", batch_size: int = 64) -> np.ndarray:
+def confusion(model: keras.Model, data: DataSplits, result: TrainResult | None = None, split: str = "test",
+              batch_size: int = 64) -> np.ndarray:
+    """Counts per (true, predicted) class; on cached features while the backbone is frozen."""
     n = data.num_classes
     matrix = np.zeros((n, n), dtype=np.int64)
+    if result is not None and result.features is not None and not backbone_trainable(model):
+        x, y = result.features[split]
+        predicted = features.head(model).predict(x, batch_size=batch_size, verbose=0).argmax(axis=1)
+        np.add.at(matrix, (y, predicted), 1)
+        return matrix
     for x, y in data.batches(split, batch_size):
         predicted = model.predict_on_batch(x).argmax(axis=1)
         np.add.at(matrix, (y.numpy(), predicted), 1)

@@ -107,3 +107,31 @@ def test_head_initialisation_depends_on_the_seed_only(tmp_path, monkeypatch):
     keras.utils.set_random_seed(7)
     second = build_model("efficientnet_lite0", 3, 32, seed=7).get_layer("classifier").get_weights()[0]
     np.testing.assert_array_equal(first, second)
+
+
+def test_mixed_precision_computes_in_float16_and_outputs_float32_probabilities():
+    before = keras.mixed_precision.dtype_policy().name
+    model = build_model("efficientnet_lite0", 3, 32, seed=0, mixed_precision=True)
+    assert keras.mixed_precision.dtype_policy().name == before, "the global policy is restored"
+    assert backbone_of(model).get_layer("top_conv").compute_dtype == "float16"
+    reference = build_model("efficientnet_lite0", 3, 32, seed=0)
+    reference.set_weights(model.get_weights())
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    probs = model.predict(x, verbose=0)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs, reference.predict(x, verbose=0), atol=2e-2)
+
+
+def test_xla_training_matches_plain_training(class_folder):
+    from pipeline.data import load_data
+    from pipeline.training import train
+
+    data = load_data(str(class_folder), 32, seed=0)
+    losses = []
+    for jit in (False, True):  # no dropout: XLA draws random masks with another algorithm
+        keras.utils.set_random_seed(0)
+        model = build_model("efficientnet_lite0", 3, 32, seed=0, dropout=0.0)
+        result = train(model, data, epochs=2, fine_tune_epochs=1, unfreeze_from=130, batch_size=8, seed=0,
+                       verbose=0, learning_rate=1e-2, jit_compile=jit, evaluate_test=False)
+        losses.append(result.history["loss"])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)

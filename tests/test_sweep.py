@@ -121,13 +121,18 @@ def test_running_again_continues_without_redoing_trials(swept, class_folder, cap
     again = run_sweep(str(class_folder), sweep=sweep, experiment="tiny", state_dir=str(tmp_path / "state"), verbose=0)
     assert again == parent and len(children("tiny", parent)) == 4
 
-    more = {**TINY, "tuner": "random", "max_trials": 1}
+    more = {**TINY, "tuner": "random", "max_trials": 1, "log_models": "improving"}
     sweep2 = write_sweep(tmp_path, more, name="more")
     first = run_sweep(str(class_folder), sweep=sweep2, experiment="tiny", state_dir=str(tmp_path / "state"), verbose=0)
     assert first != parent and len(children("tiny", first)) == 1
     run_sweep(str(class_folder), sweep=sweep2, experiment="tiny", max_trials=2, state_dir=str(tmp_path / "state"),
               verbose=0)
-    assert len(children("tiny", first)) == 2
+    kids = sorted(children("tiny", first), key=lambda r: r.data.tags[TRIAL_ID])
+    assert len(kids) == 2
+    # log_models: improving -- the first finished trial of each process always logs its model
+    # (failed trials, e.g. xception at 32 px, log none)
+    for kid in kids:
+        assert ("tlsweep.model_uri" in kid.data.tags) == (kid.info.status == "FINISHED"), kid.data.tags[TRIAL_ID]
 
 
 def test_best_export_registers_and_reproduces(swept, capsys):
@@ -159,6 +164,7 @@ def test_hyperband_promotions_continue_two_phase_trials(tmp_path, tracking_store
     monkeypatch.chdir(tmp_path)
     config = {
         "tuner": "hyperband",
+        "log_models": "improving",
         "hyperband": {"max_epochs": 2, "factor": 2},
         "space": {**TINY["space"], "backbone": {"fixed": "efficientnet_lite0"}, "dropout": {"choice": [0.1, 0.3]},
                   "epochs": {"fixed": 1}, "fine_tune_epochs": {"fixed": 1}},
@@ -178,6 +184,12 @@ def test_hyperband_promotions_continue_two_phase_trials(tmp_path, tracking_store
         assert run.data.params["tuner/trial_id"] in by_trial
         # epoch 1 is the first fine-tuning epoch: backbone layers were unfrozen and recompiled
         assert run.data.metrics["trainable_params"] > by_trial[run.data.params["tuner/trial_id"]].data.metrics["trainable_params"]
+    # log_models: improving -- a trial logs its model exactly when it beats every trial before it
+    best = None
+    for run in sorted(kids, key=lambda r: r.info.start_time):
+        value = run.data.metrics["val_accuracy"]
+        assert ("tlsweep.model_uri" in run.data.tags) == (best is None or value > best), run.data.tags[TRIAL_ID]
+        best = value if best is None else max(best, value)
 
 
 def test_sweep_whose_trials_keep_failing_stops_with_a_clear_message(tmp_path, tracking_store, class_folder,
@@ -205,8 +217,10 @@ def test_interrupted_sweep_leaves_no_run_running(tmp_path, tracking_store, class
     import sys
     import time
 
+    # augmentation keeps the backbone in every epoch (no feature cache), so the trial is really long
     config = {"tuner": "random", "max_trials": 3,
-              "space": {**TINY["space"], "backbone": {"fixed": "efficientnet_lite0"}, "epochs": {"fixed": 200}}}
+              "space": {**TINY["space"], "backbone": {"fixed": "efficientnet_lite0"}, "epochs": {"fixed": 5000},
+                        "augment": {"fixed": True}}}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "sweeps.cli", "sweep", "--dataset", str(class_folder), "--sweep",
@@ -224,6 +238,7 @@ def test_interrupted_sweep_leaves_no_run_running(tmp_path, tracking_store, class
         trial = found[0] if found else None
     assert trial is not None, "the trial never started"
     time.sleep(3)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
