@@ -16,7 +16,7 @@ TRAIN_FLAGS = --dataset "$(DATASET)" $(call opt,BACKBONE,backbone) $(call opt,WE
 	$(call opt,AUGMENT,augment) $(call opt,SEED,seed) $(call opt,SPLIT,split) $(call opt,OUTPUT,output) \
 	$(if $(OVERWRITE),--overwrite) $(call opt,FEATURE_CACHE,feature-cache)
 
-.PHONY: help install test test-slow test-all train sweep best-export report ui clean clean-cache bench
+.PHONY: help install test test-slow test-all train sweep best-export report ui clean clean-cache bench predict
 
 DATASET ?=
 EXPERIMENT ?=
@@ -51,6 +51,10 @@ test-all: ## every test, fast and slow
 train: ## train one configuration: DATASET= BACKBONE= [EPOCHS= FINE_TUNE_AT= ... OUTPUT=]
 	@test -n "$(DATASET)" || { echo "usage: make train DATASET=<tfds name or folder> [BACKBONE=...]"; exit 2; }
 	$(PY) -m pipeline.cli train $(TRAIN_FLAGS)
+
+predict: ## top-k classes per image from an export: MODEL=<export dir> IMAGES=<file or folder> [TOP_K=3]
+	@test -n "$(MODEL)" -a -n "$(IMAGES)" || { echo "usage: make predict MODEL=<export dir> IMAGES=<file or folder>"; exit 2; }
+	$(PY) -m pipeline.cli predict --model "$(MODEL)" --images "$(IMAGES)" $(call opt,TOP_K,top-k)
 
 sweep: ## Keras-Tuner search, every trial in MLflow: DATASET= [SWEEP=quick|<yaml>] [MAX_TRIALS= TUNER= EXPERIMENT= SEED=]
 	@test -n "$(DATASET)" || { echo "usage: make sweep DATASET=<tfds name or folder> [SWEEP=quick]"; exit 2; }

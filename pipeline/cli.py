@@ -100,6 +100,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Print the top-k classes of each image, using only an export (SavedModel + labels.txt)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from pipeline.data import IMAGE_EXTENSIONS, read_image
+    from pipeline.export import ExportedModel
+
+    model = ExportedModel(args.model)
+    source = Path(args.images)
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise UserError(f"folder {source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    elif source.is_file():
+        paths = [source]
+    else:
+        raise UserError(f"{source} is neither an image file nor a folder")
+    k = min(args.top_k, len(model.class_names))
+    for path in paths:
+        try:
+            image = read_image(path, model.image_size)
+        except UserError as e:
+            print(f"{path}: skipped: {e}")
+            continue
+        probs = model.predict(image[None].astype(np.float32))[0]
+        top = np.argsort(probs)[::-1][:k]
+        print(f"{path}: " + ", ".join(f"{model.class_names[i]} {probs[i]:.3f}" for i in top))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlsweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="export directory (SavedModel + labels.txt + model.keras)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help=cmd_predict.__doc__, description=cmd_predict.__doc__)
+    p.add_argument("--model", required=True, help="an export directory (make train OUTPUT=, make best-export)")
+    p.add_argument("--images", required=True, help="an image file or a folder of images")
+    p.add_argument("--top-k", type=int, default=3)
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

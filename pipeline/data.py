@@ -293,6 +293,17 @@ def _split(items: list[tuple[Path, int]], fractions: tuple[float, ...], seed: in
     return [sorted(p, key=lambda it: str(it[0])) for p in parts]
 
 
+def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """One image file as uint8 RGB ``[S, S, 3]``, decoded and resized exactly as for training."""
+    if not _is_image(Path(path)):
+        raise UserError(f"{path} is not a readable image ({', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError as e:
+        raise UserError(f"{path} could not be decoded: {e.message}") from e
+    return _resizer(image_size)(image).numpy()
+
+
 def _resizer(image_size: int):
     def resize(image):
         if image.shape[-1] == 1:  # grayscale tfds images

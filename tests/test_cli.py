@@ -66,3 +66,28 @@ def test_help_lists_every_option():
                  "--batch-size", "--learning-rate", "--fine-tune-learning-rate", "--image-size", "--augment",
                  "--seed", "--output", "--split", "--weights"):
         assert flag in proc.stdout
+
+
+def test_predict_prints_top_k_per_image_from_an_export(class_folder, tmp_path, capsys):
+    from pipeline.export import export_model
+    from pipeline.model import build_model
+
+    model = build_model("efficientnet_lite0", 3, 32, seed=0)
+    out = export_model(model, tmp_path / "export", ["blue", "green", "red"])
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("blue_000.jpg", "red_001.png"):
+        src = next(class_folder.rglob(name))
+        (images / name).write_bytes(src.read_bytes())
+    (images / "broken.jpg").write_bytes(b"")
+    assert main(["predict", "--model", str(out), "--images", str(images), "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    (broken,) = [line for line in lines if "broken.jpg" in line]
+    assert "broken.jpg: skipped:" in broken and "is not a readable image" in broken
+    for line in (line for line in lines if line != broken):
+        scores = line.split(": ", 1)[1].split(", ")
+        assert len(scores) == 2 and all(s.split()[0] in ("blue", "green", "red") for s in scores)
+        assert float(scores[0].split()[1]) >= float(scores[1].split()[1])
+    assert main(["predict", "--model", str(tmp_path), "--images", str(images)]) == 2
+    assert "is not an export" in capsys.readouterr().err
