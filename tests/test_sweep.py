@@ -245,3 +245,52 @@ def test_interrupted_sweep_leaves_no_run_running(tmp_path, tracking_store, class
     assert "run the same command again to continue" in err and "Traceback" not in err
     runs = client.search_runs([client.get_experiment_by_name("interrupt").experiment_id])
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the parent and its trial
+
+
+def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, tracking_store, class_folder):
+    """kill -9 during trial 2; rerun: trial 1 is not redone, trial 2 is, the orphan run is closed as KILLED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = {"tuner": "grid", "max_trials": 2,
+              "space": {**TINY["space"], "backbone": {"fixed": "efficientnet_lite0"}, "epochs": {"fixed": 40},
+                        "augment": {"fixed": True}, "fine_tune_epochs": {"fixed": 0}}}
+    command = [sys.executable, "-m", "sweeps.cli", "sweep", "--dataset", str(class_folder), "--sweep",
+               write_sweep(tmp_path, config, "killme"), "--experiment", "killed", "--state-dir",
+               str(tmp_path / "state"), "--tracking-uri", tracking_store, "--quiet"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(tracking_store)
+
+    def trials():
+        exp = client.get_experiment_by_name("killed")
+        return client.search_runs([exp.experiment_id], "tags.`tlsweep.kind` = 'trial'") if exp else []
+
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until trial 1 finished and trial 2 is running
+        runs = trials()
+        if any(r.info.status == "FINISHED" for r in runs) and any(r.info.status == "RUNNING" for r in runs):
+            break
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    else:
+        pytest.fail("never saw trial 2 running")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed = [r for r in trials() if r.info.status == "RUNNING"]
+    assert len(killed) == 1, "the killed trial's run is left RUNNING by a dead process"
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"closed 1 trial run(s) left RUNNING by a process that died: {killed[0].info.run_id}" in rerun.stdout
+    runs = trials()
+    finished = sorted(r.data.tags[TRIAL_ID] for r in runs if r.info.status == "FINISHED")
+    assert finished == ["0", "1"], "exactly one finished child per trial; trial 0 was not rerun"
+    assert client.get_run(killed[0].info.run_id).info.status == "KILLED"
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    exp = client.get_experiment_by_name("killed")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`tlsweep.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED"
