@@ -40,14 +40,48 @@ def test_short_training_on_a_flower_subset_reaches_accuracy(tmp_path):
     assert result.val_accuracy >= 0.75 and result.test_accuracy >= 0.75, result
 
 
-@pytest.mark.slow
-def test_quick_sweep_on_a_flower_subset(tmp_path, tracking_store, monkeypatch):
+SHORT_SWEEP = """
+tuner: random
+max_trials: 3
+seed: 42
+space:
+  backbone: {fixed: efficientnet_lite0}
+  image_size: {fixed: 128}
+  epochs: {fixed: 10}
+  fine_tune: {boolean: true, default: false}
+  fine_tune_epochs: {fixed: 1}
+  fine_tune_at: {fixed: 0.9}
+  learning_rate: {choice: [0.001, 0.003]}
+  batch_size: {fixed: 32}
+"""
+
+
+def test_short_sweep_on_a_flower_subset(tmp_path, tracking_store, monkeypatch):
     from sweeps.run import run_sweep
 
     monkeypatch.chdir(tmp_path)
-    parent = run_sweep(str(flower_subset(tmp_path / "flowers", 60)), sweep="quick", experiment="flowers_quick",
-                       state_dir=str(tmp_path / "state"), verbose=0)
-    exp = mlflow.get_experiment_by_name("flowers_quick")
+    (tmp_path / "short.yaml").write_text(SHORT_SWEEP)
+    parent = run_sweep(str(flower_subset(tmp_path / "flowers", 60)), sweep=str(tmp_path / "short.yaml"),
+                       experiment="flowers_short", state_dir=str(tmp_path / "state"), verbose=0)
+    exp = mlflow.get_experiment_by_name("flowers_short")
     kids = MlflowClient().search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)
-    assert max(k.data.metrics["val_accuracy"] for k in kids) >= 0.8
+    assert all(k.data.params["feature_cache"] == "True" for k in kids)
+    best = max(kids, key=lambda k: k.data.metrics["val_accuracy"])
+    # measured: best 0.80 validation / 0.90 test on 45 / 30 photos; chance is 0.2
+    assert best.data.metrics["val_accuracy"] >= 0.7 and best.data.metrics["test_accuracy"] >= 0.7
+
+
+@pytest.mark.slow
+def test_full_flowers_head_on_cached_features_reaches_the_reference(tmp_path, monkeypatch):
+    """The README's head-only figure: 30 head epochs on all 3,670 photos (about 4 minutes, mostly features)."""
+    from pipeline import features
+    from pipeline.backbones import get_spec
+
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path))
+    keras.utils.set_random_seed(42)
+    data = load_data(str(FLOWERS), 224, seed=42)
+    model = build_model("efficientnet_lite0", 5, 224, seed=42)
+    cached, _ = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 224)
+    result = train(model, data, epochs=30, fine_tune_epochs=0, features=cached, seed=42, verbose=0)
+    assert result.val_accuracy >= 0.91 and result.test_accuracy >= 0.90, result  # measured 0.9255 / 0.9183
