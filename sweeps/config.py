@@ -15,12 +15,13 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.hparams import DEFAULTS
+from pipeline.hparams import DEFAULTS, FINE_TUNE_ONLY
 
 SWEEPS_DIR = Path(__file__).resolve().parent
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 TOP_KEYS = ("tuner", "max_trials", "objective", "seed", "space", "hyperband", "description",
-            "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla")
+            "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla", "stage2")
+STAGE2_KEYS = ("top_k", "trials_per_config", "space")
 LOG_MODELS = ("all", "improving")  # which trials log their SavedModel + pyfunc model
 KINDS = ("choice", "float", "int", "boolean", "fixed")
 ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
@@ -42,6 +43,9 @@ class SweepConfig:
     log_models: str = "all"
     mixed_precision: bool = False  # float16 compute, for GPUs
     xla: bool = False  # XLA-compiled training steps, for GPUs
+    # Staged search: stage 1 sweeps heads only; stage 2 fine-tunes the top_k stage-1 trials from their
+    # trained heads, trials_per_config trials each over its own space (fine_tune_at, learning rate, ...).
+    stage2: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: str = ""
 
     def with_overrides(self, **overrides: Any) -> "SweepConfig":
@@ -103,6 +107,14 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         raise UserError(f"'space' in sweep {where} must map hyperparameter names to entries")
     for hp, entry in space.items():
         _check_entry(hp, entry, where)
+    stage2 = dict(raw.get("stage2") or {})
+    bad = sorted(set(stage2) - set(STAGE2_KEYS))
+    if bad:
+        raise UserError(f"unknown key(s) {bad} in stage2 of sweep {where}; known keys: {', '.join(STAGE2_KEYS)}")
+    for hp, entry in (stage2.get("space") or {}).items():
+        if hp not in FINE_TUNE_ONLY:
+            raise UserError(f"stage2 of sweep {where} searches {hp!r}; it searches only {', '.join(FINE_TUNE_ONLY)}")
+        _check_entry(hp, entry, where)
     log_models = raw.get("log_models", "all")
     if log_models not in LOG_MODELS:
         raise UserError(f"log_models {log_models!r} in sweep {where} is not one of {', '.join(LOG_MODELS)}")
@@ -113,7 +125,8 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         name=name, tuner=tuner, max_trials=max_trials, objective=objective, seed=int(raw.get("seed", 42)),
         space=space, hyperband=dict(raw.get("hyperband") or {}),
         max_consecutive_failed_trials=int(raw.get("max_consecutive_failed_trials", 3)), log_models=log_models,
-        mixed_precision=bool(raw.get("mixed_precision", False)), xla=bool(raw.get("xla", False)), source=source,
+        mixed_precision=bool(raw.get("mixed_precision", False)), xla=bool(raw.get("xla", False)), stage2=stage2,
+        source=source,
     )
 
 

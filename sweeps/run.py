@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
+from pipeline.hparams import FINE_TUNE_ONLY
 from sweeps.config import SweepConfig, default_sweep_for, load_sweep
 from sweeps.tuner import TransferTuner, sweep_dir
 from tracking import leaderboard as lb
@@ -45,13 +47,20 @@ def run_sweep(
     if closed:
         print(f"closed {len(closed)} trial run(s) left RUNNING by a process that died: {', '.join(closed)}")
     _log_settings(parent, config, dataset, split)
+    staged = bool(config.stage2)
+    if staged:  # stage 1 sweeps heads only (cheap on cached features); stage 2 fine-tunes the best
+        config = dataclasses.replace(config, space={**config.space, "fine_tune": {"fixed": False}})
     tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose,
-                              feature_cache=feature_cache)
+                              feature_cache=feature_cache, stage="1" if staged else "")
     if tuner_out is not None:  # for benchmarks: the tuner and its timings
         tuner_out.append(tuner_obj)
     status = "FAILED"
     try:
         tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
+        if staged:
+            for stage2 in stage2_tuners(tuner_obj, config, dataset, directory, exp_id, parent, split, verbose,
+                                        feature_cache):
+                stage2.search(verbose=1 if verbose else 0)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -69,6 +78,22 @@ def run_sweep(
         summarize(experiment, parent)
         runs.end_parent(parent, status)
     return parent
+
+
+def stage2_tuners(stage1: TransferTuner, config: SweepConfig, dataset: str, directory: str, exp_id: str,
+                  parent: str, split: str | None, verbose: int | str, feature_cache: bool) -> list[TransferTuner]:
+    """One fine-tuning search per top-k stage-1 trial, each starting from that trial's trained head."""
+    tuners = []
+    for trial in stage1.oracle.get_best_trials(int(config.stage2.get("top_k", 3))):
+        values = stage1.hypermodel.build(trial.hyperparameters.copy())
+        fixed = {k: {"fixed": v} for k, v in values.items() if k not in FINE_TUNE_ONLY and k != "fine_tune"}
+        space = {**fixed, "fine_tune": {"fixed": True}, **(config.stage2.get("space") or {})}
+        stage2 = dataclasses.replace(config, name=f"{config.name}-stage2-{trial.trial_id}", tuner="random",
+                                     max_trials=int(config.stage2.get("trials_per_config", 2)), space=space, stage2={})
+        tuners.append(TransferTuner(stage2, dataset, directory, exp_id, parent, split=split, verbose=verbose,
+                                    feature_cache=feature_cache, stage="2", start_from=stage1.checkpoint(trial.trial_id),
+                                    data_cache=stage1.data_cache))
+    return tuners
 
 
 def _log_settings(parent: str, config: SweepConfig, dataset: str, split: str | None) -> None:

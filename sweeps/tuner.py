@@ -71,12 +71,17 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         split: str | None = None,
         verbose: int | str = 2,
         feature_cache: bool = True,
+        stage: str = "",
+        start_from: str | None = None,
+        data_cache: dict[int, DataSplits] | None = None,
         **kwargs: Any,
     ):
         super().__init__(
             oracle=make_oracle(config), hypermodel=SpaceHyperModel(config.space), directory=directory,
             project_name=config.name, overwrite=False, **kwargs,
         )
+        self.stage = stage  # "", "1" or "2" (staged search)
+        self.start_from = start_from  # stage 2: the stage-1 model (trained head) every trial starts from
         self.config = config
         self.dataset = dataset
         self.split = split
@@ -84,16 +89,16 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         self.parent_run_id = parent_run_id
         self.verbose = verbose
         self.feature_cache = feature_cache
-        self._data: dict[int, DataSplits] = {}
+        self.data_cache: dict[int, DataSplits] = {} if data_cache is None else data_cache  # shared across stages
         self._best: float | None = None  # best objective logged by this process (for log_models: improving)
         self.timings = {"trials": 0.0, "tracking": 0.0, "export": 0.0}  # seconds, summed over trials
 
     # -- data, shared by all trials of the same image size (decoded once, cached in memory) --------
 
     def data_for(self, image_size: int) -> DataSplits:
-        if image_size not in self._data:
-            self._data[image_size] = load_data(self.dataset, image_size, seed=self.config.seed, split=self.split)
-        return self._data[image_size]
+        if image_size not in self.data_cache:
+            self.data_cache[image_size] = load_data(self.dataset, image_size, seed=self.config.seed, split=self.split)
+        return self.data_cache[image_size]
 
     # -- one trial -----------------------------------------------------------------------------
 
@@ -101,21 +106,33 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         hp = trial.hyperparameters
         values = self.hypermodel.build(hp)
         tuner_values = {k: v for k, v in hp.values.items() if k.startswith("tuner/")}
-        tags = {runs.TRIAL_ID: trial.trial_id, "tlsweep.tuner": self.config.tuner}
+        tags = {runs.TRIAL_ID: self.trial_key(trial.trial_id), "tlsweep.tuner": self.config.tuner}
+        if self.stage:
+            tags["tlsweep.stage"] = self.stage
         start = time.perf_counter()
-        with runs.child_run(self.experiment_id, self.parent_run_id, f"trial-{trial.trial_id}", tags) as run_id:
-            try:
-                result, model, data, image_size = self._train(trial, values, tuner_values)
-            except (UserError, ValueError) as e:
-                raise kt.errors.FailedTrialError(f"impossible configuration: {e}") from e
-            except tf.errors.ResourceExhaustedError as e:
-                raise kt.errors.FailedTrialError(f"out of memory: {e.message[:500]}") from e
-            finally:
-                runs.log_params(run_id, {**values, **tuner_values, "seed": self.config.seed})
-            self._log_trial(run_id, trial, values, result, model, data, image_size, time.perf_counter() - start)
-        keras.backend.clear_session(free_memory=True)
-        self.timings["trials"] += time.perf_counter() - start
+        try:
+            with runs.child_run(self.experiment_id, self.parent_run_id, f"trial-{tags[runs.TRIAL_ID]}", tags) as run_id:
+                try:
+                    result, model, data, image_size = self._train(trial, values, tuner_values)
+                except (UserError, ValueError) as e:
+                    raise kt.errors.FailedTrialError(f"impossible configuration: {e}") from e
+                except tf.errors.ResourceExhaustedError as e:
+                    raise kt.errors.FailedTrialError(f"out of memory: {e.message[:500]}") from e
+                finally:
+                    runs.log_params(run_id, {**values, **tuner_values, "seed": self.config.seed})
+                self._log_trial(run_id, trial, values, result, model, data, image_size, time.perf_counter() - start)
+                runs.log_metrics(run_id, {"wall_seconds": time.perf_counter() - start})  # the whole trial
+        finally:
+            keras.backend.clear_session(free_memory=True)  # failed trials must not keep their memory
+            self.timings["trials"] += time.perf_counter() - start
         return {self.config.objective: result.val_accuracy}
+
+    def trial_key(self, trial_id: str) -> str:
+        """The trial id as tracked: unique across the tuners of a staged search."""
+        return f"{self.config.name}/{trial_id}" if self.stage == "2" else trial_id
+
+    def checkpoint(self, trial_id: str) -> str:
+        return str(Path(self.get_trial_dir(trial_id)) / CHECKPOINT)
 
     def _train(self, trial, values: dict[str, Any], tuner_values: dict[str, Any]):
         spec = get_spec(values["backbone"])
@@ -124,8 +141,12 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         data = self.data_for(image_size)
         keras.utils.set_random_seed(self.config.seed)
         previous = tuner_values.get("tuner/trial_id")
+        initial_epoch = int(tuner_values.get("tuner/initial_epoch", 0))
         if previous:  # Hyperband promotion: continue the earlier trial's model where it stopped
             model = load_keras_model(Path(self.get_trial_dir(previous)) / CHECKPOINT)
+        elif self.start_from:  # staged search, stage 2: fine-tune the stage-1 trial's trained head
+            model = load_keras_model(self.start_from)
+            initial_epoch = int(values["epochs"])
         else:
             model = build_model(
                 values["backbone"], data.num_classes, image_size, dropout=float(values["dropout"]),
@@ -139,12 +160,12 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             unfreeze_from=unfreeze_from, learning_rate=float(values["learning_rate"]),
             fine_tune_learning_rate=float(values["fine_tune_learning_rate"] or DEFAULTS["fine_tune_learning_rate"]),
             batch_size=int(values["batch_size"]), seed=self.config.seed, verbose=self.verbose,
-            initial_epoch=int(tuner_values.get("tuner/initial_epoch", 0)),
+            initial_epoch=initial_epoch,
             stop_epoch=tuner_values.get("tuner/epochs"), jit_compile=self.config.xla,
         )
         if any(math.isnan(v) or math.isinf(v) for v in result.history["loss"]):
             raise kt.errors.FailedTrialError("loss became NaN/inf; lower the learning rate")
-        if self.config.tuner == "hyperband":
+        if self.config.tuner == "hyperband" or self.stage == "1":  # promoted / fine-tuned later
             model.save(Path(self.get_trial_dir(trial.trial_id)) / CHECKPOINT)
         result.feature_seconds = feature_seconds
         return result, model, data, image_size
@@ -161,7 +182,7 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
             "head_test_accuracy": result.head_test_accuracy, "trainable_params": result.trainable_params,
             "head_seconds": result.head_seconds, "fine_tune_seconds": result.fine_tune_seconds,
-            "feature_seconds": result.feature_seconds, "wall_seconds": seconds,
+            "feature_seconds": result.feature_seconds, "train_seconds": seconds,
         })
         with tempfile.TemporaryDirectory() as tmp:
             tmp_path = Path(tmp)
@@ -174,7 +195,7 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             if self.config.log_models == "all" or improving:
                 exporting = time.perf_counter()
                 export = export_model(model, tmp_path / "savedmodel", data.class_names, metadata={
-                    "run_id": run_id, "trial_id": trial.trial_id, **values, **data.lineage()})
+                    "run_id": run_id, "trial_id": self.trial_key(trial.trial_id), **values, **data.lineage()})
                 self.timings["export"] += time.perf_counter() - exporting
                 tracking += time.perf_counter() - exporting  # shift the start: exporting is pipeline work
                 mlflow.log_artifacts(str(export), "savedmodel")

@@ -95,7 +95,8 @@ def test_sweep_tracks_every_trial(swept, class_folder):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == [0, 1, 2], key  # both phases on one axis
     m = run.data.metrics
-    assert 0 <= m["test_accuracy"] <= 1 and m["test_loss"] > 0 and m["wall_seconds"] > 0 and m["trainable_params"] > 0
+    assert 0 <= m["test_accuracy"] <= 1 and m["test_loss"] > 0 and m["trainable_params"] > 0
+    assert m["wall_seconds"] > m["train_seconds"] > 0, "the whole trial includes its logging"
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "savedmodel"} <= artifacts
@@ -294,3 +295,38 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, tracking_stor
     exp = client.get_experiment_by_name("killed")
     (parent,) = client.search_runs([exp.experiment_id], "tags.`tlsweep.kind` = 'sweep'")
     assert parent.info.status == "FINISHED"
+
+
+def test_staged_search_fine_tunes_the_best_heads_from_where_they_stopped(tmp_path, tracking_store, class_folder,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "tuner": "random", "max_trials": 2,
+        "space": {"backbone": {"fixed": "efficientnet_lite0"}, "image_size": {"fixed": 32}, "epochs": {"fixed": 2},
+                  "batch_size": {"fixed": 8}, "learning_rate": {"choice": [0.01, 0.02]}},
+        "stage2": {"top_k": 1, "trials_per_config": 2,
+                   "space": {"fine_tune_at": {"choice": [120, 130]}, "fine_tune_epochs": {"fixed": 1}}},
+    }
+    parent = run_sweep(str(class_folder), sweep=write_sweep(tmp_path, config, "staged"), experiment="staged",
+                       state_dir=str(tmp_path / "state"), verbose=0)
+    client = MlflowClient()
+    kids = children("staged", parent)
+    assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
+    stage1 = [k for k in kids if k.data.tags.get("tlsweep.stage") == "1"]
+    stage2 = [k for k in kids if k.data.tags.get("tlsweep.stage") == "2"]
+    assert len(stage1) == 2 and len(stage2) == 2
+    assert all(k.data.params["fine_tune"] == "False" and k.data.params["feature_cache"] == "True" for k in stage1)
+    # the stage-1 trial that stage 2 started from (named in its trial ids) is a best one by validation
+    (source,) = {k.data.tags[TRIAL_ID].split("/")[0].rsplit("-", 1)[1] for k in stage2}
+    best = next(k for k in stage1 if k.data.tags[TRIAL_ID] == source)
+    assert best.data.metrics["val_accuracy"] == max(k.data.metrics["val_accuracy"] for k in stage1)
+    assert {k.data.params["fine_tune_at"] for k in stage2} == {"120", "130"}
+    for run in stage2:
+        assert run.data.params["fine_tune"] == "True"
+        assert run.data.params["learning_rate"] == best.data.params["learning_rate"]
+        assert run.data.tags[TRIAL_ID].startswith(f"staged-stage2-{best.data.tags[TRIAL_ID]}/")
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert steps == [2], "stage 2 runs only the fine-tuning epochs"
+        # it starts from the best stage-1 head: before fine-tuning it scores exactly what that trial scored
+        assert run.data.metrics["head_test_accuracy"] == pytest.approx(best.data.metrics["test_accuracy"])
+        assert run.data.metrics["trainable_params"] > best.data.metrics["trainable_params"]

@@ -12,7 +12,7 @@ from tracking.runs import KIND, TRIAL_ID
 OBJECTIVE = "val_accuracy"
 PARAMS = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
           "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
-METRICS = (OBJECTIVE, "test_accuracy", "test_loss", "wall_seconds", "trainable_params")
+METRICS = (OBJECTIVE, "test_accuracy", "test_loss", "train_seconds", "wall_seconds", "trainable_params")
 
 
 def trial_runs(experiment: str, parent_id: str | None = None) -> pd.DataFrame:
