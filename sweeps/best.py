@@ -58,6 +58,7 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
         raise RuntimeError(
             f"export at {target} gives test accuracy {reproduced:.4f} but run {run.info.run_id} logged {logged:.4f}")
     return {"run_id": run.info.run_id, "path": str(target), "model_name": name, "version": version.version,
+            "test_size": data.sizes["test"],
             "val_accuracy": metrics.get(lb.OBJECTIVE), "test_accuracy": logged, "reproduced_test_accuracy": reproduced}
 
 

@@ -75,8 +75,10 @@ def run_sweep(
             "and run the same command again to continue"
         ) from e
     finally:
-        summarize(experiment, parent)
-        runs.end_parent(parent, status)
+        try:
+            summarize(experiment, parent)
+        finally:  # the parent is closed even if the leaderboard cannot be written
+            runs.end_parent(parent, status)
     return parent
 
 

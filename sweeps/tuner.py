@@ -119,7 +119,8 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
                 except tf.errors.ResourceExhaustedError as e:
                     raise kt.errors.FailedTrialError(f"out of memory: {e.message[:500]}") from e
                 finally:
-                    runs.log_params(run_id, {**values, **tuner_values, "seed": self.config.seed})
+                    runs.log_params(run_id, {**values, **tuner_values, "seed": self.config.seed,
+                                             "split": self.split or "default"})  # best-export reloads the data
                 self._log_trial(run_id, trial, values, result, model, data, image_size, time.perf_counter() - start)
                 runs.log_metrics(run_id, {"wall_seconds": time.perf_counter() - start})  # the whole trial
         finally:

@@ -48,7 +48,7 @@ def _sweep_once(tmp_path_factory, class_folder):
     root = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    parent = run_sweep(str(class_folder), sweep=write_sweep(root, TINY), experiment="tiny",
+    parent = run_sweep(str(class_folder), sweep=write_sweep(root, TINY), experiment="tiny", split="60/20/20",
                        state_dir=str(root / "state"), tracking_uri=uri, verbose=0)
     return root, parent
 
@@ -89,7 +89,8 @@ def test_sweep_tracks_every_trial(swept, class_folder):
     for name in ("backbone", "fine_tune_at", "dropout", "batch_size", "learning_rate", "fine_tune_learning_rate"):
         assert name in p
     assert p["data_name"] == str(class_folder) and p["class_names"] == "['blue', 'green', 'red']"
-    assert p["data_fingerprint"] and p["skipped_files"] == "0" and p["train_size"] == "27"
+    assert p["data_fingerprint"] and p["skipped_files"] == "0" and p["split"] == "60/20/20"
+    assert (p["train_size"], p["validation_size"], p["test_size"]) == ("21", "9", "6")
     assert p["feature_cache"] == "True", "heads of a frozen backbone train on cached features"
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         history = client.get_metric_history(run.info.run_id, key)
@@ -119,7 +120,8 @@ def test_sweep_tracks_every_trial(swept, class_folder):
 def test_running_again_continues_without_redoing_trials(swept, class_folder, capsys):
     tmp_path, parent = swept
     sweep = write_sweep(tmp_path, TINY)
-    again = run_sweep(str(class_folder), sweep=sweep, experiment="tiny", state_dir=str(tmp_path / "state"), verbose=0)
+    again = run_sweep(str(class_folder), sweep=sweep, experiment="tiny", split="60/20/20",
+                      state_dir=str(tmp_path / "state"), verbose=0)
     assert again == parent and len(children("tiny", parent)) == 4
 
     more = {**TINY, "tuner": "random", "max_trials": 1, "log_models": "improving"}
@@ -147,7 +149,8 @@ def test_best_export_registers_and_reproduces(swept, capsys):
     assert info["run_id"] in card and "fingerprint" in card
     version = MlflowClient().get_model_version_by_alias("tiny", "champion")
     assert version.version == info["version"]
-    assert abs(info["reproduced_test_accuracy"] - info["test_accuracy"]) <= 1 / 3 + 1e-6
+    assert abs(info["reproduced_test_accuracy"] - info["test_accuracy"]) <= 1 / 6 + 1e-6
+    assert info["test_size"] == 6, "parity is checked on the trial's own split (60/20/20), not the default"
 
     assert sweeps_main(["best-export", "--experiment", "tiny", "--export-dir", str(tmp_path / "exports")]) == 2
     assert "already exists and is not empty; pass OVERWRITE=1" in capsys.readouterr().err
