@@ -8,7 +8,7 @@ import traceback
 from typing import Iterator, Mapping, Sequence
 
 import mlflow
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -111,7 +111,3 @@ def log_metrics_batch(run_id: str, metrics: list[Metric]) -> None:
 
 def end_parent(parent_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(parent_id, status=status)
-
-
-def is_finished(status: str) -> bool:
-    return status == RunStatus.to_string(RunStatus.FINISHED)
