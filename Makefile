@@ -14,7 +14,8 @@ TRAIN_FLAGS = --dataset "$(DATASET)" $(call opt,BACKBONE,backbone) $(call opt,WE
 	$(call opt,DROPOUT,dropout) $(call opt,BATCH_SIZE,batch-size) $(call opt,LEARNING_RATE,learning-rate) \
 	$(call opt,FINE_TUNE_LEARNING_RATE,fine-tune-learning-rate) $(call opt,IMAGE_SIZE,image-size) \
 	$(call opt,AUGMENT,augment) $(call opt,SEED,seed) $(call opt,SPLIT,split) $(call opt,OUTPUT,output) \
-	$(if $(OVERWRITE),--overwrite) $(call opt,FEATURE_CACHE,feature-cache)
+	$(if $(OVERWRITE),--overwrite) $(call opt,FEATURE_CACHE,feature-cache) \
+	$(call opt,MIXED_PRECISION,mixed-precision) $(call opt,XLA,xla)
 
 .PHONY: help install test test-slow test-all train sweep best-export report ui clean clean-cache bench predict
 
