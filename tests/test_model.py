@@ -122,6 +122,7 @@ def test_mixed_precision_computes_in_float16_and_outputs_float32_probabilities()
     np.testing.assert_allclose(probs, reference.predict(x, verbose=0), atol=2e-2)
 
 
+@pytest.mark.slow
 def test_xla_training_matches_plain_training(class_folder):
     from pipeline.data import load_data
     from pipeline.training import train

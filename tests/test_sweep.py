@@ -164,6 +164,7 @@ def test_report_and_best_export_on_missing_experiment(tracking_store, capsys):
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_hyperband_promotions_continue_two_phase_trials(tmp_path, tracking_store, class_folder, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = {
@@ -213,13 +214,12 @@ def test_sweep_whose_trials_keep_failing_stops_with_a_clear_message(tmp_path, tr
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FAILED"]  # parent + 2 trials
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_interrupted_sweep_leaves_no_run_running(tmp_path, tracking_store, class_folder, sig):
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     # augmentation keeps the backbone in every epoch (no feature cache), so the trial is really long
     config = {"tuner": "random", "max_trials": 3,
@@ -231,7 +231,21 @@ def test_interrupted_sweep_leaves_no_run_running(tmp_path, tracking_store, class
          write_sweep(tmp_path, config, "long"), "--experiment", "interrupt", "--state-dir", str(tmp_path / "state"),
          "--tracking-uri", tracking_store, "--quiet"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a terminal: background jobs of non-interactive shells (CI) inherit SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    try:
+        _interrupt_and_check(proc, tracking_store, sig)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _interrupt_and_check(proc, tracking_store, sig):
+    import signal
+    import time
+
     client = MlflowClient(tracking_store)
     deadline = time.time() + 240
     trial = None
@@ -251,6 +265,7 @@ def test_interrupted_sweep_leaves_no_run_running(tmp_path, tracking_store, class
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the parent and its trial
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, tracking_store, class_folder):
     """kill -9 during trial 2; rerun: trial 1 is not redone, trial 2 is, the orphan run is closed as KILLED."""
     import os
@@ -300,6 +315,7 @@ def test_sigkill_mid_trial_then_the_same_command_resumes(tmp_path, tracking_stor
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_staged_search_fine_tunes_the_best_heads_from_where_they_stopped(tmp_path, tracking_store, class_folder,
                                                                          monkeypatch):
     monkeypatch.chdir(tmp_path)
