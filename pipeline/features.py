@@ -21,13 +21,14 @@ import tensorflow as tf
 
 from pipeline.backbones import BackboneSpec
 from pipeline.data import SPLITS, DataSplits
+from pipeline.efficientnet_lite import cache_dir
 
 FEATURES_DIR = "features"
 
 
 def cache_root() -> Path:
     """``$TLSWEEP_CACHE/features`` (default ``~/.cache/tlsweep/features``)."""
-    return Path(os.environ.get("TLSWEEP_CACHE", Path.home() / ".cache" / "tlsweep")) / FEATURES_DIR
+    return cache_dir() / FEATURES_DIR
 
 
 def can_cache(model: keras.Model) -> bool:
