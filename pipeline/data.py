@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,7 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
     for name in ("train", "validation"):
         if not files[name]:
             raise UserError(f"folder {root} gives an empty {name} split; it needs more images per class")
+    _warn_unmeasured(files, class_names)
     resize = _resizer(image_size)
 
     def decode(path, label):
@@ -219,6 +221,19 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
     fingerprint = _hash([*sorted(listing), *class_names, spec, str(image_size)])
     sizes = {k: len(v) for k, v in files.items()}
     return DataSplits(str(root), "folder", class_names, image_size, spec, sizes, fingerprint, skipped, splits)
+
+
+def _warn_unmeasured(files: dict[str, list], class_names: list[str]) -> None:
+    """Say which classes a split lacks (e.g. a class with one image): its accuracy cannot measure them."""
+    for split in ("validation", "test"):
+        present = {c for _, c in files.get(split, [])}
+        missing = [class_names[c] for c in range(len(class_names)) if c not in present]
+        if files.get(split) and missing:
+            counts = {class_names[c]: sum(1 for _, k in files["train"] if k == c) for c in range(len(class_names))}
+            warnings.warn(
+                f"the {split} split has no image of class(es) {', '.join(missing)} "
+                f"({', '.join(f'{n}: {counts[n]} in train' for n in missing)}), so {split} accuracy does not "
+                "measure them; add images (10 or more per class)", UserWarning, stacklevel=3)
 
 
 def _class_names(root: Path) -> list[str]:

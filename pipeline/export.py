@@ -94,3 +94,33 @@ def load_keras_model(path: str | os.PathLike) -> keras.Model:
     import pipeline.hub  # noqa: F401 - registers HubFeatureVector
 
     return keras.models.load_model(path)
+
+
+TFLITE_FILE = "model.tflite"
+
+
+def to_tflite(export_dir: str | os.PathLike, mode: str = "float16") -> Path:
+    """Convert an export's SavedModel to ``model.tflite`` beside it: float16 weights or dynamic-range int8."""
+    if mode not in ("float16", "dynamic"):
+        raise UserError(f"TFLite mode {mode!r} is not one of float16, dynamic")
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(export_dir), signature_keys=["serving_default"])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    path = Path(export_dir) / TFLITE_FILE
+    path.write_bytes(converter.convert())
+    return path
+
+
+class TFLiteModel:
+    """A ``model.tflite`` for inference: float32 raw 0..255 pixels -> class probabilities."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._runner = tf.lite.Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        outs = []
+        for image in images:  # one at a time: the interpreter's input shape is fixed at [1, H, W, 3]
+            (probs,) = self._runner(image=np.asarray(image, np.float32)[None]).values()
+            outs.append(probs[0])
+        return np.stack(outs) if outs else np.zeros((0, 0), np.float32)

@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import keras
 
 from pipeline.backbones import BackboneSpec, build_backbone, get_spec
@@ -28,26 +31,70 @@ def build_model(
     weights: str | None = "imagenet",
     seed: int | None = None,
     mixed_precision: bool = False,
+    head: keras.Model | None = None,
 ) -> keras.Model:
     """Raw pixels -> [augmentation] -> preprocessing -> frozen backbone -> pool -> dropout -> softmax.
 
     ``mixed_precision`` computes in float16 with float32 weights (for GPUs; slow on CPU); the
-    softmax output stays float32.
+    softmax output stays float32. ``head``: a head trained on cached features (``build_head``),
+    whose weights the classifier takes.
     """
+    with _policy(mixed_precision):
+        model = _build(backbone, num_classes, image_size, dropout, augment, weights, seed)
+    if head is not None:
+        model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
+    return model
+
+
+def build_head(feature_dim: int, num_classes: int, dropout: float = 0.2, seed: int | None = None,
+               mixed_precision: bool = False) -> keras.Model:
+    """Pooled backbone features -> dropout -> softmax: the classifier's head on its own.
+
+    Its layers are the classifier's head layers (same names, initializers and seed), so a head
+    trained on cached features is the head ``build_model`` would have trained, and
+    ``build_model(..., head=head)`` puts it on the full model. It builds in milliseconds, the full
+    model in seconds.
+    """
+    with _policy(mixed_precision):
+        _check_head(num_classes, dropout)
+        inputs = keras.Input(shape=(feature_dim,), name="features")
+        return keras.Model(inputs, _head(inputs, num_classes, dropout, seed), name="head")
+
+
+def is_head(model: keras.Model) -> bool:
+    """True for a head built by ``build_head`` (features in, no backbone)."""
+    return model.name == "head"
+
+
+@contextlib.contextmanager
+def _policy(mixed_precision: bool) -> Iterator[None]:
     previous = keras.mixed_precision.dtype_policy()
     keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
     try:
-        return _build(backbone, num_classes, image_size, dropout, augment, weights, seed)
+        yield
     finally:
         keras.mixed_precision.set_dtype_policy(previous)
 
 
-def _build(backbone: str, num_classes: int, image_size: int, dropout: float, augment: bool,
-           weights: str | None, seed: int | None) -> keras.Model:
+def _check_head(num_classes: int, dropout: float) -> None:
     if num_classes < 2:
         raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def _head(x, num_classes: int, dropout: float, seed: int | None):
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    # A seeded initializer: the head must not depend on what else drew random numbers before it
+    # (e.g. a first-time weight conversion), or the same seed would not give the same run.
+    init = keras.initializers.GlorotUniform(seed=seed)
+    return keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=init, dtype="float32",
+                              name="classifier")(x)
+
+
+def _build(backbone: str, num_classes: int, image_size: int, dropout: float, augment: bool,
+           weights: str | None, seed: int | None) -> keras.Model:
+    _check_head(num_classes, dropout)
     spec = get_spec(backbone)
     base = build_backbone(spec, image_size, weights)
     base.trainable = False
@@ -62,13 +109,8 @@ def _build(backbone: str, num_classes: int, image_size: int, dropout: float, aug
     x = base(x, training=False)
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    # A seeded initializer: the head must not depend on what else drew random numbers before it
-    # (e.g. a first-time weight conversion), or the same seed would not give the same run.
-    init = keras.initializers.GlorotUniform(seed=seed)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=init, dtype="float32",
-                                 name="classifier")(x)
-    return keras.Model(inputs, outputs, name="classifier_on_" + spec.name.replace(":", "_").replace("/", "_")[-40:])
+    name = "classifier_on_" + spec.name.replace(":", "_").replace("/", "_")[-40:]
+    return keras.Model(inputs, _head(x, num_classes, dropout, seed), name=name)
 
 
 def backbone_of(model: keras.Model) -> keras.Model:

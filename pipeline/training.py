@@ -16,7 +16,7 @@ from pipeline.data import DataSplits
 from pipeline.errors import UserError
 from pipeline.features import feature_batches
 from pipeline.features import head as feature_head
-from pipeline.model import backbone_of, compile_model, set_trainable, trainable_params
+from pipeline.model import backbone_of, compile_model, is_head, set_trainable, trainable_params
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -81,6 +81,10 @@ def train(
     ``features`` (from ``pipeline.features.load_or_compute``) trains the head phase on cached
     frozen-backbone features instead of images: the same model, without running the backbone.
     ``jit_compile`` compiles training steps with XLA (for GPUs; off by default).
+
+    ``model`` may also be a head alone (``pipeline.model.build_head``): it then trains and is
+    evaluated on ``features`` only, head phase only; ``build_model(..., head=head)`` puts it on
+    the full model.
     """
     check_positive("epochs", epochs)
     check_positive("fine_tune_epochs", fine_tune_epochs, allow_zero=True)
@@ -88,6 +92,9 @@ def train(
     check_positive("fine_tune_learning_rate", fine_tune_learning_rate)
     check_positive("batch_size", batch_size)
     fine_tunes = unfreeze_from is not None and fine_tune_epochs > 0
+    if is_head(model) and (features is None or fine_tunes):
+        raise ValueError("a head alone trains on cached features and cannot fine-tune; "
+                         "build the full model (build_model(..., head=head)) to fine-tune")
     total = epochs + (fine_tune_epochs if fine_tunes else 0)
     stop = total if stop_epoch is None else min(stop_epoch, total)
     train_ds = data.batches("train", batch_size, shuffle=True, seed=seed)
@@ -100,7 +107,7 @@ def train(
         start = time.perf_counter()
         net, train_in, val_in = model, train_ds, val_ds
         if phase == "head" and features is not None:
-            net = head_on_features(model)
+            net = model if is_head(model) else head_on_features(model)
             train_in = feature_batches(features["train"], batch_size, shuffle=True, seed=seed)
             val_in = feature_batches(features["validation"], batch_size)
         history = net.fit(
@@ -113,7 +120,8 @@ def train(
 
     if initial_epoch < min(epochs, stop):
         if initial_epoch == 0 or model.optimizer is None:
-            set_trainable(model, None)
+            if not is_head(model):
+                set_trainable(model, None)
             compile_model(model, learning_rate, jit_compile=jit_compile)
         run("head", initial_epoch, min(epochs, stop))
     if fine_tunes and max(initial_epoch, epochs) < stop:
@@ -142,7 +150,7 @@ def head_on_features(model: keras.Model) -> keras.Model:
 
 
 def backbone_trainable(model: keras.Model) -> bool:
-    return bool(backbone_of(model).trainable_weights)
+    return not is_head(model) and bool(backbone_of(model).trainable_weights)
 
 
 def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int = 32,
@@ -153,8 +161,25 @@ def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int =
     if features is not None and not backbone_trainable(model):
         if model.optimizer is None:
             compile_model(model, 1e-3)
-        scores = head_on_features(model).evaluate(feature_batches(features[split], batch_size), verbose=0,
+        net = model if is_head(model) else head_on_features(model)
+        scores = net.evaluate(feature_batches(features[split], batch_size), verbose=0,
                                                   return_dict=True)
         return float(scores["loss"]), float(scores["accuracy"])
     scores = model.evaluate(data.batches(split, batch_size), verbose=0, return_dict=True)
     return float(scores["loss"]), float(scores["accuracy"])
+
+
+def predictions(model: keras.Model, data: DataSplits, split: str, batch_size: int = 64,
+                features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """True labels and predicted probabilities on one split (on cached features while the backbone is frozen)."""
+    if features is not None and not backbone_trainable(model):
+        x, y = features[split]
+        net = model if is_head(model) else feature_head(model)
+        return y, net.predict(x, batch_size=batch_size, verbose=0) if len(x) else np.zeros((0, data.num_classes))
+    labels, probs = [], []
+    for x, y in data.batches(split, batch_size):
+        labels.append(y.numpy())
+        probs.append(np.asarray(model.predict_on_batch(x)))
+    if not labels:
+        return np.zeros((0,), np.int32), np.zeros((0, data.num_classes), np.float32)
+    return np.concatenate(labels), np.concatenate(probs)

@@ -5,7 +5,7 @@ import pytest
 from pipeline import features
 from pipeline.backbones import get_spec
 from pipeline.data import load_data
-from pipeline.model import build_model
+from pipeline.model import build_head, build_model
 from pipeline.training import train
 
 
@@ -66,3 +66,26 @@ def test_no_cache_with_augmentation_or_random_weights(data):
     assert features.for_model(augmented, data, spec, "imagenet", 32) == (None, 0.0)
     random_init = build_model("efficientnet_lite0", data.num_classes, 32, weights=None)
     assert features.for_model(random_init, data, spec, None, 32) == (None, 0.0)
+
+
+def test_a_head_alone_on_features_is_the_head_of_the_full_model(data):
+    """What a head-only sweep trial does: train the head alone, build the full model only to export."""
+    full_model, full = _trained(data, use_cache=True, epochs=3, fine_tune_epochs=0)
+    cached, _ = features.for_model(full_model, data, get_spec("efficientnet_lite0"), "imagenet", 32)
+    keras.utils.set_random_seed(0)
+    head = build_head(cached["train"][0].shape[1], data.num_classes, dropout=0.2, seed=0)
+    alone = train(head, data, batch_size=8, seed=0, verbose=0, learning_rate=1e-2, features=cached, epochs=3,
+                  fine_tune_epochs=0)
+    np.testing.assert_allclose(full.history["loss"], alone.history["loss"], rtol=1e-5)
+    assert alone.test_accuracy == pytest.approx(full.test_accuracy)
+    assembled = build_model("efficientnet_lite0", data.num_classes, 32, dropout=0.2, seed=0, head=head)
+    x = next(iter(data.batches("test", 16)))[0]
+    np.testing.assert_allclose(assembled.predict(x, verbose=0), full_model.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+
+
+def test_a_head_alone_refuses_to_fine_tune_or_train_on_images(data):
+    head = build_head(1280, data.num_classes)
+    with pytest.raises(ValueError, match="a head alone trains on cached features and cannot fine-tune"):
+        train(head, data, epochs=1, fine_tune_epochs=1, unfreeze_from=100, features={})
+    with pytest.raises(ValueError, match="a head alone trains on cached features"):
+        train(head, data, epochs=1)
