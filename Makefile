@@ -17,12 +17,17 @@ TRAIN_FLAGS = --dataset "$(DATASET)" $(call opt,BACKBONE,backbone) $(call opt,WE
 	$(if $(OVERWRITE),--overwrite) $(call opt,FEATURE_CACHE,feature-cache) \
 	$(call opt,MIXED_PRECISION,mixed-precision) $(call opt,XLA,xla)
 
-.PHONY: help install test test-slow test-all train sweep best-export report ui clean clean-cache bench predict
+.PHONY: help install test test-slow test-all train sweep sweep-chief sweep-worker server best-export report ui clean \
+	clean-cache bench bench-memory predict
 
 DATASET ?=
 EXPERIMENT ?=
 EXPORT_DIR ?= exports
 UI_PORT ?= 5000
+ORACLE ?= 127.0.0.1:8000
+SERVER_PORT ?= 5000
+SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server.db
+SERVER_ARTIFACTS ?= $(CURDIR)/mlartifacts-server
 # The tracking store: MLFLOW_TRACKING_URI when set, else SQLite mlflow.db here.
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export MLFLOW_TRACKING_URI
@@ -61,13 +66,25 @@ sweep: ## Keras-Tuner search, every trial in MLflow: DATASET= [SWEEP=quick|<yaml
 	@test -n "$(DATASET)" || { echo "usage: make sweep DATASET=<tfds name or folder> [SWEEP=quick]"; exit 2; }
 	$(PY) -m sweeps.cli sweep $(SWEEP_FLAGS)
 
-best-export: ## export the best trial by val_accuracy: EXPERIMENT= [EXPORT_DIR=exports/] [OVERWRITE=1]
-	@test -n "$(EXPERIMENT)" || { echo "usage: make best-export EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }
-	$(PY) -m sweeps.cli best-export --experiment "$(EXPERIMENT)" --export-dir "$(EXPORT_DIR)" $(if $(OVERWRITE),--overwrite)
+sweep-chief: ## distributed sweep, chief: serves the Keras Tuner oracle on ORACLE=host:port; same variables as sweep
+	@test -n "$(DATASET)" || { echo "usage: make sweep-chief DATASET=... MLFLOW_TRACKING_URI=http://<server>:5000"; exit 2; }
+	$(PY) -m sweeps.cli sweep $(SWEEP_FLAGS) --role chief --oracle "$(ORACLE)"
 
-report: ## print the leaderboard of an experiment: EXPERIMENT=
+sweep-worker: ## distributed sweep, worker: runs trials from the chief's oracle: WORKER=<unique id> + sweep's variables
+	@test -n "$(DATASET)" -a -n "$(WORKER)" || { echo "usage: make sweep-worker DATASET=... WORKER=w1 MLFLOW_TRACKING_URI=http://<server>:5000"; exit 2; }
+	$(PY) -m sweeps.cli sweep $(SWEEP_FLAGS) --role worker --oracle "$(ORACLE)" --worker-id "$(WORKER)"
+
+server: ## MLflow tracking server for distributed sweeps: SQL store SERVER_STORE=, artifacts SERVER_ARTIFACTS=, SERVER_PORT=
+	$(VENV)/bin/mlflow server --backend-store-uri "$(SERVER_STORE)" --artifacts-destination "$(SERVER_ARTIFACTS)" \
+		--host 0.0.0.0 --port $(SERVER_PORT)
+
+best-export: ## export the best trial by val_accuracy: EXPERIMENT= [EXPORT_DIR=exports/] [OVERWRITE=1] [TFLITE=float16|dynamic]
+	@test -n "$(EXPERIMENT)" || { echo "usage: make best-export EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }
+	$(PY) -m sweeps.cli best-export --experiment "$(EXPERIMENT)" --export-dir "$(EXPORT_DIR)" $(if $(OVERWRITE),--overwrite) $(call opt,TFLITE,tflite)
+
+report: ## leaderboard + self-contained HTML/markdown report of an experiment: EXPERIMENT= [REPORT_DIR=reports/]
 	@test -n "$(EXPERIMENT)" || { echo "usage: make report EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }
-	$(PY) -m sweeps.cli report --experiment "$(EXPERIMENT)"
+	$(PY) -m sweeps.cli report --experiment "$(EXPERIMENT)" $(call opt,REPORT_DIR,out-dir)
 
 ui: ## open MLflow's UI on the tracking store at http://127.0.0.1:5000 [UI_PORT=]
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)
@@ -81,3 +98,6 @@ clean-cache: ## empty the frozen-feature cache (TLSWEEP_CACHE/features, default 
 
 bench: ## plain Keras Tuner vs ours with the feature cache on a flower_photos subset [BENCH_ARGS=--trials 10 --epochs 5]
 	$(PY) -m sweeps.bench $(BENCH_ARGS)
+
+bench-memory: ## resident memory after each of 10 fine-tuning trials in one sweep, prints growth_mb= [MEMORY_ARGS=--trials 10]
+	$(PY) -m sweeps.bench_memory $(MEMORY_ARGS)

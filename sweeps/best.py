@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.tracking import MlflowClient
 
 from pipeline.data import load_data
@@ -16,6 +18,7 @@ from pipeline.export import ExportedModel
 from tracking import leaderboard as lb
 
 ALIAS = "champion"
+CHECKPOINT_DIR = "checkpoint"  # where trials of log_models: best keep their Keras checkpoint
 
 
 def best_run(experiment: str) -> mlflow.entities.Run:
@@ -24,14 +27,49 @@ def best_run(experiment: str) -> mlflow.entities.Run:
     if done.empty:
         raise UserError(f"experiment {experiment!r} has no finished trials yet; run `make sweep` first")
     run = MlflowClient().get_run(done.iloc[0]["run_id"])
-    if "tlsweep.model_uri" not in run.data.tags:
+    if "tlsweep.model_uri" not in run.data.tags and not _has_checkpoint(run.info.run_id):
         raise UserError(f"the best trial {run.info.run_id} of {experiment!r} logged no model; sweep with log_models: all")
     return run
 
 
-def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = False) -> dict:
-    """Export the champion to ``export_dir/<experiment>/``, register it, check it reproduces its test accuracy."""
+def _has_checkpoint(run_id: str) -> bool:
+    return any(f.path.startswith(CHECKPOINT_DIR) for f in MlflowClient().list_artifacts(run_id, CHECKPOINT_DIR))
+
+
+def export_checkpoint(run: mlflow.entities.Run) -> str:
+    """Turn a trial's logged Keras checkpoint (``log_models: best``) into its SavedModel + pyfunc model,
+    logged to the trial's run; returns the model URI."""
+    from pipeline.export import export_model, load_keras_model
+    from pipeline.model import build_model, is_head
+    from tracking import pyfunc
+
+    p = run.data.params
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR, dst_path=tmp)
+        (checkpoint,) = Path(folder).glob("*.keras")
+        model = load_keras_model(checkpoint)
+        classes = ast.literal_eval(p["class_names"])
+        if is_head(model):
+            model = build_model(p["backbone"], len(classes), int(p["resolved_image_size"]), dropout=float(p["dropout"]),
+                                augment=p["augment"] == "True", weights=p["weights"], seed=int(p["seed"]), head=model)
+        export = export_model(model, Path(tmp) / "savedmodel", classes, metadata={"run_id": run.info.run_id, **p})
+        sample = np.zeros((1, *model.input_shape[1:]), np.float32)
+        with mlflow.start_run(run_id=run.info.run_id):
+            mlflow.log_artifacts(str(export), "savedmodel")
+            uri = pyfunc.log_pyfunc(str(export), sample, model.predict(sample, verbose=0))
+            mlflow.set_tag("tlsweep.model_uri", uri)
+    return uri
+
+
+def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = False, tflite: str | None = None) -> dict:
+    """Export the champion to ``export_dir/<experiment>/``, register it, check it reproduces its test accuracy.
+
+    ``tflite`` ("float16" or "dynamic") also writes ``model.tflite``, checked against the SavedModel
+    and logged to the trial's run with its size."""
     run = best_run(experiment)
+    if "tlsweep.model_uri" not in run.data.tags:
+        export_checkpoint(run)
+        run = MlflowClient().get_run(run.info.run_id)
     params, metrics = run.data.params, run.data.metrics
     target = Path(export_dir) / experiment
     if target.exists() and any(target.iterdir()) and not overwrite:
@@ -57,9 +95,37 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
     if abs(reproduced - logged) > tolerance:
         raise RuntimeError(
             f"export at {target} gives test accuracy {reproduced:.4f} but run {run.info.run_id} logged {logged:.4f}")
-    return {"run_id": run.info.run_id, "path": str(target), "model_name": name, "version": version.version,
+    info = {"run_id": run.info.run_id, "path": str(target), "model_name": name, "version": version.version,
             "test_size": data.sizes["test"],
             "val_accuracy": metrics.get(lb.OBJECTIVE), "test_accuracy": logged, "reproduced_test_accuracy": reproduced}
+    if tflite:
+        info["tflite"] = tflite_parity(exported, data, tflite, run.info.run_id)
+    return info
+
+
+def tflite_parity(exported: ExportedModel, data, mode: str, run_id: str, split: str = "test") -> dict:
+    """Convert to TFLite, compare with the SavedModel on ``split``, log size and parity to the run."""
+    from pipeline.export import TFLiteModel, to_tflite
+
+    path = to_tflite(exported.path, mode)
+    lite = TFLiteModel(path)
+    agree = correct = total = 0
+    max_diff = 0.0
+    for x, y in data.batches(split, 64):
+        ref, got = exported.predict(x.numpy()), lite.predict(x.numpy())
+        agree += int((ref.argmax(axis=1) == got.argmax(axis=1)).sum())
+        correct += int((got.argmax(axis=1) == y.numpy()).sum())
+        total += len(y)
+        max_diff = max(max_diff, float(np.abs(ref - got).max()))
+    variables = sum(f.stat().st_size for f in (exported.path / "variables").glob("*"))
+    result = {"mode": mode, "path": str(path), "size_bytes": path.stat().st_size, "savedmodel_bytes": variables,
+              "agreement": agree / total if total else float("nan"),
+              "test_accuracy": correct / total if total else float("nan"), "max_abs_diff": max_diff}
+    client = MlflowClient()
+    client.log_artifact(run_id, str(path), f"tflite_{mode}")
+    for key in ("size_bytes", "agreement", "test_accuracy", "max_abs_diff"):
+        client.log_metric(run_id, f"tflite_{key}", float(result[key]))
+    return result
 
 
 def exported_accuracy(exported: ExportedModel, data, split: str = "test") -> float:

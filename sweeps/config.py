@@ -22,7 +22,10 @@ TUNERS = ("random", "bayesian", "hyperband", "grid")
 TOP_KEYS = ("tuner", "max_trials", "objective", "seed", "space", "hyperband", "description",
             "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla", "stage2")
 STAGE2_KEYS = ("top_k", "trials_per_config", "space")
-LOG_MODELS = ("all", "improving")  # which trials log their SavedModel + pyfunc model
+# Which trials log a SavedModel + pyfunc model: every trial; a trial that beats those before it; or
+# none ("best": trials log their Keras checkpoint, a few KB for a head, and best-export exports the winner).
+LOG_MODELS = ("all", "improving", "best")
+TFLITE_MODES = ("float16", "dynamic")  # best-export's TFLite options
 KINDS = ("choice", "float", "int", "boolean", "fixed")
 ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
 OBJECTIVES = ("val_accuracy",)
@@ -64,6 +67,8 @@ def resolve_path(name_or_path: str) -> Path:
     """A sweep name (``quick`` -> ``sweeps/quick.yaml``) or a path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
+        if path.is_dir():
+            raise UserError(f"sweep file {path} is a folder; give the path of a .yaml file")
         if not path.is_file():
             raise UserError(f"sweep file {path} does not exist")
         return path
@@ -87,6 +92,9 @@ def load_sweep(name_or_path: str) -> SweepConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"sweep file {path} is not valid YAML: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"sweep file {path} cannot be read as text ({e}); give a YAML file such as "
+                        f"{SWEEPS_DIR / 'quick.yaml'}") from e
     if not isinstance(raw, dict):
         raise UserError(f"sweep file {path} must be a mapping with keys {', '.join(TOP_KEYS)}")
     return parse_sweep(raw, name=path.stem, source=str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -12,6 +13,7 @@ from pipeline.hparams import FINE_TUNE_ONLY
 from sweeps.config import SweepConfig, default_sweep_for, load_sweep
 from sweeps.tuner import TransferTuner, sweep_dir
 from tracking import leaderboard as lb
+from tracking import report
 from tracking import runs, store
 
 
@@ -33,33 +35,51 @@ def run_sweep(
     feature_cache: bool = True,
     log_models: str | None = None,
     tuner_out: list | None = None,
+    progress: bool = True,
 ) -> str:
-    """Search, tracking every trial; running it again continues the same search. Returns the parent run id."""
+    """Search, tracking every trial; running it again continues the same search. Returns the parent run id.
+
+    With Keras Tuner's distributed mode (``KERASTUNER_TUNER_ID``, ``KERASTUNER_ORACLE_IP``,
+    ``KERASTUNER_ORACLE_PORT``; see ``distributed_role``) the chief creates the parent run, serves the
+    oracle and writes the leaderboard when every trial is done; each worker runs trials under that
+    parent. Point all of them at one ``mlflow server``.
+    """
     config = load_sweep(sweep or default_sweep_for(dataset)).with_overrides(
         max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models)
+    role = distributed_role()
+    if role != "single" and config.stage2:
+        raise UserError("a staged search (stage2: in the sweep file) runs in one process; remove stage2 to run it "
+                        "with a chief and workers")
     experiment = experiment_name(dataset, experiment)
     store.configure(tracking_uri)
     exp_id = store.experiment_id(experiment)
     directory = sweep_dir(state_dir, experiment)
     key = f"{experiment}:{config.name}"  # not a path: the project may move, workers run elsewhere
-    parent = runs.start_parent(exp_id, key, run_name=f"sweep-{config.name}")
-    closed = runs.close_orphans(exp_id, parent)
-    if closed:
-        print(f"closed {len(closed)} trial run(s) left RUNNING by a process that died: {', '.join(closed)}")
-    _log_settings(parent, config, dataset, split)
+    if role == "worker":  # the chief creates the parent (and the experiment) before any worker writes
+        parent = runs.wait_for_parent(exp_id, key, timeout=float(os.environ.get("TLSWEEP_PARENT_TIMEOUT", 300)))
+    else:
+        parent = runs.start_parent(exp_id, key, run_name=f"sweep-{config.name}")
+        _log_settings(parent, config, dataset, split)
     staged = bool(config.stage2)
     if staged:  # stage 1 sweeps heads only (cheap on cached features); stage 2 fine-tunes the best
         config = dataclasses.replace(config, space={**config.space, "fine_tune": {"fixed": False}})
     tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose,
-                              feature_cache=feature_cache, stage="1" if staged else "")
+                              feature_cache=feature_cache, stage="1" if staged else "", progress=progress)
+    tuners = [tuner_obj]
     if tuner_out is not None:  # for benchmarks: the tuner and its timings
         tuner_out.append(tuner_obj)
+    _recover(tuner_obj, exp_id, parent, role)
+    if role == "chief":
+        print(f"chief: serving the oracle on {os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+              f" for sweep {key!r} (parent run {parent}); start workers with `make sweep-worker`", flush=True)
     status = "FAILED"
     try:
         tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
         if staged:
             for stage2 in stage2_tuners(tuner_obj, config, dataset, directory, exp_id, parent, split, verbose,
                                         feature_cache):
+                tuners.append(stage2)
+                _recover(stage2, exp_id, parent, role)
                 stage2.search(verbose=1 if verbose else 0)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -75,11 +95,38 @@ def run_sweep(
             "and run the same command again to continue"
         ) from e
     finally:
-        try:
-            summarize(experiment, parent)
-        finally:  # the parent is closed even if the leaderboard cannot be written
-            runs.end_parent(parent, status)
+        for t in tuners:
+            t.journal.close()  # finished trials reach MLflow before the sweep ends
+        if role != "worker":  # workers leave the leaderboard and the parent to the chief
+            try:
+                summarize(experiment, parent)
+            finally:  # the parent is closed even if the leaderboard cannot be written
+                runs.end_parent(parent, status)
     return parent
+
+
+def distributed_role() -> str:
+    """``single``, or Keras Tuner's ``chief`` / ``worker`` when its distributed environment is set."""
+    from keras_tuner.src.distribute import utils as dist
+
+    if not dist.has_chief_oracle():
+        return "single"
+    return "chief" if dist.is_chief_oracle() else "worker"
+
+
+def _recover(tuner: TransferTuner, exp_id: str, parent: str, role: str) -> None:
+    """After a crash: write out trials that finished but had not reached MLflow, then close the dead runs.
+
+    A worker closes only its own runs (others may be alive); the chief runs no trials.
+    """
+    written = tuner.journal.replay()
+    if written:
+        print(f"wrote {len(written)} finished trial(s) that had not reached MLflow: {', '.join(written)}")
+    if role == "chief":
+        return
+    closed = runs.close_orphans(exp_id, parent, worker=tuner.tuner_id if role == "worker" else None)
+    if closed:
+        print(f"closed {len(closed)} trial run(s) left RUNNING by a process that died: {', '.join(closed)}")
 
 
 def stage2_tuners(stage1: TransferTuner, config: SweepConfig, dataset: str, directory: str, exp_id: str,
@@ -94,7 +141,7 @@ def stage2_tuners(stage1: TransferTuner, config: SweepConfig, dataset: str, dire
                                      max_trials=int(config.stage2.get("trials_per_config", 2)), space=space, stage2={})
         tuners.append(TransferTuner(stage2, dataset, directory, exp_id, parent, split=split, verbose=verbose,
                                     feature_cache=feature_cache, stage="2", start_from=stage1.checkpoint(trial.trial_id),
-                                    data_cache=stage1.data_cache))
+                                    data_cache=stage1.data_cache, progress=stage1.progress))
     return tuners
 
 
@@ -120,6 +167,7 @@ def summarize(experiment: str, parent: str) -> lb.pd.DataFrame:
     table = lb.leaderboard(lb.trial_runs(experiment, parent))
     client.log_text(parent, table.to_csv(index=False), "leaderboard.csv")
     client.log_text(parent, lb.to_markdown(table), "leaderboard.md")
+    report.log_sweep_charts(parent, table)
     done = table[table["status"] == "FINISHED"]
     if not done.empty:
         best = done.iloc[0]

@@ -52,7 +52,7 @@ def test_default_sweep_for_dataset():
         ({"space": {"dropout": {"float": [0, 0.5], "choice": [0.1]}}}, r"needs exactly one of choice, float"),
         ({"space": {"batch_size": {"choice": [16, 32], "default": 64}}}, r"default 64 of 'batch_size' .* not one of"),
         ({"max_trials": 0}, r"max_trials in sweep t must be a whole number >= 1, got 0"),
-        ({"log_models": "best"}, r"log_models 'best' in sweep t is not one of all, improving"),
+        ({"log_models": "some"}, r"log_models 'some' in sweep t is not one of all, improving, best"),
         ({"objective": "val_acc"}, r"objective 'val_acc' in sweep t is not supported; use one of \['val_accuracy'\]"),
     ],
 )

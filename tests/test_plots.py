@@ -12,3 +12,26 @@ def test_learning_curves_and_confusion_matrix_are_pngs(tmp_path):
     for path in (curve, matrix):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
+
+
+def test_prediction_grid_titles_right_in_blue_and_wrong_in_red_with_the_truth(tmp_path):
+    names = ["daisy", "rose", "tulip"]
+    assert plots.grid_titles([0, 1, 2], [0, 2, 2], names) == [
+        ("daisy", "blue"), ("tulip (rose)", "red"), ("tulip", "blue")]
+    images = np.full((5, 24, 24, 3), 128.0)  # grey: any red or blue comes from the titles
+    path = plots.prediction_grid(images, [0, 1, 2, 0, 1], [0, 2, 2, 1, 1], names, tmp_path / "grid.png")
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+    red = ((pixels[:, 0] > 200) & (pixels[:, 1] < 60) & (pixels[:, 2] < 60)).sum()
+    blue = ((pixels[:, 2] > 200) & (pixels[:, 0] < 60) & (pixels[:, 1] < 60)).sum()
+    assert red > 20 and blue > 20, "titles are drawn in red and blue"
+
+
+def test_sweep_charts_by_backbone_and_parallel_coordinates(tmp_path):
+    by = plots.by_backbone({"mobilenet_v2": [0.8, 0.85], "efficientnet_lite0": [0.9]}, tmp_path / "by.png")
+    par = plots.parallel_coordinates(
+        {"backbone": ["a", "b", "a"], "learning_rate": [1e-4, 1e-3, 1e-2], "dropout": [0.1, 0.2, 0.3]},
+        [0.7, 0.9, 0.8], tmp_path / "par.png")
+    for path in (by, par):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] > 300

@@ -97,12 +97,12 @@ def test_sweep_tracks_every_trial(swept, class_folder):
         assert sorted(m.step for m in history) == [0, 1, 2], key  # both phases on one axis
     m = run.data.metrics
     assert 0 <= m["test_accuracy"] <= 1 and m["test_loss"] > 0 and m["trainable_params"] > 0
-    assert m["wall_seconds"] > m["train_seconds"] > 0, "the whole trial includes its logging"
+    assert m["wall_seconds"] > m["train_seconds"] > 0, "the whole trial includes its plots and export"
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "savedmodel"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
-        "plots/confusion_matrix.png", "plots/learning_curves.png"}
+        "plots/confusion_matrix.png", "plots/learning_curves.png", "plots/predictions.png"}
     assert "savedmodel/saved_model.pb" in {a.path for a in client.list_artifacts(run.info.run_id, "savedmodel")}
 
     model = mlflow.pyfunc.load_model(run.data.tags["tlsweep.model_uri"])
@@ -140,8 +140,13 @@ def test_running_again_continues_without_redoing_trials(swept, class_folder, cap
 
 def test_best_export_registers_and_reproduces(swept, capsys):
     tmp_path, parent = swept
-    info = best_export("tiny", export_dir=str(tmp_path / "exports"))
+    info = best_export("tiny", export_dir=str(tmp_path / "exports"), tflite="float16")
     assert info["run_id"] == MlflowClient().get_run(parent).data.tags["tlsweep.best_run_id"]
+    lite = info["tflite"]
+    assert lite["agreement"] >= 5 / 6 and lite["max_abs_diff"] < 0.05, "float16 weights barely move probabilities"
+    assert 0 < lite["size_bytes"] < lite["savedmodel_bytes"]
+    assert MlflowClient().get_run(info["run_id"]).data.metrics["tflite_size_bytes"] == lite["size_bytes"]
+    assert (Path(info["path"]) / "model.tflite").is_file()
     target = Path(info["path"])
     assert {"saved_model.pb", "labels.txt", "MODEL_CARD.md"} <= {p.name for p in target.iterdir()}
     assert (target / "labels.txt").read_text().split() == ["blue", "green", "red"]
@@ -157,6 +162,71 @@ def test_best_export_registers_and_reproduces(swept, capsys):
     assert sweeps_main(["report", "--experiment", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "leaderboard of 'tiny' (4 trials" in out and "best per backbone" in out
+
+
+def test_log_models_best_keeps_checkpoints_and_best_export_builds_the_winner(tmp_path, tracking_store, class_folder,
+                                                                            capsys):
+    config = {**TINY, "max_trials": 2, "log_models": "best", "space": {
+        **TINY["space"], "backbone": {"fixed": "efficientnet_lite0"}, "dropout": {"fixed": 0.1},
+        "fine_tune": {"boolean": True}}}
+    parent = run_sweep(str(class_folder), sweep=write_sweep(tmp_path, config), experiment="lean", split="60/20/20",
+                       state_dir=str(tmp_path / "state"), verbose=0)
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[sweep] ")]
+    assert len(progress) == 2 and progress[0].startswith("[sweep] trial 0 (1/2) | val_accuracy ")
+    assert "| best " in progress[0] and "| ETA 0:00:" in progress[0] and progress[1].endswith("| last trial")
+    client = MlflowClient()
+    kids = children("lean", parent)
+    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
+    for kid in kids:
+        head_only = kid.data.params["fine_tune"] == "False"
+        assert {a.path for a in client.list_artifacts(kid.info.run_id)} == {"plots", "checkpoint"}
+        assert [a.path for a in client.list_artifacts(kid.info.run_id, "checkpoint")] == [
+            "checkpoint/head.keras" if head_only else "checkpoint/model.keras"]
+        assert "tlsweep.model_uri" not in kid.data.tags
+    info = best_export("lean", export_dir=str(tmp_path / "exports"))
+    assert abs(info["reproduced_test_accuracy"] - info["test_accuracy"]) <= 1 / 6 + 1e-6
+    best = client.get_run(info["run_id"])
+    assert "tlsweep.model_uri" in best.data.tags and best.info.status == "FINISHED"
+    assert "savedmodel/saved_model.pb" in {a.path for a in client.list_artifacts(best.info.run_id, "savedmodel")}
+
+
+def test_report_is_self_contained_html_and_markdown(swept, capsys):
+    tmp_path, parent = swept
+    assert sweeps_main(["report", "--experiment", "tiny", "--out-dir", str(tmp_path / "reports")]) == 0
+    page_path = tmp_path / "reports" / "tiny" / "report.html"
+    assert f"report (markdown beside it): {page_path.resolve()}" in capsys.readouterr().out
+    page = page_path.read_text()
+    for kid in children("tiny", parent):
+        assert f"/#/experiments/{kid.info.experiment_id}/runs/{kid.info.run_id}" in page, "every trial links to mlflow ui"
+    # 2 sweep charts (by backbone, parallel coordinates) + the best trial's curves, confusion matrix, predictions
+    assert page.count('src="data:image/png;base64,') == 5 and 'src="http' not in page
+    assert "image size 32 is too small for backbone" in page, "failed trials are listed with their error"
+    md = (page_path.parent / "report.md").read_text()
+    assert "## Leaderboard" in md and "![predictions.png](predictions.png)" in md
+    assert (page_path.parent / "predictions.png").is_file()
+    parent_plots = {a.path for a in MlflowClient().list_artifacts(parent, "plots")}
+    assert parent_plots == {"plots/val_accuracy_by_backbone.png", "plots/parallel_coordinates.png"}
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt install chromium) for a "
+                    "headless screenshot")
+def test_report_renders_in_headless_chromium(swept):
+    import subprocess
+
+    from PIL import Image
+
+    tmp_path, _ = swept
+    sweeps_main(["report", "--experiment", "tiny", "--out-dir", str(tmp_path / "reports")])
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
+                    "--window-size=1200,2400", f"--screenshot={shot}",
+                    (tmp_path / "reports" / "tiny" / "report.html").as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.shape == (2400, 1200)
+    assert (pixels < 128).mean() > 0.01, "text, tables and plots, not a blank page"
 
 
 def test_report_and_best_export_on_missing_experiment(tracking_store, capsys):

@@ -1,22 +1,24 @@
-"""PNG plots for runs and reports (matplotlib, no display needed)."""
+"""PNG plots for runs and reports (matplotlib, no display needed).
+
+Figures are made with matplotlib's object API, not pyplot, so they can be drawn on a background
+thread (see ``tracking.journal``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
 
 
 def learning_curves(history: dict[str, Sequence[float]], fine_tune_start: int | None, path: Path,
                     first_epoch: int = 0) -> Path:
     """Accuracy and loss per epoch for training and validation, fine-tuning start marked."""
-    fig, axes = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+    fig = Figure(figsize=(7, 7))
+    axes = fig.subplots(2, 1, sharex=True)
     for ax, metric in zip(axes, ("accuracy", "loss")):
         for key, label in ((metric, "training"), (f"val_{metric}", "validation")):
             values = history.get(key, [])
@@ -30,14 +32,14 @@ def learning_curves(history: dict[str, Sequence[float]], fine_tune_start: int | 
     axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
 def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path, title: str = "Test split") -> Path:
     """Counts per (true, predicted) class."""
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.2 * n + 2))
+    fig = Figure(figsize=(1.2 * n + 3, 1.2 * n + 2))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
@@ -50,5 +52,128 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path,
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color="white" if matrix[i, j] > limit else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
+
+
+def prediction_grid(images: np.ndarray, labels: Sequence[int], predicted: Sequence[int], class_names: Sequence[str],
+                    path: Path, columns: int = 4) -> Path:
+    """Test images titled with the predicted class: blue when right, red with the true class in brackets when wrong."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig = Figure(figsize=(2.4 * columns, 2.6 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, (title, colour) in zip(axes, images, grid_titles(labels, predicted, class_names)):
+        ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
+        ax.set_title(title, color=colour, fontsize=10)
+    fig.suptitle("Predictions on test images (red: wrong, true class in brackets)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    return path
+
+
+def grid_titles(labels: Sequence[int], predicted: Sequence[int], class_names: Sequence[str]) -> list[tuple[str, str]]:
+    """``(title, colour)`` per image: the predicted class in blue, or in red with the true class in brackets."""
+    return [(class_names[int(p)], "blue") if int(t) == int(p) else (f"{class_names[int(p)]} ({class_names[int(t)]})", "red")
+            for t, p in zip(labels, predicted)]
+
+
+def by_backbone(values: dict[str, Sequence[float]], path: Path, objective: str = "val_accuracy") -> Path:
+    """Each finished trial's objective, one column per backbone, best marked."""
+    names = sorted(values, key=lambda k: -max(values[k]))
+    fig = Figure(figsize=(1.6 * len(names) + 3, 4))
+    ax = fig.subplots()
+    for i, name in enumerate(names):
+        ys = list(values[name])
+        xs = i + np.linspace(-0.12, 0.12, len(ys)) if len(ys) > 1 else [i]
+        ax.scatter(xs, ys, alpha=0.75)
+        ax.plot([i - 0.25, i + 0.25], [max(ys)] * 2, color="black")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel(objective)
+    ax.set_title(f"{objective} by backbone (bar: best trial)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def parallel_coordinates(columns: dict[str, Sequence[object]], objective: Sequence[float], path: Path,
+                         objective_name: str = "val_accuracy") -> Path:
+    """One line per trial across its hyperparameters (each axis scaled to its range), coloured by the objective.
+
+    Numeric columns are placed by value (log scale when they span more than a factor 50); others by category.
+    """
+    import matplotlib
+
+    axes_values: list[np.ndarray] = []
+    ticks: list[tuple[list[float], list[str]]] = []
+    for name, raw in columns.items():
+        try:
+            nums = np.asarray([float(v) for v in raw])
+            if (nums > 0).all() and nums.max() / nums.min() > 50:
+                nums = np.log10(nums)
+                label = lambda v: f"{10 ** v:.2g}"  # noqa: E731
+            else:
+                label = lambda v: f"{v:.3g}"  # noqa: E731
+            lo, hi = nums.min(), nums.max()
+            scaled = (nums - lo) / (hi - lo) if hi > lo else np.full(len(nums), 0.5)
+            ticks.append(([0.0, 1.0], [label(lo), label(hi)]) if hi > lo else ([0.5], [label(lo)]))
+        except (TypeError, ValueError):
+            categories = sorted({str(v) for v in raw})
+            pos = {c: (i / (len(categories) - 1) if len(categories) > 1 else 0.5) for i, c in enumerate(categories)}
+            scaled = np.asarray([pos[str(v)] for v in raw])
+            ticks.append((list(pos.values()), list(pos)))
+        axes_values.append(scaled)
+    names = [*columns, objective_name]
+    obj = np.asarray(objective, dtype=float)
+    lo, hi = np.nanmin(obj), np.nanmax(obj)
+    axes_values.append((obj - lo) / (hi - lo) if hi > lo else np.full(len(obj), 0.5))
+    ticks.append(([0.0, 1.0], [f"{lo:.3f}", f"{hi:.3f}"]))
+    fig = Figure(figsize=(1.5 * len(names) + 2, 4.5))
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["viridis"]
+    order = np.argsort(obj)  # best drawn last, on top
+    for i in order:
+        colour = cmap(0.5 if hi == lo else (obj[i] - lo) / (hi - lo))
+        ax.plot(range(len(names)), [a[i] for a in axes_values], color=colour, alpha=0.8)
+    for x, (positions, labels) in enumerate(ticks):
+        ax.axvline(x, color="gray", linewidth=0.8)
+        for y, text in zip(positions, labels):
+            ax.text(x + 0.03, y, text, fontsize=7, va="center")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_yticks([])
+    ax.set_title(f"Hyperparameters against {objective_name} (yellow: best)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def trial_plots(data: dict, folder: str | Path) -> None:
+    """A trial's learning curves and, if given, confusion matrix and prediction grid (see tracking.journal)."""
+    folder = Path(folder)
+    learning_curves(data["history"], data.get("fine_tune_start"), folder / "learning_curves.png",
+                    first_epoch=int(data.get("first_epoch", 0)))
+    if data.get("confusion") is not None:
+        confusion_matrix(np.asarray(data["confusion"]), data["class_names"], folder / "confusion_matrix.png")
+    if data.get("grid_images"):
+        prediction_grid(np.load(data["grid_images"]), data["grid_labels"], data["grid_predicted"], data["class_names"],
+                        folder / "predictions.png")
+
+
+def serve() -> None:
+    """Draw trial plots for ``tracking.journal``: one JSON job per stdin line, one answer per stdout line."""
+    import json
+    import sys
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        try:
+            trial_plots(job["data"], job["folder"])
+            answer = "ok"
+        except Exception as e:  # reported to the caller, which raises it
+            answer = f"error: {type(e).__name__}: {e}"
+        print(answer.replace("\n", " "), flush=True)
+
+
+if __name__ == "__main__":
+    serve()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-import traceback
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from pipeline.errors import UserError
+
 KIND = "tlsweep.kind"  # "sweep" for parents, "trial" for children
 SWEEP_KEY = "tlsweep.sweep"  # identifies a sweep across restarts
 TRIAL_ID = "kt.trial_id"
+WORKER = "kt.tuner_id"  # which Keras Tuner process ran the trial
 MAX_PARAM = 6000
 
 
@@ -39,47 +41,47 @@ def start_parent(experiment_id: str, sweep_key: str, run_name: str) -> str:
     return run_id
 
 
-def close_orphans(experiment_id: str, parent_id: str) -> list[str]:
-    """Mark children of this sweep still RUNNING from a dead process as KILLED; returns their ids."""
+def wait_for_parent(experiment_id: str, sweep_key: str, timeout: float = 300.0) -> str:
+    """A worker's parent run: the one its chief created (waits for the chief to create it)."""
+    deadline = time.monotonic() + timeout
+    while (run_id := find_parent(experiment_id, sweep_key)) is None:
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"no sweep {sweep_key!r} in {mlflow.get_tracking_uri()} after {timeout:.0f} s; start the chief first "
+                "(make sweep-chief) with the same DATASET, SWEEP and MLFLOW_TRACKING_URI")
+        time.sleep(1.0)
+    return run_id
+
+
+def close_orphans(experiment_id: str, parent_id: str, worker: str | None = None) -> list[str]:
+    """Mark children of this sweep (of one worker, if given) still RUNNING from a dead process as KILLED."""
     client = MlflowClient()
-    stale = client.search_runs(
-        [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and attributes.status = 'RUNNING'"
-    )
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and attributes.status = 'RUNNING'"
+    if worker is not None:
+        query += f" and tags.`{WORKER}` = '{worker}'"
+    stale = client.search_runs([experiment_id], query)
     for run in stale:
         client.set_tag(run.info.run_id, "tlsweep.closed_by", "resume: its process died")
         client.set_terminated(run.info.run_id, status="KILLED")
     return [r.info.run_id for r in stale]
 
 
-@contextlib.contextmanager
-def child_run(experiment_id: str, parent_id: str, name: str, tags: Mapping[str, str]) -> Iterator[str]:
-    """A nested run, the active run inside the block, closed FINISHED, FAILED (with the error) or KILLED."""
+def create_child(experiment_id: str, parent_id: str, name: str, tags: Mapping[str, str]) -> str:
+    """A trial's run under the sweep's parent, RUNNING until ``end_run``; returns its id."""
     run = MlflowClient().create_run(
         experiment_id, run_name=name, tags={KIND: "trial", MLFLOW_PARENT_RUN_ID: parent_id, **tags}
     )
-    run_id = run.info.run_id
-    mlflow.start_run(run_id=run_id)
-    try:
-        yield run_id
-    except KeyboardInterrupt:
-        _end(run_id, "KILLED", "interrupted (Ctrl-C)")
-        raise
-    except BaseException as e:
-        _end(run_id, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc())
-        raise
-    else:
-        _end(run_id, "FINISHED")
+    return run.info.run_id
 
 
-def _end(run_id: str, status: str, error: str | None = None, trace: str | None = None) -> None:
+def end_run(run_id: str, status: str, error: str | None = None, trace: str | None = None) -> None:
+    """Close a run as FINISHED, FAILED or KILLED, with the error (tag) and traceback (artifact)."""
     client = MlflowClient()
     if error:
         client.set_tag(run_id, "error", error[:5000])
     if trace:
         with contextlib.suppress(Exception):
-            mlflow.log_text(trace, "error.txt")
-    while mlflow.active_run() is not None:
-        mlflow.end_run(status)
+            client.log_text(run_id, trace, "error.txt")
     client.set_terminated(run_id, status=status)
 
 

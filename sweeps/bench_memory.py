@@ -1,0 +1,65 @@
+"""``make bench-memory``: resident memory across the trials of one sweep, in one process.
+
+Keras Tuner users report TensorFlow keeping memory from trial to trial (keras-tuner #395, #873:
+about 1 GB per 20 trials). This runs N full-model trials (fine-tuning EfficientNet-Lite0, so every
+trial builds, trains and drops a whole network) on a flower_photos subset and prints the resident
+memory after each trial, then ``growth_mb=<after trial N - after trial 2> trials=<N>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from sweeps.bench import DEFAULT_DATA, subset  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench-memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="flower_photos folder")
+    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--image-size", type=int, default=96)
+    args = parser.parse_args(argv)
+    if not Path(args.data, "daisy").is_dir():
+        print(f"error: no flower_photos at {args.data}; pass --data /path/to/flower_photos", file=sys.stderr)
+        return 2
+
+    from sweeps.run import run_sweep
+
+    with tempfile.TemporaryDirectory(prefix="tlsweep-memory-") as tmp:
+        work = Path(tmp)
+        dataset = str(subset(Path(args.data), work / "flowers", args.per_class))
+        (work / "memory.yaml").write_text(
+            f"tuner: random\nmax_trials: {args.trials}\nseed: 0\nlog_models: improving\nspace:\n"
+            "  backbone: {fixed: efficientnet_lite0}\n"
+            f"  image_size: {{fixed: {args.image_size}}}\n  batch_size: {{fixed: 16}}\n"
+            "  epochs: {fixed: 1}\n  fine_tune: {fixed: true}\n  fine_tune_epochs: {fixed: 1}\n"
+            "  fine_tune_at: {choice: [0.5, 0.75, 0.9]}\n"
+            "  dropout: {float: [0.0, 0.5], step: 0.1}\n"
+            "  learning_rate: {float: [1.0e-4, 1.0e-2], sampling: log}\n")
+        os.environ["TLSWEEP_CACHE"] = str(work / "cache")
+        tuners: list = []
+        run_sweep(dataset, sweep=str(work / "memory.yaml"), experiment="memory", state_dir=str(work / "state"),
+                  tracking_uri=f"sqlite:///{work / 'mlflow.db'}", verbose=0, tuner_out=tuners, progress=True)
+        memory = tuners[0].memory
+    for i, (trial, mb) in enumerate(memory, 1):
+        print(f"after trial {i} ({trial}): {mb:.0f} MB resident")
+    if len(memory) < 2:
+        print("error: fewer than 2 trials ran", file=sys.stderr)
+        return 1
+    growth = memory[-1][1] - memory[1][1]
+    peak = max(mb for _, mb in memory[1:]) - memory[1][1]
+    print(f"growth from trial 2 to trial {len(memory)}: {growth:+.0f} MB (largest above trial 2: {peak:+.0f} MB)")
+    print(f"growth_mb={growth:.0f} trials={len(memory)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

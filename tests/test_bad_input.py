@@ -1,0 +1,98 @@
+"""Bad input gets one clear message (or is handled and counted); each case is a row of the README's table."""
+
+import socket
+
+import pytest
+
+from pipeline.data import load_data
+from sweeps.cli import main as sweeps_main
+from conftest import make_class_folder
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends
+
+
+def test_a_class_with_one_image_is_trained_on_and_said_to_be_unmeasured(tmp_path):
+    make_class_folder(tmp_path / "data", per_class=10, classes=("blue", "red"))
+    make_class_folder(tmp_path / "data", per_class=1, classes=("green",))
+    with pytest.warns(UserWarning, match=r"the validation split has no image of class\(es\) green \(green: 1 in "
+                                         r"train\), so validation accuracy does not measure them; add images"):
+        data = load_data(str(tmp_path / "data"), 32, seed=0)
+    assert data.class_names == ["blue", "green", "red"] and data.sizes["train"] == 8 + 1 + 8
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_any_work(class_folder, capsys):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    assert sweeps_main(["sweep", "--dataset", str(class_folder), "--sweep", "quick", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: MLflow tracking server {uri} does not answer") and "make server" in err
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: (p / "dir.yaml").mkdir() or p / "dir.yaml", r"is a folder; give the path of a \.yaml file"),
+    (lambda p: (p / "bin.yaml").write_bytes(b"\xff\xfe\x00junk") and p / "bin.yaml", r"cannot be read as text"),
+    (lambda p: (p / "bad.yaml").write_text("space: [unclosed") and p / "bad.yaml", r"is not valid YAML"),
+    (lambda p: p / "missing.yaml", r"does not exist"),
+], ids=["folder", "binary", "invalid", "missing"])
+def test_unreadable_or_invalid_sweep_files(tmp_path, class_folder, capsys, make, message):
+    import re
+
+    path = make(tmp_path)
+    assert sweeps_main(["sweep", "--dataset", str(class_folder), "--sweep", str(path), "--tracking-uri",
+                        f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep file") and re.search(message, err), err
+
+
+def test_missing_data_set_from_the_sweep_cli(tmp_path, capsys):
+    assert sweeps_main(["sweep", "--dataset", str(tmp_path / "nope"), "--sweep", "quick", "--tracking-uri",
+                        f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _two_trial_sweep(tmp_path, class_folder, learning_rates):
+    import mlflow
+    import yaml
+
+    from sweeps.run import run_sweep
+
+    config = {"tuner": "grid", "max_trials": 2, "log_models": "best", "space": {
+        "backbone": {"fixed": "efficientnet_lite0"}, "image_size": {"fixed": 32}, "fine_tune": {"fixed": False},
+        "epochs": {"fixed": 3}, "batch_size": {"fixed": 8}, "learning_rate": {"choice": learning_rates}}}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
+    parent = run_sweep(str(class_folder), sweep=str(tmp_path / "two.yaml"), experiment="two",
+                       state_dir=str(tmp_path / "state"), verbose=0, progress=False)
+    exp = mlflow.get_experiment_by_name("two").experiment_id
+    kids = mlflow.tracking.MlflowClient().search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {float(k.data.params["learning_rate"]): k for k in kids}
+
+
+def test_a_trial_whose_loss_turns_nan_fails_and_the_sweep_goes_on(tmp_path, tracking_store, class_folder):
+    # A learning rate of 1e38 overflows the head's weights to inf within a few steps: a real NaN loss.
+    runs = _two_trial_sweep(tmp_path, class_folder, [1e38, 0.01])
+    assert runs[1e38].info.status == "FAILED"
+    assert "loss became NaN/inf; lower the learning rate" in runs[1e38].data.tags["error"]
+    assert runs[0.01].info.status == "FINISHED"
+
+
+def test_an_out_of_memory_trial_fails_and_the_sweep_goes_on(tmp_path, tracking_store, class_folder, monkeypatch):
+    # Injected: this machine has no memory limit to hit. TensorFlow raises ResourceExhaustedError on OOM.
+    import tensorflow as tf
+
+    import sweeps.tuner
+
+    real_train = sweeps.tuner.train
+
+    def train(model, data, **kwargs):
+        if kwargs["learning_rate"] == 0.02:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,1280]")
+        return real_train(model, data, **kwargs)
+
+    monkeypatch.setattr(sweeps.tuner, "train", train)
+    runs = _two_trial_sweep(tmp_path, class_folder, [0.02, 0.01])
+    assert runs[0.02].info.status == "FAILED"
+    assert "out of memory: OOM when allocating tensor" in runs[0.02].data.tags["error"]
+    assert runs[0.01].info.status == "FINISHED"

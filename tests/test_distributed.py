@@ -1,0 +1,190 @@
+"""Keras Tuner's chief/worker mode with every process logging to one `mlflow server`, all real processes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sweeps.cli import main as sweeps_main
+from tracking.runs import TRIAL_ID, WORKER
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = {
+    "tuner": "grid",
+    "max_trials": 6,
+    "log_models": "best",
+    "space": {
+        "backbone": {"fixed": "efficientnet_lite0"},
+        "image_size": {"fixed": 32},
+        "dropout": {"choice": [0.1, 0.2, 0.3]},
+        "fine_tune": {"boolean": True},
+        "epochs": {"fixed": 2},
+        "fine_tune_epochs": {"fixed": 1},
+        "fine_tune_at": {"fixed": 120},
+        "learning_rate": {"fixed": 0.01},
+        "batch_size": {"fixed": 8},
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen:
+    # As from a terminal: background jobs of a non-interactive shell would ignore SIGINT.
+    return subprocess.Popen(args, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`mlflow server` with a SQLite store and an artifact root, as `make server` starts it."""
+    port = free_port()
+    proc = start([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                  f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], tmp_path, tmp_path / "server.log")
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+class Sweep:
+    """A chief and workers started as `make sweep-chief` / `make sweep-worker` start them."""
+
+    def __init__(self, tmp_path: Path, uri: str, dataset: str):
+        self.tmp, self.uri = tmp_path, uri
+        self.oracle = f"127.0.0.1:{free_port()}"
+        (tmp_path / "dist.yaml").write_text(yaml.safe_dump(SWEEP))
+        self.args = [sys.executable, "-m", "sweeps.cli", "sweep", "--dataset", dataset, "--sweep",
+                     str(tmp_path / "dist.yaml"), "--experiment", "dist", "--split", "60/20/20", "--state-dir",
+                     str(tmp_path / "state"), "--tracking-uri", uri, "--quiet", "--oracle", self.oracle]
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def chief(self) -> subprocess.Popen:
+        self.procs["chief"] = start([*self.args, "--role", "chief"], ROOT, self.tmp / "chief.log")
+        return self.procs["chief"]
+
+    def worker(self, name: str) -> subprocess.Popen:
+        self.procs[name] = start([*self.args, "--role", "worker", "--worker-id", name], ROOT,
+                                 self.tmp / f"{name}.log")
+        return self.procs[name]
+
+    def wait(self, timeout: float = 600) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for name, proc in self.procs.items():
+            try:
+                codes[name] = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"{name} still running after {timeout} s; logs:\n{self.logs()}")
+        return codes
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+
+@pytest.fixture
+def sweep(tmp_path, server, class_folder, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path / "cache"))
+    s = Sweep(tmp_path, server, str(class_folder))
+    yield s
+    s.kill()
+
+
+def check_one_finished_run_per_trial(uri: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("dist")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`tlsweep.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    finished = [k for k in kids if k.info.status == "FINISHED"]
+    assert sorted(k.data.tags[TRIAL_ID] for k in finished) == [str(i) for i in range(6)], "each trial ran once"
+    assert not [k for k in kids if k.info.status == "RUNNING"]
+    # Several writers lost nothing: every run has all its metrics, every step, and its artifacts.
+    for kid in finished:
+        fine_tuned = kid.data.params["fine_tune"] == "True"
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert len(client.get_metric_history(kid.info.run_id, key)) == (3 if fine_tuned else 2), key
+        assert {"test_accuracy", "wall_seconds", "trainable_params"} <= set(kid.data.metrics)
+        assert len(client.list_artifacts(kid.info.run_id, "plots")) == 3
+        assert [a.path for a in client.list_artifacts(kid.info.run_id, "checkpoint")] == [
+            f"checkpoint/{'model' if fine_tuned else 'head'}.keras"]
+        assert kid.data.tags[WORKER] in {"w1", "w2"}
+    assert parent.data.tags["tlsweep.best_run_id"] in {k.info.run_id for k in finished}
+    return kids
+
+
+def test_chief_and_two_workers_share_one_sweep_and_one_tracking_server(sweep, tmp_path, capsys):
+    sweep.chief()
+    sweep.worker("w1")
+    sweep.worker("w2")
+    codes = sweep.wait()
+    assert codes == {"chief": 0, "w1": 0, "w2": 0}, sweep.logs()
+    kids = check_one_finished_run_per_trial(sweep.uri)
+    assert len(kids) == 6
+    assert "chief: serving the oracle on 127.0.0.1:" in (tmp_path / "chief.log").read_text()
+
+    assert sweeps_main(["best-export", "--experiment", "dist", "--export-dir", str(tmp_path / "exports"),
+                        "--tracking-uri", sweep.uri]) == 0
+    out = capsys.readouterr().out
+    assert "parity: the export reproduces test_accuracy=" in out
+    assert (tmp_path / "exports" / "dist" / "saved_model.pb").is_file()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_is_restarted_and_the_sweep_finishes(sweep):
+    sweep.chief()
+    w1 = sweep.worker("w1")
+    sweep.worker("w2")
+    client = MlflowClient(sweep.uri)
+    deadline = time.monotonic() + 300
+    victim = None
+    while victim is None:  # kill w1 while it runs a trial
+        assert time.monotonic() < deadline, sweep.logs()
+        exp = client.get_experiment_by_name("dist")
+        running = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.`{WORKER}` = 'w1'") \
+            if exp else []
+        victim = running[0] if running else None
+        time.sleep(0.2)
+    w1.send_signal(signal.SIGKILL)
+    w1.wait()
+    assert sweep.procs["w2"].wait(timeout=600) == 0, sweep.logs()  # w2 runs the rest meanwhile
+    assert sweep.procs["chief"].poll() is None, "the chief waits for w1's unfinished trial"
+
+    sweep.worker("w1")  # the same command again: w1 reruns its trial, then the chief finishes
+    codes = sweep.wait()
+    assert codes == {"chief": 0, "w1": 0, "w2": 0}, sweep.logs()
+    kids = check_one_finished_run_per_trial(sweep.uri)
+    killed = client.get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["tlsweep.closed_by"] == "resume: its process died"
+    assert len(kids) == 7, "six finished trials and the killed attempt"

@@ -1,0 +1,87 @@
+"""The MLflow journal: trials reach MLflow in the background, and a kill loses none of them."""
+
+from concurrent.futures import Future
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from tracking.journal import TrialJournal
+
+HISTORY = {"loss": [1.0, 0.5], "val_accuracy": [0.5, 0.75]}
+
+
+def _experiment():
+    exp = mlflow.create_experiment("j")
+    parent = MlflowClient().create_run(exp).info.run_id
+    MlflowClient().set_terminated(parent)  # only the trial runs matter here
+    return exp, parent
+
+
+def _finish(journal, run):
+    metrics = [(k, v, i) for k, vs in HISTORY.items() for i, v in enumerate(vs)] + [("test_accuracy", 0.7, 0)]
+    plot_data = {"history": HISTORY, "fine_tune_start": 1, "first_epoch": 0,
+                 "confusion": np.array([[2, 1], [0, 3]]), "class_names": ["a", "b"]}
+    return journal.finish(run, {"dropout": 0.2, "backbone": "x"}, metrics, plot_data)
+
+
+def _check_written(run_id):
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"dropout": "0.2", "backbone": "x"}
+    assert [m.value for m in client.get_metric_history(run_id, "val_accuracy")] == [0.5, 0.75]
+    assert run.data.metrics["test_accuracy"] == 0.7
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {
+        "plots/learning_curves.png", "plots/confusion_matrix.png"}
+
+
+def test_finished_trials_are_written_in_the_background(tracking_store, tmp_path):
+    exp, parent = _experiment()
+    journal = TrialJournal(tmp_path / "journal")
+    run = journal.start(exp, parent, "trial-0", {"kt.trial_id": "0"})
+    _finish(journal, run)
+    waited = journal.blocked  # the caller only queued the work and wrote the journal entry
+    journal.close()
+    run_id = run.result()
+    _check_written(run_id)
+    assert MlflowClient().get_run(run_id).data.tags["mlflow.parentRunId"] == parent
+    assert not list((tmp_path / "journal").iterdir()), "written entries leave the journal"
+    assert journal.busy > 0.05 and waited < journal.busy / 5
+
+
+def test_a_trial_journaled_before_a_kill_is_written_on_restart(tracking_store, tmp_path, monkeypatch):
+    exp, parent = _experiment()
+    journal = TrialJournal(tmp_path / "journal")
+    run = journal.start(exp, parent, "trial-0", {})
+    journal.flush()
+    monkeypatch.setattr(journal, "_submit", lambda *args: Future())  # the process dies before the thread writes
+    run_id = _finish(journal, run)
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+    assert (tmp_path / "journal" / run_id / "entry.json").is_file()
+
+    assert TrialJournal(tmp_path / "journal").replay() == [run_id]  # the next start
+    _check_written(run_id)
+
+
+def test_a_trial_journaled_before_its_run_existed_gets_one_on_restart(tracking_store, tmp_path, monkeypatch):
+    exp, parent = _experiment()
+    journal = TrialJournal(tmp_path / "journal")
+    monkeypatch.setattr(journal, "_submit", lambda *args: Future())  # the store was slow, then the process died
+    key = _finish(journal, journal.start(exp, parent, "trial-0", {"kt.trial_id": "0"}))
+    assert key.startswith("new-") and not MlflowClient().search_runs([exp])[1:]
+
+    (run_id,) = TrialJournal(tmp_path / "journal").replay()
+    _check_written(run_id)
+    assert MlflowClient().get_run(run_id).data.tags["kt.trial_id"] == "0"
+
+
+def test_a_failed_trial_is_closed_at_once_with_its_error(tracking_store, tmp_path):
+    exp, parent = _experiment()
+    journal = TrialJournal(tmp_path / "journal")
+    run = journal.start(exp, parent, "trial-0", {})
+    journal.fail(run, "FAILED", "ValueError: bad", "Traceback ...", params={"dropout": 0.9})
+    got = MlflowClient().get_run(run.result())
+    assert got.info.status == "FAILED" and got.data.tags["error"] == "ValueError: bad"
+    assert got.data.params == {"dropout": "0.9"}
+    journal.close()

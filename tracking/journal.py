@@ -1,0 +1,228 @@
+"""Trial runs written to MLflow off the training path, through a local journal that loses nothing.
+
+A sweep's trials are short once heads train on cached features, and a tracking store's round trips
+(run creation, batches, artifact copies, plots) would otherwise stall training between trials.
+``TrialJournal`` does those writes on one background thread, in order. A finished trial is first
+written to a local journal folder (``entry.json`` plus its files), which the thread then replays
+into MLflow and deletes. A process killed in between leaves the folder behind, and ``replay()``
+at the next start finishes it, so a trial that Keras Tuner counts as done always ends with its
+finished run. Failures (exceptions, Ctrl-C) are written synchronously: they are rare and must
+be on record before the process goes on or exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from tracking import plots, runs
+
+ENTRY = "entry.json"
+GRID_IMAGES = "grid_images.npy"
+MODEL_DIR = "savedmodel"  # an export to log as the run's model (SavedModel files + pyfunc)
+
+
+class TrialJournal:
+    """One background writer per tuner process; ``flush()`` waits for everything queued so far."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-mlflow")
+        self._pending: list[Future] = []
+        self._lock = threading.Lock()
+        self._renderer: subprocess.Popen | None = None  # matplotlib in its own process: no GIL contention
+        self.blocked = 0.0  # seconds the caller's thread spent in this class (the tracking overhead)
+        self.busy = 0.0  # seconds the background thread spent writing
+
+    # -- the caller's side: each call returns at once -------------------------------------------
+
+    def start(self, experiment_id: str, parent_id: str, name: str, tags: Mapping[str, str]) -> Future:
+        """Create the trial's run (RUNNING) in the background; the future gives its id."""
+        self._start_renderer()  # its start (importing matplotlib) overlaps the trial
+        future = self._submit(runs.create_child, experiment_id, parent_id, name, dict(tags))
+        future.spec = {"experiment_id": experiment_id, "parent_id": parent_id, "name": name, "tags": dict(tags)}
+        return future
+
+    def finish(self, run: Future, params: Mapping[str, object], metrics: list[tuple[str, float, int]],
+               plot_data: Mapping[str, Any] | None = None, files: Mapping[str, str | Path] | None = None,
+               model: tuple[str | Path, np.ndarray, np.ndarray] | None = None) -> str:
+        """Journal a finished trial, then write it to MLflow in the background. Returns the journal key
+        (the run id once the run exists).
+
+        ``plot_data``: see ``tracking.plots.trial_plots`` (``grid_images`` may be an array);
+        ``files`` maps artifact paths to local files or folders (moved into the journal);
+        ``model`` is ``(export dir, sample input, its output)`` to log as the run's model.
+        """
+        start = time.perf_counter()
+        # Never wait for the store here: the run may still be queued for creation behind earlier writes.
+        run_id = run.result() if run.done() else None
+        key = run_id or f"new-{uuid.uuid4().hex}"
+        entry = self.folder / key
+        tmp = self.folder / f".{key}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        plot_data = dict(plot_data or {})
+        if plot_data.get("grid_images") is not None:  # pixels go to a file, not into the JSON
+            np.save(tmp / GRID_IMAGES, np.asarray(plot_data["grid_images"], dtype=np.uint8))
+            plot_data["grid_images"] = GRID_IMAGES
+        record = {"run_id": run_id, "run": run.spec, "params": {k: str(v)[: runs.MAX_PARAM] for k, v in params.items()},
+                  "metrics": [[k, float(v), int(s)] for k, v, s in metrics if v is not None],
+                  "timestamp": int(time.time() * 1000), "plots": _jsonable(plot_data), "files": {}}
+        for i, (artifact_path, local) in enumerate((files or {}).items()):
+            (tmp / f"file{i}").mkdir()
+            shutil.move(str(local), tmp / f"file{i}" / Path(artifact_path).name)
+            record["files"][f"file{i}"] = artifact_path
+        if model is not None:
+            export, sample, output = model
+            shutil.move(str(export), tmp / MODEL_DIR)
+            np.save(tmp / "sample.npy", sample)
+            np.save(tmp / "output.npy", output)
+            record["model"] = True
+        (tmp / ENTRY).write_text(json.dumps(record))
+        tmp.rename(entry)  # atomic: a journal entry is whole or absent
+        self.blocked += time.perf_counter() - start
+        self._submit(self._apply, entry, run)
+        return key
+
+    def fail(self, run: Future, status: str, error: str, trace: str | None = None,
+             params: Mapping[str, object] | None = None) -> None:
+        """Close a trial's run as FAILED/KILLED with its error and params, now (after what was queued before)."""
+        start = time.perf_counter()
+        try:
+            self.flush()
+            if params:
+                runs.log_params(run.result(), params)
+            runs.end_run(run.result(), status, error, trace)
+        finally:
+            self.blocked += time.perf_counter() - start
+
+    def flush(self) -> None:
+        """Wait until every queued write is done; raise the first error of a failed one."""
+        start = time.perf_counter()
+        with self._lock:
+            pending, self._pending = self._pending, []
+        try:
+            for future in pending:
+                future.result()
+        finally:
+            self.blocked += time.perf_counter() - start
+
+    def close(self) -> None:
+        self.flush()
+        self._pool.shutdown()
+        if self._renderer is not None:
+            self._renderer.stdin.close()
+            self._renderer.wait(timeout=30)
+            self._renderer = None
+
+    # -- recovery --------------------------------------------------------------------------------
+
+    def replay(self) -> list[str]:
+        """Write out trials a killed process journaled but had not written yet; returns their run ids."""
+        if not self.folder.is_dir():
+            return []
+        done = []
+        for entry in sorted(p for p in self.folder.iterdir() if (p / ENTRY).is_file() and not p.name.startswith(".")):
+            done.append(self._apply(entry))
+        return done
+
+    # -- the background thread -------------------------------------------------------------------
+
+    def _submit(self, fn, *args) -> Future:
+        start = time.perf_counter()
+        future = self._pool.submit(self._timed, fn, *args)
+        with self._lock:
+            self._pending.append(future)
+        self.blocked += time.perf_counter() - start
+        return future
+
+    def _timed(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.busy += time.perf_counter() - start
+
+    def _start_renderer(self) -> None:
+        if self._renderer is None or self._renderer.poll() is not None:
+            root = str(Path(__file__).resolve().parents[1])
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            self._renderer = subprocess.Popen([sys.executable, "-m", "tracking.plots"], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+
+    def _render(self, data: Mapping[str, Any], folder: Path) -> None:
+        """Draw the plots in a helper process, so drawing never holds this process's GIL while it trains."""
+        self._start_renderer()
+        self._renderer.stdin.write(json.dumps({"data": data, "folder": str(folder)}) + "\n")
+        self._renderer.stdin.flush()
+        answer = self._renderer.stdout.readline().strip()
+        if answer != "ok":
+            raise RuntimeError(f"drawing the plots of {folder} failed: {answer or 'the plot process died'}")
+
+    def _apply(self, entry: Path, run: Future | None = None) -> str:
+        record = json.loads((entry / ENTRY).read_text())
+        run_id = record["run_id"] or (run.result() if run is not None else None)
+        if run_id is None:  # replay: the dead process journaled the trial before its run existed
+            spec = record["run"]
+            run_id = runs.create_child(spec["experiment_id"], spec["parent_id"], spec["name"], spec["tags"])
+        client = MlflowClient()
+        params = [Param(k, v) for k, v in sorted(record["params"].items())]
+        metrics = [Metric(k, v, record["timestamp"], s) for k, v, s in record["metrics"]]
+        for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's limit: 100 params per batch
+            client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
+        if record.get("plots"):
+            folder = entry / "plots"
+            folder.mkdir(exist_ok=True)
+            data = record["plots"]
+            if data.get("grid_images"):
+                data["grid_images"] = str(entry / data["grid_images"])
+            self._render(data, folder)
+            client.log_artifacts(run_id, str(folder), "plots")
+        for name, artifact_path in record["files"].items():
+            local = entry / name / Path(artifact_path).name
+            if local.is_dir():
+                client.log_artifacts(run_id, str(local), artifact_path)
+            else:
+                client.log_artifact(run_id, str(local), str(Path(artifact_path).parent) if "/" in artifact_path else None)
+        if record.get("model"):
+            _log_model(run_id, entry)
+        client.set_terminated(run_id, status="FINISHED")
+        shutil.rmtree(entry)
+        return run_id
+
+
+def _log_model(run_id: str, entry: Path) -> None:
+    from tracking import pyfunc
+
+    export = entry / MODEL_DIR
+    MlflowClient().log_artifacts(run_id, str(export), "savedmodel")
+    with mlflow.start_run(run_id=run_id):  # the active run is per thread
+        uri = pyfunc.log_pyfunc(str(export), np.load(entry / "sample.npy"), np.load(entry / "output.npy"))
+        mlflow.set_tag("tlsweep.model_uri", uri)
+    # start_run/end_run marks the run FINISHED; the caller sets the final status right after.
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,169 @@
+"""A self-contained HTML (and markdown) report of an experiment, from MLflow data through pandas.
+
+Leaderboard, best trial per backbone, sweep-level charts (objective by backbone, parallel
+coordinates of hyperparameters against the objective), the best trial's own plots, failed trials
+with their errors, and each trial's run id linked to ``mlflow ui``. Images are embedded, so the
+HTML file can be mailed or opened anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from tracking import leaderboard as lb
+from tracking import plots
+
+SWEEP_PLOTS = ("val_accuracy_by_backbone.png", "parallel_coordinates.png")
+TRIAL_PLOTS = ("learning_curves.png", "confusion_matrix.png", "predictions.png")
+SEARCHED = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
+            "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
+BOARD_COLUMNS = ("trial", "status", "backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
+                 "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "val_accuracy", "test_accuracy",
+                 "wall_seconds", "run_id")
+
+
+def sweep_charts(table: pd.DataFrame, folder: Path) -> list[Path]:
+    """The sweep-level PNGs for a leaderboard (finished trials only); none when nothing finished."""
+    done = table[table["status"] == "FINISHED"].dropna(subset=[lb.OBJECTIVE])
+    if done.empty:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = {str(k): list(v) for k, v in done.groupby("backbone")[lb.OBJECTIVE]}
+    out = [plots.by_backbone(groups, folder / SWEEP_PLOTS[0])]
+    varied = [c for c in SEARCHED if c in done and done[c].nunique(dropna=False) > 1]
+    if varied:
+        columns = {c: done[c].fillna("-").tolist() for c in varied}
+        out.append(plots.parallel_coordinates(columns, done[lb.OBJECTIVE].tolist(), folder / SWEEP_PLOTS[1]))
+    return out
+
+
+def write_report(experiment: str, out_dir: str | Path = "reports", ui_url: str = "http://127.0.0.1:5000") -> Path:
+    """Write ``<out_dir>/<experiment>/report.html`` and ``report.md`` (with its PNGs); returns the HTML path."""
+    runs = lb.trial_runs(experiment)
+    table = lb.leaderboard(runs)
+    exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    folder = Path(out_dir) / experiment
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {p.name: p for p in sweep_charts(table, folder)}
+    done = table[table["status"] == "FINISHED"]
+    best = done.iloc[0] if not done.empty else None
+    if best is not None:
+        images.update(_best_trial_plots(best["run_id"], folder))
+    link = lambda run_id: f"{ui_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"  # noqa: E731
+    board = table.assign(trial=table["trial_id"])
+    board = board[[c for c in BOARD_COLUMNS if c in board]]
+    errors = _errors(runs)
+    facts = _facts(table, best)
+
+    md = [f"# Sweep report: {experiment}", "", *(f"- {k}: {v}" for k, v in facts.items()), ""]
+    md += ["## Leaderboard (best first by val_accuracy)", "", lb.to_markdown(board), ""]
+    per_backbone = lb.best_per_backbone(table)
+    if not per_backbone.empty:
+        md += ["## Best per backbone", "", lb.to_markdown(per_backbone[["backbone", "val_accuracy", "test_accuracy",
+                                                                        "run_id"]]), ""]
+    md += [f"![{name}]({name})" for name in images] + [""]
+    if errors:
+        md += ["## Failed trials", "", *(f"- `{r}` ({s}): {e}" for r, s, e in errors), ""]
+    (folder / "report.md").write_text("\n".join(md))
+
+    page = [f"<h1>Sweep report: {html.escape(experiment)}</h1>",
+            "<ul>" + "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in facts.items()) + "</ul>",
+            "<h2>Leaderboard</h2><p>Best first by val_accuracy. Run ids open the trial in <code>mlflow ui</code>"
+            f" at {html.escape(ui_url)} (start it with <code>make ui</code>).</p>",
+            _html_table(board, link)]
+    if not per_backbone.empty:
+        page += ["<h2>Best per backbone</h2>",
+                 _html_table(per_backbone[["backbone", "val_accuracy", "test_accuracy", "run_id"]], link)]
+    sweep_imgs = [n for n in SWEEP_PLOTS if n in images]
+    if sweep_imgs:
+        page += ["<h2>Sweep</h2>", *(_img(images[n]) for n in sweep_imgs)]
+    trial_imgs = [n for n in TRIAL_PLOTS if n in images]
+    if best is not None:
+        page += [f"<h2>Best trial: {html.escape(str(best['trial_id']))}</h2>",
+                 f"<p>val_accuracy {best['val_accuracy']:.4f}, test_accuracy {best['test_accuracy']:.4f}, "
+                 f"backbone {html.escape(str(best['backbone']))}, run <a href=\"{link(best['run_id'])}\">"
+                 f"{best['run_id']}</a></p>", *(_img(images[n]) for n in trial_imgs)]
+    if errors:
+        page += ["<h2>Failed trials</h2><ul>" + "".join(
+            f"<li><code>{r}</code> ({s}): {html.escape(e)}</li>" for r, s, e in errors) + "</ul>"]
+    path = folder / "report.html"
+    path.write_text(_page(f"Sweep report: {experiment}", "\n".join(page)))
+    return path
+
+
+def _facts(table: pd.DataFrame, best) -> dict[str, object]:
+    counts = table["status"].value_counts().to_dict()
+    facts: dict[str, object] = {
+        "trials": f"{len(table)} ({', '.join(f'{n} {s.lower()}' for s, n in counts.items())})",
+        "tracking store": mlflow.get_tracking_uri(),
+        "written": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    if best is not None:
+        facts["best val_accuracy"] = f"{best['val_accuracy']:.4f} (trial {best['trial_id']}, {best['backbone']})"
+        facts["its test_accuracy"] = f"{best['test_accuracy']:.4f}"
+    if "wall_seconds" in table and table["wall_seconds"].notna().any():
+        facts["trial time, summed"] = f"{table['wall_seconds'].sum():.0f} s"
+    return facts
+
+
+def _errors(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(run id, status, error) of each trial that did not finish."""
+    if runs.empty:
+        return []
+    bad = runs[runs["status"] != "FINISHED"]
+    errors = bad["tags.error"].fillna("") if "tags.error" in bad else [""] * len(bad)
+    return list(zip(bad["run_id"], bad["status"], errors))
+
+
+def _best_trial_plots(run_id: str, folder: Path) -> dict[str, Path]:
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots", dst_path=tmp))
+        except Exception:  # a trial without plots (e.g. logged by an older version): report without them
+            return out
+        for name in TRIAL_PLOTS:
+            if (local / name).exists():
+                out[name] = Path(shutil.copy(local / name, folder / name))
+    return out
+
+
+def _html_table(table: pd.DataFrame, link) -> str:
+    shown = table.copy()
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(shown[col]):
+            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+    if "run_id" in shown:
+        shown["run_id"] = shown["run_id"].map(lambda r: f'<a href="{link(r)}">{r[:12]}</a>')
+    return shown.to_html(index=False, escape=False, na_rep="", classes="board", border=0)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{path.stem}" src="data:image/png;base64,{data}"><figcaption>{path.stem}</figcaption></figure>'
+
+
+def _page(title: str, body: str) -> str:
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+             "table.board{border-collapse:collapse;font-size:13px}"
+             "table.board th,table.board td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+             "table.board tbody tr:first-child td{font-weight:bold}img{max-width:100%;border:1px solid #eee}"
+             "figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>\n")
+
+
+def log_sweep_charts(parent_id: str, table: pd.DataFrame) -> None:
+    """The sweep-level charts as PNG artifacts of the sweep's parent run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if sweep_charts(table, Path(tmp)):
+            MlflowClient().log_artifacts(parent_id, tmp, "plots")
