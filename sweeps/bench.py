@@ -109,7 +109,9 @@ def plain_keras_tuner(data, trials: int, epochs: int, batch_size: int, image_siz
     if failed:
         raise RuntimeError(f"plain Keras Tuner trials failed: {failed[0]}")
     finals = [t.metrics.get_history("val_accuracy")[-1].value[0] for t in tuner.oracle.trials.values()]
-    return wall, max(finals)
+    drawn = sorted((round(float(t.hyperparameters.get("dropout")), 6), round(float(t.hyperparameters.get("learning_rate")), 9))
+                   for t in tuner.oracle.trials.values())
+    return wall, max(finals), drawn
 
 
 def ours(dataset: str, trials: int, epochs: int, batch_size: int, image_size: int, seed: int, workdir: Path,
@@ -133,8 +135,11 @@ def ours(dataset: str, trials: int, epochs: int, batch_size: int, image_size: in
     exp = client.get_experiment_by_name("bench")
     kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     best = max(k.data.metrics["val_accuracy"] for k in kids)
+    drawn = sorted((round(float(k.data.params["dropout"]), 6), round(float(k.data.params["learning_rate"]), 9))
+                   for k in kids)
     feature_seconds = sum(k.data.metrics.get("feature_seconds", 0.0) for k in kids)
-    timings = {**tuners[0].timings, "tracking": tuners[0].journal.blocked, "writer": tuners[0].journal.busy}
+    timings = {**tuners[0].timings, "tracking": tuners[0].journal.blocked, "writer": tuners[0].journal.busy,
+               "drawn": drawn}
     if log_models == "best" and not augment:
         from sweeps.best import best_export
 
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"input pipeline: {pipe:.1f} images/s end to end vs {bare:.1f} images/s model only on in-memory "
               f"tensors (ratio {ratio:.3f})", flush=True)
 
-        wall_a, acc_a = plain_keras_tuner(data, args.trials, args.epochs, args.batch_size, args.image_size,
+        wall_a, acc_a, drawn_a = plain_keras_tuner(data, args.trials, args.epochs, args.batch_size, args.image_size,
                                           args.seed, str(work / "kt"))
         print(f"(a) plain Keras Tuner: {args.trials} trials x {args.epochs} epochs in {wall_a:.1f}s, "
               f"best val_accuracy {acc_a:.4f}", flush=True)
@@ -187,15 +192,16 @@ def main(argv: list[str] | None = None) -> int:
             wall_b, acc_b, cache_s, t = ours(dataset, args.trials, args.epochs, args.batch_size, args.image_size,
                                              args.seed, work, policy)
             overhead = t["tracking"] / wall_b
-            results[policy] = (wall_b, overhead, acc_b)
+            results[policy] = (wall_b, overhead, acc_b, t["drawn"])
             extra = f"; best-export of the winner afterwards {t['best_export']:.1f}s" if "best_export" in t else ""
             print(f"(b) ours, log_models={policy}: {wall_b:.1f}s (feature cache built in {cache_s:.1f}s; "
                   f"trials {t['trials']:.1f}s, model export {t['export']:.1f}s, MLflow on the sweep's thread "
                   f"{t['tracking']:.2f}s, background writer {t['writer']:.1f}s{extra}), "
                   f"best val_accuracy {acc_b:.4f}, speedup {wall_a / wall_b:.1f}x", flush=True)
-        wall_b, overhead, acc_b = results["best"]
+        wall_b, overhead, acc_b, drawn_b = results["best"]
         print(f"accuracy: plain {acc_a:.4f} vs ours {acc_b:.4f} (difference {abs(acc_a - acc_b):.4f}; "
-              f"{data.sizes['validation']} validation photos, one photo = {1 / data.sizes['validation']:.4f})")
+              f"{data.sizes['validation']} validation photos, one photo = {1 / data.sizes['validation']:.4f}); "
+              f"same hyperparameters drawn in both searches: {'yes' if drawn_a == drawn_b else 'NO'}")
         wall_c, _, _, t = ours(dataset, 1, args.epochs, args.batch_size, args.image_size, args.seed, work, "best",
                                augment=True)
         print(f"(c) one trial with augmentation (no feature cache: the backbone runs every epoch): {wall_c:.1f}s for "

@@ -28,7 +28,8 @@ def best_run(experiment: str) -> mlflow.entities.Run:
         raise UserError(f"experiment {experiment!r} has no finished trials yet; run `make sweep` first")
     run = MlflowClient().get_run(done.iloc[0]["run_id"])
     if "tlsweep.model_uri" not in run.data.tags and not _has_checkpoint(run.info.run_id):
-        raise UserError(f"the best trial {run.info.run_id} of {experiment!r} logged no model; sweep with log_models: all")
+        raise UserError(f"the best trial {run.info.run_id} of {experiment!r} logged no model or checkpoint; "
+                        "sweep with log_models: all, improving or best")
     return run
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -96,7 +97,12 @@ def run_sweep(
         ) from e
     finally:
         for t in tuners:
-            t.journal.close()  # finished trials reach MLflow before the sweep ends
+            try:
+                t.journal.close()  # finished trials reach MLflow before the sweep ends
+            except Exception as e:  # the store failed: the entries stay journaled for the next start
+                print(f"warning: finished trials could not all be written to MLflow ({type(e).__name__}: {e}); "
+                      f"they stay in {t.journal.folder} and are written when the sweep starts again",
+                      file=sys.stderr)
         if role != "worker":  # workers leave the leaderboard and the parent to the chief
             try:
                 summarize(experiment, parent)

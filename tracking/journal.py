@@ -125,8 +125,7 @@ class TrialJournal:
         self.flush()
         self._pool.shutdown()
         if self._renderer is not None:
-            self._renderer.stdin.close()
-            self._renderer.wait(timeout=30)
+            self._renderer.stdin.close()  # it exits at end of input; nothing to wait for
             self._renderer = None
 
     # -- recovery --------------------------------------------------------------------------------
@@ -165,10 +164,13 @@ class TrialJournal:
                                               stdout=subprocess.PIPE, text=True, env=env, cwd=root)
 
     def _render(self, data: Mapping[str, Any], folder: Path) -> None:
-        """Draw the plots in a helper process, so drawing never holds this process's GIL while it trains."""
+        """Start drawing the plots in a helper process (drawing never holds this process's GIL while it
+        trains); ``_rendered`` waits for them."""
         self._start_renderer()
         self._renderer.stdin.write(json.dumps({"data": data, "folder": str(folder)}) + "\n")
         self._renderer.stdin.flush()
+
+    def _rendered(self, folder: Path) -> None:
         answer = self._renderer.stdout.readline().strip()
         if answer != "ok":
             raise RuntimeError(f"drawing the plots of {folder} failed: {answer or 'the plot process died'}")
@@ -179,19 +181,18 @@ class TrialJournal:
         if run_id is None:  # replay: the dead process journaled the trial before its run existed
             spec = record["run"]
             run_id = runs.create_child(spec["experiment_id"], spec["parent_id"], spec["name"], spec["tags"])
-        client = MlflowClient()
-        params = [Param(k, v) for k, v in sorted(record["params"].items())]
-        metrics = [Metric(k, v, record["timestamp"], s) for k, v, s in record["metrics"]]
-        for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's limit: 100 params per batch
-            client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
-        if record.get("plots"):
-            folder = entry / "plots"
+        folder = entry / "plots"
+        if record.get("plots"):  # drawn while the store is written
             folder.mkdir(exist_ok=True)
             data = record["plots"]
             if data.get("grid_images"):
                 data["grid_images"] = str(entry / data["grid_images"])
             self._render(data, folder)
-            client.log_artifacts(run_id, str(folder), "plots")
+        client = MlflowClient()
+        params = [Param(k, v) for k, v in sorted(record["params"].items())]
+        metrics = [Metric(k, v, record["timestamp"], s) for k, v, s in record["metrics"]]
+        for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's limit: 100 params per batch
+            client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
         for name, artifact_path in record["files"].items():
             local = entry / name / Path(artifact_path).name
             if local.is_dir():
@@ -200,6 +201,9 @@ class TrialJournal:
                 client.log_artifact(run_id, str(local), str(Path(artifact_path).parent) if "/" in artifact_path else None)
         if record.get("model"):
             _log_model(run_id, entry)
+        if record.get("plots"):
+            self._rendered(folder)
+            client.log_artifacts(run_id, str(folder), "plots")
         client.set_terminated(run_id, status="FINISHED")
         shutil.rmtree(entry)
         return run_id

@@ -13,6 +13,8 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
+FAST_PNG = {"compress_level": 1}  # a little larger, several times faster to write than the default 6
+
 
 def learning_curves(history: dict[str, Sequence[float]], fine_tune_start: int | None, path: Path,
                     first_epoch: int = 0) -> Path:
@@ -30,8 +32,8 @@ def learning_curves(history: dict[str, Sequence[float]], fine_tune_start: int | 
     axes[0].set_title("Training and validation")
     axes[1].set_xlabel("epoch")
     axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.subplots_adjust(left=0.11, right=0.97, top=0.94, bottom=0.08, hspace=0.08)  # fixed: no layout pass
+    fig.savefig(path, dpi=80, pil_kwargs=FAST_PNG)
     return path
 
 
@@ -51,25 +53,31 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path,
         for j in range(n):
             ax.text(j, i, int(matrix[i, j]), ha="center", va="center", color="white" if matrix[i, j] > limit else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, pil_kwargs=FAST_PNG)
     return path
 
 
 def prediction_grid(images: np.ndarray, labels: Sequence[int], predicted: Sequence[int], class_names: Sequence[str],
                     path: Path, columns: int = 4) -> Path:
-    """Test images titled with the predicted class: blue when right, red with the true class in brackets when wrong."""
-    n = len(images)
+    """Test images titled with the predicted class: blue when right, red with the true class in brackets when wrong.
+
+    Drawn as one mosaic image with text on it (one axes, not one per image: several times faster).
+    """
+    n, size = len(images), int(images.shape[1]) if len(images) else 1
     rows = max(1, -(-n // columns))
-    fig = Figure(figsize=(2.4 * columns, 2.6 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, image, (title, colour) in zip(axes, images, grid_titles(labels, predicted, class_names)):
-        ax.imshow(np.clip(image, 0, 255).astype(np.uint8))
-        ax.set_title(title, color=colour, fontsize=10)
-    fig.suptitle("Predictions on test images (red: wrong, true class in brackets)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    pad = max(size // 4, 18)  # room for each title above its image
+    mosaic = np.full((rows * (size + pad), columns * size + (columns - 1) * 4, 3), 255, np.uint8)
+    fig = Figure(figsize=(columns * 2.0, rows * 2.0 * (size + pad) / size + 0.3))
+    ax = fig.add_axes((0, 0, 1, 0.94))
+    for i, (image, (title, colour)) in enumerate(zip(images, grid_titles(labels, predicted, class_names))):
+        r, c = divmod(i, columns)
+        top, left = r * (size + pad) + pad, c * (size + 4)
+        mosaic[top : top + size, left : left + size] = np.clip(image, 0, 255).astype(np.uint8)
+        ax.text(left + size / 2, top - 3, title, color=colour, fontsize=9, ha="center", va="bottom")
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.axis("off")
+    fig.suptitle("Predictions on test images (red: wrong, true class in brackets)", fontsize=10)
+    fig.savefig(path, dpi=72, pil_kwargs=FAST_PNG)
     return path
 
 
@@ -93,7 +101,7 @@ def by_backbone(values: dict[str, Sequence[float]], path: Path, objective: str =
     ax.set_ylabel(objective)
     ax.set_title(f"{objective} by backbone (bar: best trial)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, pil_kwargs=FAST_PNG)
     return path
 
 
@@ -144,7 +152,7 @@ def parallel_coordinates(columns: dict[str, Sequence[object]], objective: Sequen
     ax.set_yticks([])
     ax.set_title(f"Hyperparameters against {objective_name} (yellow: best)")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, pil_kwargs=FAST_PNG)
     return path
 
 
