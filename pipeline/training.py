@@ -119,13 +119,13 @@ def train(
             merged[k] += map(float, history.history.get(k, []))
 
     if initial_epoch < min(epochs, stop):
-        if initial_epoch == 0 or model.optimizer is None:
+        if initial_epoch == 0 or getattr(model, "optimizer", None) is None:
             if not is_head(model):
                 set_trainable(model, None)
             compile_model(model, learning_rate, jit_compile=jit_compile)
         run("head", initial_epoch, min(epochs, stop))
     if fine_tunes and max(initial_epoch, epochs) < stop:
-        if initial_epoch <= epochs or model.optimizer is None:
+        if initial_epoch <= epochs or getattr(model, "optimizer", None) is None:
             if evaluate_test:
                 head_test_accuracy = evaluate(model, data, "test", batch_size, features)[1]
             set_trainable(model, unfreeze_from)
@@ -159,7 +159,7 @@ def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int =
     if data.sizes.get(split, 0) == 0:
         return float("nan"), float("nan")
     if features is not None and not backbone_trainable(model):
-        if model.optimizer is None:
+        if getattr(model, "optimizer", None) is None:
             compile_model(model, 1e-3)
         net = model if is_head(model) else head_on_features(model)
         scores = net.evaluate(feature_batches(features[split], batch_size), verbose=0,

@@ -275,7 +275,7 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             full = self._full(values, data, outcome.image_size, model)
             export = export_model(full, staging / "savedmodel", data.class_names, metadata={
                 "run_id": run.result(), "trial_id": self.trial_key(trial.trial_id), **values, **data.lineage()})
-            sample = next(iter(data.batches("test" if data.sizes["test"] else "validation", 2)))[0].numpy()
+            sample = grid[:2]
             exported = (export, sample, full.predict(sample, verbose=0))
             self.timings["export"] += time.perf_counter() - exporting
         elif self.config.log_models == "best":  # best-export builds the SavedModel from this checkpoint

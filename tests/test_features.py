@@ -89,3 +89,18 @@ def test_a_head_alone_refuses_to_fine_tune_or_train_on_images(data):
         train(head, data, epochs=1, fine_tune_epochs=1, unfreeze_from=100, features={})
     with pytest.raises(ValueError, match="a head alone trains on cached features"):
         train(head, data, epochs=1)
+
+
+def test_a_full_model_built_from_a_head_fine_tunes_from_where_the_head_stopped(data):
+    """The staged search's stage 2: a never-compiled full model takes a trained head and fine-tunes."""
+    spec = get_spec("efficientnet_lite0")
+    cached, _ = features.for_model(build_model("efficientnet_lite0", data.num_classes, 32), data, spec, "imagenet", 32)
+    head = build_head(cached["train"][0].shape[1], data.num_classes, seed=0)
+    alone = train(head, data, batch_size=8, seed=0, verbose=0, learning_rate=1e-2, features=cached, epochs=2,
+                  fine_tune_epochs=0)
+    full = build_model("efficientnet_lite0", data.num_classes, 32, seed=0, head=head)
+    result = train(full, data, batch_size=8, seed=0, verbose=0, features=cached, epochs=2, fine_tune_epochs=1,
+                   unfreeze_from=120, initial_epoch=2)
+    assert result.first_epoch == 2 and len(result.history["val_accuracy"]) == 1
+    assert result.head_test_accuracy == pytest.approx(alone.test_accuracy), "it starts from the trained head"
+    assert float(full.optimizer.learning_rate) == pytest.approx(1e-5)

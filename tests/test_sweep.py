@@ -400,7 +400,7 @@ def test_staged_search_fine_tunes_the_best_heads_from_where_they_stopped(tmp_pat
                        state_dir=str(tmp_path / "state"), verbose=0)
     client = MlflowClient()
     kids = children("staged", parent)
-    assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids)
+    assert len(kids) == 4 and all(k.info.status == "FINISHED" for k in kids), [k.data.tags.get("error") for k in kids]
     stage1 = [k for k in kids if k.data.tags.get("tlsweep.stage") == "1"]
     stage2 = [k for k in kids if k.data.tags.get("tlsweep.stage") == "2"]
     assert len(stage1) == 2 and len(stage2) == 2
