@@ -96,3 +96,17 @@ def test_an_out_of_memory_trial_fails_and_the_sweep_goes_on(tmp_path, tracking_s
     assert runs[0.02].info.status == "FAILED"
     assert "out of memory: OOM when allocating tensor" in runs[0.02].data.tags["error"]
     assert runs[0.01].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--role", "worker", "--oracle", "127.0.0.1:8000"], r"a worker needs an id unique among the workers"),
+    (["--role", "chief", "--oracle", "localhost"], r"--oracle 'localhost' is not HOST:PORT"),
+    (["--role", "worker", "--worker-id", "chief2"], r"worker id 'chief2' contains 'chief'"),
+], ids=["no-worker-id", "bad-oracle", "chief-in-id"])
+def test_bad_distributed_options(class_folder, capsys, monkeypatch, args, message):
+    import re
+
+    for name in ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert sweeps_main(["sweep", "--dataset", str(class_folder), *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
