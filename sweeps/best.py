@@ -16,6 +16,7 @@ from pipeline.data import load_data
 from pipeline.errors import UserError
 from pipeline.export import ExportedModel
 from tracking import leaderboard as lb
+from tracking import pyfunc
 
 ALIAS = "champion"
 CHECKPOINT_DIR = "checkpoint"  # where trials of log_models: best keep their Keras checkpoint
@@ -27,7 +28,7 @@ def best_run(experiment: str) -> mlflow.entities.Run:
     if done.empty:
         raise UserError(f"experiment {experiment!r} has no finished trials yet; run `make sweep` first")
     run = MlflowClient().get_run(done.iloc[0]["run_id"])
-    if "tlsweep.model_uri" not in run.data.tags and not _has_checkpoint(run.info.run_id):
+    if pyfunc.MODEL_URI_TAG not in run.data.tags and not _has_checkpoint(run.info.run_id):
         raise UserError(f"the best trial {run.info.run_id} of {experiment!r} logged no model or checkpoint; "
                         "sweep with log_models: all, improving or best")
     return run
@@ -42,7 +43,6 @@ def export_checkpoint(run: mlflow.entities.Run) -> str:
     logged to the trial's run; returns the model URI."""
     from pipeline.export import export_model, load_keras_model
     from pipeline.model import build_model, is_head
-    from tracking import pyfunc
 
     p = run.data.params
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,11 +55,7 @@ def export_checkpoint(run: mlflow.entities.Run) -> str:
                                 augment=p["augment"] == "True", weights=p["weights"], seed=int(p["seed"]), head=model)
         export = export_model(model, Path(tmp) / "savedmodel", classes, metadata={"run_id": run.info.run_id, **p})
         sample = np.zeros((1, *model.input_shape[1:]), np.float32)
-        with mlflow.start_run(run_id=run.info.run_id):
-            mlflow.log_artifacts(str(export), "savedmodel")
-            uri = pyfunc.log_pyfunc(str(export), sample, model.predict(sample, verbose=0))
-            mlflow.set_tag("tlsweep.model_uri", uri)
-    return uri
+        return pyfunc.log_export(run.info.run_id, str(export), sample, model.predict(sample, verbose=0))
 
 
 def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = False, tflite: str | None = None) -> dict:
@@ -68,7 +64,7 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
     ``tflite`` ("float16" or "dynamic") also writes ``model.tflite``, checked against the SavedModel
     and logged to the trial's run with its size."""
     run = best_run(experiment)
-    if "tlsweep.model_uri" not in run.data.tags:
+    if pyfunc.MODEL_URI_TAG not in run.data.tags:
         export_checkpoint(run)
         run = MlflowClient().get_run(run.info.run_id)
     params, metrics = run.data.params, run.data.metrics
@@ -84,7 +80,7 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
         os.replace(local, target)
 
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
-    version = mlflow.register_model(run.data.tags["tlsweep.model_uri"], name)
+    version = mlflow.register_model(run.data.tags[pyfunc.MODEL_URI_TAG], name)
     MlflowClient().set_registered_model_alias(name, ALIAS, version.version)
 
     exported = ExportedModel(target)

@@ -24,12 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
-import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from tracking import plots, runs
+from tracking import runs
 
 ENTRY = "entry.json"
 GRID_IMAGES = "grid_images.npy"
@@ -200,24 +199,16 @@ class TrialJournal:
             else:
                 client.log_artifact(run_id, str(local), str(Path(artifact_path).parent) if "/" in artifact_path else None)
         if record.get("model"):
-            _log_model(run_id, entry)
+            from tracking import pyfunc
+
+            pyfunc.log_export(run_id, str(entry / MODEL_DIR), np.load(entry / "sample.npy"),
+                              np.load(entry / "output.npy"))
         if record.get("plots"):
             self._rendered(folder)
             client.log_artifacts(run_id, str(folder), "plots")
         client.set_terminated(run_id, status="FINISHED")
         shutil.rmtree(entry)
         return run_id
-
-
-def _log_model(run_id: str, entry: Path) -> None:
-    from tracking import pyfunc
-
-    export = entry / MODEL_DIR
-    MlflowClient().log_artifacts(run_id, str(export), "savedmodel")
-    with mlflow.start_run(run_id=run_id):  # the active run is per thread
-        uri = pyfunc.log_pyfunc(str(export), np.load(entry / "sample.npy"), np.load(entry / "output.npy"))
-        mlflow.set_tag("tlsweep.model_uri", uri)
-    # start_run/end_run marks the run FINISHED; the caller sets the final status right after.
 
 
 def _jsonable(value: Any) -> Any:

@@ -38,3 +38,18 @@ def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str
         pip_requirements=[f"tensorflow=={tf.__version__}", f"mlflow=={mlflow.__version__}", "numpy"],
     )
     return info.model_uri
+
+
+MODEL_URI_TAG = "tlsweep.model_uri"
+
+
+def log_export(run_id: str, export_dir: str, sample: np.ndarray, probs: np.ndarray) -> str:
+    """Log an export to ``run_id``: its files under ``savedmodel/`` and the pyfunc model (tagged with its URI).
+
+    Reopening the run marks it FINISHED; callers that close it with another status do so afterwards.
+    """
+    mlflow.tracking.MlflowClient().log_artifacts(run_id, str(export_dir), "savedmodel")
+    with mlflow.start_run(run_id=run_id):  # the active run is per thread
+        uri = log_pyfunc(str(export_dir), sample, probs)
+        mlflow.set_tag(MODEL_URI_TAG, uri)
+    return uri

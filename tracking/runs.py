@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import mlflow
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -89,26 +88,6 @@ def log_params(run_id: str, params: Mapping[str, object]) -> None:
     MlflowClient().log_batch(
         run_id, params=[mlflow.entities.Param(k, str(v)[:MAX_PARAM]) for k, v in sorted(params.items())]
     )
-
-
-def log_history(run_id: str, history: Mapping[str, Sequence[float]], first_epoch: int = 0) -> None:
-    """Per-epoch metrics in one batch; step = epoch index on the continuous two-phase axis."""
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(key, float(v), now, first_epoch + i) for key, values in history.items() for i, v in enumerate(values)
-    ]
-    log_metrics_batch(run_id, metrics)
-
-
-def log_metrics(run_id: str, values: Mapping[str, float | None], step: int = 0) -> None:
-    now = int(time.time() * 1000)
-    log_metrics_batch(run_id, [Metric(k, float(v), now, step) for k, v in values.items() if v is not None])
-
-
-def log_metrics_batch(run_id: str, metrics: list[Metric]) -> None:
-    client = MlflowClient()
-    for i in range(0, len(metrics), 1000):  # MLflow's batch limit
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
 def end_parent(parent_id: str, status: str = "FINISHED") -> None:
