@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline.errors import UserError  # noqa: E402
+from sweeps import signals  # noqa: E402
 from sweeps.config import LOG_MODELS, TFLITE_MODES  # noqa: E402
 
 
@@ -144,15 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame):  # SIGTERM ends a sweep like Ctrl-C: runs are closed as KILLED
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return args.func(args)
+        with signals.stop_on_signals():  # SIGTERM ends a sweep like Ctrl-C: runs are closed as KILLED
+            return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -160,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the trial's run and the sweep are marked KILLED in MLflow; "
               "run the same command again to continue", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

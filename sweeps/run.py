@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
 from pipeline.hparams import FINE_TUNE_ONLY
+from sweeps import signals
 from sweeps.config import SweepConfig, default_sweep_for, load_sweep
 from sweeps.tuner import TransferTuner, sweep_dir
 from tracking import leaderboard as lb
@@ -74,40 +75,43 @@ def run_sweep(
         print(f"chief: serving the oracle on {os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
               f" for sweep {key!r} (parent run {parent}); start workers with `make sweep-worker`", flush=True)
     status = "FAILED"
-    try:
-        tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
-        if staged:
-            for stage2 in stage2_tuners(tuner_obj, config, dataset, directory, exp_id, parent, split, verbose,
-                                        feature_cache):
-                tuners.append(stage2)
-                _recover(stage2, exp_id, parent, role)
-                stage2.search(verbose=1 if verbose else 0)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except RuntimeError as e:
-        if "consecutive failures" not in str(e):
-            raise
-        last = str(e).strip().splitlines()[-1]
-        raise UserError(
-            f"sweep stopped: {config.max_consecutive_failed_trials} trials failed in a row; last error: {last}. "
-            f"Each failed trial's run in MLflow has the error; fix the space in {config.source or config.name} "
-            "and run the same command again to continue"
-        ) from e
-    finally:
-        for t in tuners:
-            try:
-                t.journal.close()  # finished trials reach MLflow before the sweep ends
-            except Exception as e:  # the store failed: the entries stay journaled for the next start
-                print(f"warning: finished trials could not all be written to MLflow ({type(e).__name__}: {e}); "
-                      f"they stay in {t.journal.folder} and are written when the sweep starts again",
-                      file=sys.stderr)
-        if role != "worker":  # workers leave the leaderboard and the parent to the chief
-            try:
-                summarize(experiment, parent)
-            finally:  # the parent is closed even if the leaderboard cannot be written
-                runs.end_parent(parent, status)
+    with signals.stop_on_signals():  # Ctrl-C / SIGTERM close the runs as KILLED, even inside TensorFlow
+        try:
+            tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
+            if staged:
+                for stage2 in stage2_tuners(tuner_obj, config, dataset, directory, exp_id, parent, split, verbose,
+                                            feature_cache):
+                    tuners.append(stage2)
+                    _recover(stage2, exp_id, parent, role)
+                    stage2.search(verbose=1 if verbose else 0)
+            status = "FINISHED"
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt) or signals.interrupted():
+                status = "KILLED"
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise KeyboardInterrupt(f"interrupted; reported as {type(e).__name__}: {e}") from e
+            if not isinstance(e, RuntimeError) or "consecutive failures" not in str(e):
+                raise
+            last = str(e).strip().splitlines()[-1]
+            raise UserError(
+                f"sweep stopped: {config.max_consecutive_failed_trials} trials failed in a row; last error: {last}. "
+                f"Each failed trial's run in MLflow has the error; fix the space in {config.source or config.name} "
+                "and run the same command again to continue"
+            ) from e
+        finally:
+            for t in tuners:
+                try:
+                    t.journal.close()  # finished trials reach MLflow before the sweep ends
+                except Exception as e:  # the store failed: the entries stay journaled for the next start
+                    print(f"warning: finished trials could not all be written to MLflow ({type(e).__name__}: {e}); "
+                          f"they stay in {t.journal.folder} and are written when the sweep starts again",
+                          file=sys.stderr)
+            if role != "worker":  # workers leave the leaderboard and the parent to the chief
+                try:
+                    summarize(experiment, parent)
+                finally:  # the parent is closed even if the leaderboard cannot be written
+                    runs.end_parent(parent, status)
     return parent
 
 

@@ -30,6 +30,7 @@ from pipeline.export import export_model, load_keras_model
 from pipeline.hparams import DEFAULTS
 from pipeline.model import build_head, build_model, is_head, resolve_fine_tune_at
 from pipeline.training import TrainResult, predictions, train
+from sweeps import signals
 from sweeps import space as space_module
 from sweeps.config import SweepConfig
 from tracking import runs
@@ -135,10 +136,13 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             except tf.errors.ResourceExhaustedError as e:
                 raise kt.errors.FailedTrialError(f"out of memory: {e.message[:500]}") from e
             self._finish(run, trial, values, params, outcome, start)
-        except KeyboardInterrupt:
-            self.journal.fail(run, "KILLED", "interrupted (Ctrl-C)", params=params)
-            raise
         except BaseException as e:
+            # A signal inside TensorFlow may surface as another error: it still stops the sweep.
+            if isinstance(e, KeyboardInterrupt) or signals.interrupted():
+                self.journal.fail(run, "KILLED", "interrupted (Ctrl-C or SIGTERM)", params=params)
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise KeyboardInterrupt(f"interrupted; TensorFlow reported it as {type(e).__name__}: {e}") from e
             self.journal.fail(run, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc(), params=params)
             raise
         finally:

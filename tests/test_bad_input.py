@@ -98,6 +98,41 @@ def test_an_out_of_memory_trial_fails_and_the_sweep_goes_on(tmp_path, tracking_s
     assert runs[0.01].info.status == "FINISHED"
 
 
+def test_ctrl_c_that_tensorflow_reports_as_another_error_still_stops_the_sweep(tmp_path, tracking_store, class_folder,
+                                                                              monkeypatch):
+    # Seen in a test run: Ctrl-C inside TensorFlow surfaced as a dtype-conversion error, Keras Tuner
+    # counted trial 0 as FAILED and the sweep went on with trial 1. Injected: that timing cannot be forced.
+    import os
+    import signal
+
+    import mlflow
+
+    import sweeps.tuner
+
+    calls = []
+
+    def train(model, data, **kwargs):
+        calls.append(kwargs["learning_rate"])
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, inside this try
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt:
+            raise TypeError("Cannot convert 0.5 to EagerTensor of dtype int64") from None
+        raise AssertionError("SIGINT did not arrive")
+
+    monkeypatch.setattr(sweeps.tuner, "train", train)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="reported it as TypeError: Cannot convert 0.5"):
+        _two_trial_sweep(tmp_path, class_folder, [0.02, 0.01])
+    assert calls == [0.02], "the sweep went on after Ctrl-C"
+    assert signal.getsignal(signal.SIGINT) is before
+    exp = mlflow.get_experiment_by_name("two").experiment_id
+    runs = {r.data.tags["tlsweep.kind"]: r for r in mlflow.tracking.MlflowClient().search_runs([exp])}
+    assert {k: r.info.status for k, r in runs.items()} == {"sweep": "KILLED", "trial": "KILLED"}
+    assert runs["trial"].data.tags["error"] == "interrupted (Ctrl-C or SIGTERM)"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--role", "worker", "--oracle", "127.0.0.1:8000"], r"a worker needs an id unique among the workers"),
     (["--role", "chief", "--oracle", "localhost"], r"--oracle 'localhost' is not HOST:PORT"),
