@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from pipeline.errors import UserError
+from pipeline.errors import DataError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
@@ -87,51 +87,70 @@ def load_data(
     """Load ``dataset`` (tfds name or folder) resized to ``image_size`` square RGB images."""
     if not isinstance(image_size, int) or image_size < 8:
         raise UserError(f"image size must be an integer of at least 8 px, got {image_size!r}")
+    folder = _folder(dataset)
+    if folder is not None:
+        return _load_folder(folder, image_size, seed, split, cache)
+    data = _load_tfds(dataset, image_size, split, data_dir)
+    if cache:
+        data.splits = {k: ds.cache() for k, ds in data.splits.items()}
+    return data
+
+
+def check_dataset(dataset: str) -> None:
+    """Fail at once, before any work, on a data set that cannot be found (missing folder, unknown tfds name)."""
+    if _folder(dataset) is None:
+        _check_tfds_name(dataset)
+
+
+def _folder(dataset: str) -> Path | None:
+    """The data set's folder, or None for a tensorflow-datasets name."""
     path = Path(dataset).expanduser()
     if path.is_dir():
-        data = _load_folder(path, image_size, seed, split, cache)
-    elif path.exists():
-        raise UserError(
+        return path
+    if path.exists():
+        raise DataError(
             f"data set {dataset!r} is a file, not a folder; give a folder of class subfolders "
             "(class/*.jpg) or a tensorflow-datasets name such as tf_flowers"
         )
-    elif os.sep in dataset or dataset.startswith("."):
-        raise UserError(f"data folder {dataset!r} does not exist; check the path (relative to {os.getcwd()})")
-    else:
-        data = _load_tfds(dataset, image_size, split, data_dir)
-        if cache:
-            data.splits = {k: ds.cache() for k, ds in data.splits.items()}
-    return data
+    if os.sep in dataset or dataset.startswith("."):
+        raise DataError(f"data folder {dataset!r} does not exist; check the path (relative to {os.getcwd()})")
+    return None
 
 
 # --- tensorflow-datasets -------------------------------------------------------------------------
 
 
-def _load_tfds(name: str, image_size: int, split: str | None, data_dir: str | None) -> DataSplits:
+def _check_tfds_name(name: str) -> None:
     import tensorflow_datasets as tfds
 
     known = tfds.list_builders()
     if name.split(":")[0] not in known:
         close = difflib.get_close_matches(name, known, n=5)
-        raise UserError(
+        raise DataError(
             f"unknown data set {name!r}: it is not a folder and not a tensorflow-datasets name"
             + (f"; did you mean {', '.join(close)}?" if close else "")
             + " Give a folder of class subfolders, or a tfds name such as tf_flowers or cats_vs_dogs."
         )
+
+
+def _load_tfds(name: str, image_size: int, split: str | None, data_dir: str | None) -> DataSplits:
+    import tensorflow_datasets as tfds
+
+    _check_tfds_name(name)
     builder = tfds.builder(name, data_dir=data_dir)
     spec = split or DEFAULT_TFDS_SPLITS.get(name) or _default_tfds_split(builder.info)
     parts = [p.strip() for p in spec.split(",")]
     if len(parts) != 3:
-        raise UserError(
+        raise DataError(
             f"split {spec!r} for {name} must name three tfds splits, train,validation,test, "
             "e.g. 'train[:75%],train[75%:90%],train[90%:]'"
         )
     if not builder.info.supervised_keys:
-        raise UserError(f"tfds data set {name!r} has no (image, label) supervised keys; it is not image classification")
+        raise DataError(f"tfds data set {name!r} has no (image, label) supervised keys; it is not image classification")
     try:
         datasets, info = tfds.load(name, split=parts, as_supervised=True, with_info=True, data_dir=data_dir)
     except Exception as e:  # noqa: BLE001 - downloads fail offline; say so plainly
-        raise UserError(
+        raise DataError(
             f"could not load tfds data set {name!r} with split {spec!r}: {e}. Without internet, download it "
             "elsewhere into TFDS_DATA_DIR, or point DATASET at a local folder"
         ) from e
@@ -170,7 +189,7 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
     skipped: list[str] = []
     if "train" in subdirs and val_name:
         if split:
-            raise UserError(
+            raise DataError(
                 f"folder {root} already has train/ and {val_name}/ subfolders, so --split {split!r} does not "
                 "apply; leave it out"
             )
@@ -192,7 +211,7 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
         spec = f"{spec} (seed {seed})"
     for name in ("train", "validation"):
         if not files[name]:
-            raise UserError(f"folder {root} gives an empty {name} split; it needs more images per class")
+            raise DataError(f"folder {root} gives an empty {name} split; it needs more images per class")
     _warn_unmeasured(files, class_names)
     resize = _resizer(image_size)
 
@@ -239,12 +258,12 @@ def _warn_unmeasured(files: dict[str, list], class_names: list[str]) -> None:
 def _class_names(root: Path) -> list[str]:
     names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not names:
-        raise UserError(
+        raise DataError(
             f"folder {root} has no class subfolders; expected {root}/<class>/*.jpg "
             f"(or train/ and validation/ folders that hold class subfolders)"
         )
     if len(names) < 2:
-        raise UserError(
+        raise DataError(
             f"folder {root} has a single class ({names[0]!r}); classification needs at least two class subfolders"
         )
     return names
@@ -256,7 +275,7 @@ def _scan(root: Path, class_names: list[str], skipped: list[str]) -> list[tuple[
     for index, name in enumerate(class_names):
         folder = root / name
         if not folder.is_dir():
-            raise UserError(f"class folder {folder} is missing: every split needs the same classes {class_names}")
+            raise DataError(f"class folder {folder} is missing: every split needs the same classes {class_names}")
         for path in sorted(folder.rglob("*")):
             if path.is_dir() or path.name.startswith("."):
                 continue
@@ -265,7 +284,7 @@ def _scan(root: Path, class_names: list[str], skipped: list[str]) -> list[tuple[
             else:
                 skipped.append(str(path))
     if not items:
-        raise UserError(f"folder {root} holds no images; expected {', '.join(IMAGE_EXTENSIONS)} files in class folders")
+        raise DataError(f"folder {root} holds no images; expected {', '.join(IMAGE_EXTENSIONS)} files in class folders")
     return items
 
 
@@ -286,7 +305,7 @@ def _parse_fractions(spec: str) -> tuple[float, ...]:
     except ValueError:
         parts = ()
     if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0 or parts[1] <= 0:
-        raise UserError(
+        raise DataError(
             f"split {spec!r} for a folder must be train/validation/test percentages such as 75/15/10 "
             "(train and validation above zero)"
         )

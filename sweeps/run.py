@@ -9,7 +9,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.errors import UserError
+from pipeline.data import check_dataset
+from pipeline.errors import DataError, UserError
 from pipeline.hparams import FINE_TUNE_ONLY
 from sweeps import signals
 from sweeps.config import SweepConfig, default_sweep_for, load_sweep
@@ -52,6 +53,7 @@ def run_sweep(
     if role != "single" and config.stage2:
         raise UserError("a staged search (stage2: in the sweep file) runs in one process; remove stage2 to run it "
                         "with a chief and workers")
+    check_dataset(dataset)  # before any run exists
     experiment = experiment_name(dataset, experiment)
     store.configure(tracking_uri)
     exp_id = store.experiment_id(experiment)
@@ -91,6 +93,8 @@ def run_sweep(
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 raise KeyboardInterrupt(f"interrupted; reported as {type(e).__name__}: {e}") from e
+            if isinstance(e.__cause__, DataError):  # found while loading the data in a trial
+                raise e.__cause__ from None
             if not isinstance(e, RuntimeError) or "consecutive failures" not in str(e):
                 raise
             last = str(e).strip().splitlines()[-1]

@@ -25,7 +25,7 @@ import tensorflow as tf
 from pipeline import features
 from pipeline.backbones import get_spec
 from pipeline.data import DataSplits, load_data
-from pipeline.errors import UserError
+from pipeline.errors import DataError, UserError
 from pipeline.export import export_model, load_keras_model
 from pipeline.hparams import DEFAULTS
 from pipeline.model import build_head, build_model, is_head, resolve_fine_tune_at
@@ -131,6 +131,8 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             try:
                 outcome = self._train(trial, values, tuner_values)
                 head_only = is_head(outcome.model)
+            except DataError as e:  # no trial can run on this data: stop the sweep
+                raise kt.errors.FatalError(str(e)) from e
             except (UserError, ValueError) as e:
                 raise kt.errors.FailedTrialError(f"impossible configuration: {e}") from e
             except tf.errors.ResourceExhaustedError as e:

@@ -28,6 +28,20 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+# What the product writes in its working directory; a test must write these in its own tmp_path.
+WORKING_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts", "sweeps_state", "exports", "reports")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_untouched():
+    """No test leaves a store, tuner state or export in the checkout (they would mix with the user's)."""
+    root = Path(__file__).resolve().parents[1]
+    before = {name for name in WORKING_OUTPUTS if (root / name).exists()}
+    yield
+    created = sorted(name for name in WORKING_OUTPUTS if (root / name).exists() and name not in before)
+    assert not created, f"tests wrote {created} into {root}; give them a tmp_path"
+
+
 def write_image(path: Path, color, size=(40, 48), mode="RGB", seed=0) -> None:
     rng = np.random.default_rng(seed)
     pixels = np.clip(np.array(color) + rng.normal(0, 25, (size[0], size[1], 3)), 0, 255).astype("uint8")

@@ -47,10 +47,29 @@ def test_unreadable_or_invalid_sweep_files(tmp_path, class_folder, capsys, make,
     assert err.startswith("error: sweep file") and re.search(message, err), err
 
 
-def test_missing_data_set_from_the_sweep_cli(tmp_path, capsys):
-    assert sweeps_main(["sweep", "--dataset", str(tmp_path / "nope"), "--sweep", "quick", "--tracking-uri",
+def test_missing_data_set_from_the_sweep_cli_fails_before_any_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sweeps_main(["sweep", "--dataset", "data/nope", "--sweep", "quick", "--tracking-uri",
                         f"sqlite:///{tmp_path / 'm.db'}"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == f"error: data folder 'data/nope' does not exist; check the path (relative to {tmp_path})\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no tuner state: nothing started
+
+
+def test_a_data_set_found_unusable_in_the_first_trial_stops_the_sweep(tmp_path, tracking_store, capsys):
+    # The folder exists (the early check passes) but holds a single class: loading it fails in trial 0.
+    import mlflow
+
+    make_class_folder(tmp_path / "one", per_class=6, classes=("blue",))
+    assert sweeps_main(["sweep", "--dataset", str(tmp_path / "one"), "--sweep", "quick", "--state-dir",
+                        str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("error: folder {} has a single class ('blue'); classification needs at least two class "
+                        "subfolders\n".format(tmp_path / "one"))
+    exp = mlflow.get_experiment_by_name("one").experiment_id
+    runs = mlflow.tracking.MlflowClient().search_runs([exp])
+    assert sorted((r.data.tags["tlsweep.kind"], r.info.status) for r in runs) == [("sweep", "FAILED"),
+                                                                                  ("trial", "FAILED")]
 
 
 def _two_trial_sweep(tmp_path, class_folder, learning_rates):

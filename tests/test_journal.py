@@ -2,17 +2,17 @@
 
 from concurrent.futures import Future
 
-import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from tracking import store
 from tracking.journal import TrialJournal
 
 HISTORY = {"loss": [1.0, 0.5], "val_accuracy": [0.5, 0.75]}
 
 
 def _experiment():
-    exp = mlflow.create_experiment("j")
+    exp = store.experiment_id("j")  # artifacts beside the test's database, not in the working directory
     parent = MlflowClient().create_run(exp).info.run_id
     MlflowClient().set_terminated(parent)  # only the trial runs matter here
     return exp, parent
