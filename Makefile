@@ -33,7 +33,8 @@ MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export MLFLOW_TRACKING_URI
 SWEEP_FLAGS = --dataset "$(DATASET)" $(call opt,SWEEP,sweep) $(call opt,EXPERIMENT,experiment) \
 	$(call opt,MAX_TRIALS,max-trials) $(call opt,TUNER,tuner) $(call opt,SEED,seed) $(call opt,SPLIT,split) \
-	$(if $(QUIET),--quiet) $(if $(NO_FEATURE_CACHE),--no-feature-cache) $(call opt,LOG_MODELS,log-models)
+	$(if $(QUIET),--quiet) $(if $(NO_FEATURE_CACHE),--no-feature-cache) $(call opt,LOG_MODELS,log-models) \
+	$(call opt,TRIAL_PROCESS,trial-process)
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -99,5 +100,5 @@ clean-cache: ## empty the frozen-feature cache (TLSWEEP_CACHE/features, default 
 bench: ## plain Keras Tuner vs ours with the feature cache on a flower_photos subset [BENCH_ARGS=--trials 10 --epochs 5]
 	$(PY) -m sweeps.bench $(BENCH_ARGS)
 
-bench-memory: ## resident memory after each of 10 fine-tuning trials in one sweep, prints growth_mb= [MEMORY_ARGS=--trials 10]
+bench-memory: ## resident memory after each of 10 fine-tuning trials of a sweep, prints growth_mb= [MEMORY_ARGS="--trial-process same"]
 	$(PY) -m sweeps.bench_memory $(MEMORY_ARGS)

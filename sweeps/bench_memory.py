@@ -1,9 +1,11 @@
-"""``make bench-memory``: resident memory across the trials of one sweep, in one process.
+"""``make bench-memory``: resident memory across the trials of one sweep.
 
 Keras Tuner users report TensorFlow keeping memory from trial to trial (keras-tuner #395, #873:
 about 1 GB per 20 trials). This runs N full-model trials (fine-tuning EfficientNet-Lite0, so every
-trial builds, trains and drops a whole network) on a flower_photos subset and prints the resident
-memory after each trial, then ``growth_mb=<after trial N - after trial 2> trials=<N>``.
+trial builds, trains and drops a whole network) on a flower_photos subset and prints the sweep
+process's resident memory after each trial, and the trial's own (``rss_mb``, logged when it ends,
+in a fresh process unless ``--trial-process same``), then
+``growth_mb=<after trial N - after trial 2> trials=<N> trial_process=<mode> seconds=<wall time>``.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from sweeps.bench import DEFAULT_DATA, subset  # noqa: E402
+from sweeps.config import TRIAL_PROCESSES  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--trial-process", choices=TRIAL_PROCESSES, default="auto",
+                        help="auto runs these fine-tuning trials each in a fresh process; same: all in this one")
     args = parser.parse_args(argv)
     if not Path(args.data, "daisy").is_dir():
         print(f"error: no flower_photos at {args.data}; pass --data /path/to/flower_photos", file=sys.stderr)
         return 2
+
+    from mlflow.tracking import MlflowClient
 
     from sweeps.run import run_sweep
 
@@ -46,18 +54,26 @@ def main(argv: list[str] | None = None) -> int:
             "  learning_rate: {float: [1.0e-4, 1.0e-2], sampling: log}\n")
         os.environ["TLSWEEP_CACHE"] = str(work / "cache")
         tuners: list = []
-        run_sweep(dataset, sweep=str(work / "memory.yaml"), experiment="memory", state_dir=str(work / "state"),
-                  tracking_uri=f"sqlite:///{work / 'mlflow.db'}", verbose=0, tuner_out=tuners, progress=True)
+        start = time.perf_counter()
+        parent = run_sweep(dataset, sweep=str(work / "memory.yaml"), experiment="memory", state_dir=str(work / "state"),
+                           tracking_uri=f"sqlite:///{work / 'mlflow.db'}", verbose=0, tuner_out=tuners, progress=True,
+                           trial_process=args.trial_process)
+        seconds = time.perf_counter() - start
         memory = tuners[0].memory
+        client = MlflowClient()
+        trial_mb = {r.data.tags["kt.trial_id"]: r.data.metrics.get("rss_mb") for r in client.search_runs(
+            [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")}
     for i, (trial, mb) in enumerate(memory, 1):
-        print(f"after trial {i} ({trial}): {mb:.0f} MB resident")
+        own = trial_mb.get(trial)
+        print(f"after trial {i} ({trial}): sweep process {mb:.0f} MB resident; the trial's process "
+              + (f"{own:.0f} MB" if own is not None else "-"))
     if len(memory) < 2:
         print("error: fewer than 2 trials ran", file=sys.stderr)
         return 1
     growth = memory[-1][1] - memory[1][1]
     peak = max(mb for _, mb in memory[1:]) - memory[1][1]
     print(f"growth from trial 2 to trial {len(memory)}: {growth:+.0f} MB (largest above trial 2: {peak:+.0f} MB)")
-    print(f"growth_mb={growth:.0f} trials={len(memory)}")
+    print(f"growth_mb={growth:.0f} trials={len(memory)} trial_process={args.trial_process} seconds={seconds:.1f}")
     return 0
 
 

@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline.errors import UserError  # noqa: E402
 from sweeps import signals  # noqa: E402
-from sweeps.config import LOG_MODELS, TFLITE_MODES  # noqa: E402
+from sweeps.config import LOG_MODELS, TFLITE_MODES, TRIAL_PROCESSES  # noqa: E402
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -23,6 +23,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.dataset, sweep=args.sweep, experiment=args.experiment, max_trials=args.max_trials, tuner=args.tuner,
         seed=args.seed, split=args.split, state_dir=args.state_dir, tracking_uri=args.tracking_uri,
         verbose=0 if args.quiet else 2, feature_cache=not args.no_feature_cache, log_models=args.log_models,
+        trial_process=args.trial_process,
     )
     return _print_board(args.experiment or _experiment(args.dataset), parent, top=10)
 
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log the SavedModel + pyfunc model of every trial; only of trials that beat the best so "
                    "far; or none, trials keeping a Keras checkpoint that best-export turns into the SavedModel of "
                    "the winner (fastest); overrides the YAML (default: all)")
+    p.add_argument("--trial-process", default=None, choices=TRIAL_PROCESSES,
+                   help="where trials run: auto (default) runs a trial that builds the whole network in a fresh "
+                   "process, whose memory is all returned when it ends, and heads on cached features in the sweep's "
+                   "process; fresh: every trial in its own process; same: all in the sweep's process")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="run the frozen backbone every epoch instead of training heads on cached features")
     p.add_argument("--role", choices=("chief", "worker"), default=None,

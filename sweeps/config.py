@@ -20,11 +20,16 @@ from pipeline.hparams import DEFAULTS, FINE_TUNE_ONLY
 SWEEPS_DIR = Path(__file__).resolve().parent
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 TOP_KEYS = ("tuner", "max_trials", "objective", "seed", "space", "hyperband", "description",
-            "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla", "stage2")
+            "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla", "stage2", "trial_process")
 STAGE2_KEYS = ("top_k", "trials_per_config", "space")
 # Which trials log a SavedModel + pyfunc model: every trial; a trial that beats those before it; or
 # none ("best": trials log their Keras checkpoint, a few KB for a head, and best-export exports the winner).
 LOG_MODELS = ("all", "improving", "best")
+# Where a trial runs: "fresh" = its own process, whose memory is all given back when it exits
+# (TensorFlow keeps some of every model built in a process); "same" = the sweep's process;
+# "auto" = a fresh process for trials that train the whole network (fine-tuning, augmentation, features
+# not cached yet), the sweep's process for heads on cached features.
+TRIAL_PROCESSES = ("auto", "fresh", "same")
 TFLITE_MODES = ("float16", "dynamic")  # best-export's TFLite options
 KINDS = ("choice", "float", "int", "boolean", "fixed")
 ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
@@ -49,6 +54,7 @@ class SweepConfig:
     # Staged search: stage 1 sweeps heads only; stage 2 fine-tunes the top_k stage-1 trials from their
     # trained heads, trials_per_config trials each over its own space (fine_tune_at, learning rate, ...).
     stage2: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trial_process: str = "auto"  # see TRIAL_PROCESSES
     source: str = ""
 
     def with_overrides(self, **overrides: Any) -> "SweepConfig":
@@ -58,6 +64,8 @@ class SweepConfig:
             _check_tuner(given["tuner"], "the command line")
         if "log_models" in given and given["log_models"] not in LOG_MODELS:
             raise UserError(f"log_models {given['log_models']!r} is not one of {', '.join(LOG_MODELS)}")
+        if "trial_process" in given:
+            _check_trial_process(given["trial_process"], "the command line")
         if "max_trials" in given and int(given["max_trials"]) < 1:
             raise UserError(f"MAX_TRIALS must be at least 1, got {given['max_trials']}")
         return dataclasses.replace(self, **given)
@@ -126,6 +134,8 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
     log_models = raw.get("log_models", "all")
     if log_models not in LOG_MODELS:
         raise UserError(f"log_models {log_models!r} in sweep {where} is not one of {', '.join(LOG_MODELS)}")
+    trial_process = raw.get("trial_process", "auto")
+    _check_trial_process(trial_process, where)
     max_trials = raw.get("max_trials", 10)
     if not isinstance(max_trials, int) or max_trials < 1:
         raise UserError(f"max_trials in sweep {where} must be a whole number >= 1, got {max_trials!r}")
@@ -134,13 +144,19 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         space=space, hyperband=dict(raw.get("hyperband") or {}),
         max_consecutive_failed_trials=int(raw.get("max_consecutive_failed_trials", 3)), log_models=log_models,
         mixed_precision=bool(raw.get("mixed_precision", False)), xla=bool(raw.get("xla", False)), stage2=stage2,
-        source=source,
+        trial_process=trial_process, source=source,
     )
 
 
 def _check_tuner(tuner: str, where: str) -> None:
     if tuner not in TUNERS:
         raise UserError(f"unknown tuner {tuner!r} in {where}; known tuners: {', '.join(TUNERS)}")
+
+
+def _check_trial_process(value: Any, where: str) -> None:
+    if value not in TRIAL_PROCESSES:
+        raise UserError(f"trial_process {value!r} in {where} is not one of {', '.join(TRIAL_PROCESSES)} (auto: a fresh "
+                        "process for trials that train the whole network)")
 
 
 def _check_entry(hp: str, entry: Any, where: str) -> None:

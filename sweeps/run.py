@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -12,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.data import check_dataset
 from pipeline.errors import DataError, UserError
 from pipeline.hparams import FINE_TUNE_ONLY
-from sweeps import signals
+from sweeps import signals, workers
 from sweeps.config import SweepConfig, default_sweep_for, load_sweep
 from sweeps.tuner import TransferTuner, sweep_dir
 from tracking import leaderboard as lb
@@ -37,6 +38,7 @@ def run_sweep(
     verbose: int | str = 2,
     feature_cache: bool = True,
     log_models: str | None = None,
+    trial_process: str | None = None,
     tuner_out: list | None = None,
     progress: bool = True,
 ) -> str:
@@ -48,12 +50,14 @@ def run_sweep(
     parent. Point all of them at one ``mlflow server``.
     """
     config = load_sweep(sweep or default_sweep_for(dataset)).with_overrides(
-        max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models)
+        max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models, trial_process=trial_process)
     role = distributed_role()
     if role != "single" and config.stage2:
         raise UserError("a staged search (stage2: in the sweep file) runs in one process; remove stage2 to run it "
                         "with a chief and workers")
-    check_dataset(dataset)  # before any run exists
+    check_dataset(dataset)  # these fail before any run exists
+    timeout = workers.worker_timeout() if role == "chief" else None
+    heartbeat = workers.heartbeat_seconds() if role == "worker" else None
     experiment = experiment_name(dataset, experiment)
     store.configure(tracking_uri)
     exp_id = store.experiment_id(experiment)
@@ -68,7 +72,8 @@ def run_sweep(
     if staged:  # stage 1 sweeps heads only (cheap on cached features); stage 2 fine-tunes the best
         config = dataclasses.replace(config, space={**config.space, "fine_tune": {"fixed": False}})
     tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose,
-                              feature_cache=feature_cache, stage="1" if staged else "", progress=progress)
+                              feature_cache=feature_cache, stage="1" if staged else "", progress=progress,
+                              heartbeat=heartbeat)
     tuners = [tuner_obj]
     if tuner_out is not None:  # for benchmarks: the tuner and its timings
         tuner_out.append(tuner_obj)
@@ -79,7 +84,9 @@ def run_sweep(
     status = "FAILED"
     with signals.stop_on_signals():  # Ctrl-C / SIGTERM close the runs as KILLED, even inside TensorFlow
         try:
-            tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
+            with (workers.WorkerMonitor(tuner_obj.oracle, exp_id, parent, timeout) if timeout
+                  else contextlib.nullcontext()):  # the chief requeues the trials of workers that died
+                tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
             if staged:
                 for stage2 in stage2_tuners(tuner_obj, config, dataset, directory, exp_id, parent, split, verbose,
                                             feature_cache):
@@ -167,7 +174,8 @@ def _log_settings(parent: str, config: SweepConfig, dataset: str, split: str | N
     runs.log_params(parent, {
         "dataset": dataset, "sweep": config.name, "tuner": config.tuner, "max_trials": config.max_trials,
         "objective": config.objective, "seed": config.seed, "split": split or "default",
-        "log_models": config.log_models, "mixed_precision": config.mixed_precision, "xla": config.xla,
+        "log_models": config.log_models, "trial_process": config.trial_process, "mixed_precision": config.mixed_precision,
+        "xla": config.xla,
         **{f"hyperband.{k}": v for k, v in config.hyperband.items()},
     })
     client.log_dict(parent, {"space": config.space, "source": config.source}, "search_space.json")

@@ -7,39 +7,26 @@ model (with its trainable flags and optimizer state) on the same two-phase epoch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
-import os
-import shutil
-import tempfile
 import time
 import traceback
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import keras
 import keras_tuner as kt
-import numpy as np
-import tensorflow as tf
 
-from pipeline import features
-from pipeline.backbones import get_spec
-from pipeline.data import DataSplits, load_data
-from pipeline.errors import DataError, UserError
-from pipeline.export import export_model, load_keras_model
-from pipeline.hparams import DEFAULTS
-from pipeline.model import build_head, build_model, is_head, resolve_fine_tune_at
-from pipeline.training import TrainResult, predictions, train
+from pipeline.data import DataSplits
 from sweeps import signals
 from sweeps import space as space_module
+from sweeps import trial as trials
 from sweeps.config import SweepConfig
+from sweeps.trial import CHECKPOINT, HEAD_CHECKPOINT, resident_mb
+from sweeps.workers import Heartbeat
 from tracking import runs
 from tracking.journal import TrialJournal
-
-CHECKPOINT = "model.keras"
-HEAD_CHECKPOINT = "head.keras"
-GRID_SIZE = 16  # test images in each trial's prediction grid
-
 
 class SpaceHyperModel(kt.HyperModel):
     """Declares the space; ``build`` returns the trial's values (models are built in ``run_trial``)."""
@@ -83,6 +70,7 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         start_from: str | None = None,
         data_cache: dict[int, DataSplits] | None = None,
         progress: bool = True,
+        heartbeat: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -90,6 +78,7 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             project_name=config.name, overwrite=False, **kwargs,
         )
         self.progress = progress  # one line per trial: i/N, time, ETA, best so far
+        self.heartbeat = heartbeat  # a distributed worker stamps its trial's run this often (seconds)
         self.stage = stage  # "", "1" or "2" (staged search)
         self.start_from = start_from  # stage 2: the stage-1 model (trained head) every trial starts from
         self.config = config
@@ -106,13 +95,6 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         # MLflow writes happen on a background thread, through a journal kept beside the tuner's state.
         self.journal = TrialJournal(Path(self.project_dir) / f"journal-{self.tuner_id}")
 
-    # -- data, shared by all trials of the same image size (decoded once, cached in memory) --------
-
-    def data_for(self, image_size: int) -> DataSplits:
-        if image_size not in self.data_cache:
-            self.data_cache[image_size] = load_data(self.dataset, image_size, seed=self.config.seed, split=self.split)
-        return self.data_cache[image_size]
-
     # -- one trial -----------------------------------------------------------------------------
 
     def run_trial(self, trial: kt.engine.trial.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
@@ -125,19 +107,18 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             tags["tlsweep.stage"] = self.stage
         params = {**values, **tuner_values, "seed": self.config.seed, "split": self.split or "default"}
         start = time.perf_counter()
-        head_only, outcome = False, None
+        output, in_process = None, True
         run = self.journal.start(self.experiment_id, self.parent_run_id, f"trial-{key}", tags)
         try:
-            try:
-                outcome = self._train(trial, values, tuner_values)
-                head_only = is_head(outcome.model)
-            except DataError as e:  # no trial can run on this data: stop the sweep
-                raise kt.errors.FatalError(str(e)) from e
-            except (UserError, ValueError) as e:
-                raise kt.errors.FailedTrialError(f"impossible configuration: {e}") from e
-            except tf.errors.ResourceExhaustedError as e:
-                raise kt.errors.FailedTrialError(f"out of memory: {e.message[:500]}") from e
-            self._finish(run, trial, values, params, outcome, start)
+            spec = self._spec(trial, values, tuner_values, params, run)
+            in_process = not self._fresh(spec)
+            with Heartbeat(run, self.heartbeat) if self.heartbeat else contextlib.nullcontext():
+                if in_process:
+                    output = trials.run(spec, self.data_cache, run_id=run.result)
+                else:
+                    output = trials.run_fresh(dataclasses.replace(spec, run_id=run.result()))
+            self.journal.blocked += output.journal_seconds
+            self.journal.submit(Path(output.entry), run)
         except BaseException as e:
             # A signal inside TensorFlow may surface as another error: it still stops the sweep.
             if isinstance(e, KeyboardInterrupt) or signals.interrupted():
@@ -148,13 +129,32 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             self.journal.fail(run, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc(), params=params)
             raise
         finally:
-            self._progress(key, time.perf_counter() - start, outcome.result.val_accuracy if outcome else None)
-            # Free the trial's memory (also of failed trials); a garbage collection pass costs ~0.25 s,
-            # worth it after a full model, not after a head of a few KB.
-            keras.backend.clear_session(free_memory=not head_only)
+            self._progress(key, time.perf_counter() - start, output.val_accuracy if output else None)
+            if in_process:  # free the trial's memory; a garbage collection pass (~0.25 s) only after a network
+                keras.backend.clear_session(free_memory=not (output and output.head_only))
             self.memory.append((key, resident_mb()))
             self.timings["trials"] += time.perf_counter() - start
-        return {self.config.objective: outcome.result.val_accuracy}
+        self.timings["export"] += output.export_seconds
+        self._best = output.val_accuracy if self._best is None else max(self._best, output.val_accuracy)
+        return {self.config.objective: output.val_accuracy}
+
+    def _spec(self, trial: kt.engine.trial.Trial, values: dict[str, Any], tuner_values: dict[str, Any],
+              params: dict[str, Any], run: Future) -> trials.TrialSpec:
+        previous = tuner_values.get("tuner/trial_id")
+        return trials.TrialSpec(
+            config=self.config, dataset=self.dataset, split=self.split, feature_cache=self.feature_cache,
+            verbose=self.verbose, trial_dir=self.get_trial_dir(trial.trial_id), values=values,
+            tuner_values=tuner_values, export_metadata={"trial_id": self.trial_key(trial.trial_id)},
+            run_spec=run.spec, params=params, journal=str(self.journal.folder),
+            previous=self.checkpoint(previous) if previous else None, start_from=self.start_from, best=self._best,
+            checkpoint=self.config.tuner == "hyperband" or self.stage == "1" or self.config.log_models == "best",
+        )
+
+    def _fresh(self, spec: trials.TrialSpec) -> bool:
+        """Whether the trial runs in its own process (``trial_process`` of the sweep)."""
+        if self.config.trial_process != "auto":
+            return self.config.trial_process == "fresh"
+        return trials.trains_network(spec, self.data_cache)
 
     def on_search_begin(self) -> None:
         self._search_start = time.perf_counter()
@@ -198,118 +198,6 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         folder = Path(self.get_trial_dir(trial_id))
         head = folder / HEAD_CHECKPOINT
         return str(head if head.exists() else folder / CHECKPOINT)
-
-    def _train(self, trial, values: dict[str, Any], tuner_values: dict[str, Any]) -> "Outcome":
-        spec = get_spec(values["backbone"])
-        image_size = int(values["image_size"]) or spec.native_size
-        unfreeze_from = resolve_fine_tune_at(values["fine_tune_at"], spec) if values["fine_tune"] else None
-        fine_tune_epochs = int(values["fine_tune_epochs"] or 0)
-        data = self.data_for(image_size)
-        keras.utils.set_random_seed(self.config.seed)
-        key = None
-        if self.feature_cache and not values["augment"]:  # augmentation runs before the backbone: no cache
-            key = features.key_for(spec, values["weights"], image_size, data, self.config.mixed_precision)
-        cached, feature_seconds = (features.load(key) if key else None), 0.0
-        previous = tuner_values.get("tuner/trial_id")
-        initial_epoch = int(tuner_values.get("tuner/initial_epoch", 0))
-        if previous:  # Hyperband promotion: continue the earlier trial's model where it stopped
-            model = load_keras_model(self.checkpoint(previous))
-        elif self.start_from:  # staged search, stage 2: fine-tune the stage-1 trial's trained head
-            model = self._full(values, data, image_size, load_keras_model(self.start_from))
-            initial_epoch = int(values["epochs"])
-        elif cached is not None and (unfreeze_from is None or fine_tune_epochs == 0):
-            # Head only, on cached features: the full model is built only if it is exported.
-            model = build_head(cached["train"][0].shape[1], data.num_classes, float(values["dropout"]),
-                               seed=self.config.seed, mixed_precision=self.config.mixed_precision)
-        else:
-            model = self._full(values, data, image_size)
-        if key and cached is None and not is_head(model):
-            cached, feature_seconds = features.load_or_compute(model, data, key)
-        result = train(
-            model, data, features=cached, epochs=int(values["epochs"]), fine_tune_epochs=fine_tune_epochs,
-            unfreeze_from=unfreeze_from, learning_rate=float(values["learning_rate"]),
-            fine_tune_learning_rate=float(values["fine_tune_learning_rate"] or DEFAULTS["fine_tune_learning_rate"]),
-            batch_size=int(values["batch_size"]), seed=self.config.seed, verbose=self.verbose,
-            initial_epoch=initial_epoch,
-            stop_epoch=tuner_values.get("tuner/epochs"), jit_compile=self.config.xla,
-        )
-        if any(math.isnan(v) or math.isinf(v) for v in result.history["loss"]):
-            raise kt.errors.FailedTrialError("loss became NaN/inf; lower the learning rate")
-        if self.config.tuner == "hyperband" or self.stage == "1" or self.config.log_models == "best":
-            model.save(Path(self.get_trial_dir(trial.trial_id)) / (HEAD_CHECKPOINT if is_head(model) else CHECKPOINT))
-        result.feature_seconds = feature_seconds
-        return Outcome(result, model, data, image_size, time.perf_counter())
-
-    def _full(self, values: dict[str, Any], data: DataSplits, image_size: int,
-              head: keras.Model | None = None) -> keras.Model:
-        """The trial's full classifier (taking a trained head's weights); a full model is returned as is."""
-        if head is not None and not is_head(head):
-            return head
-        return build_model(
-            values["backbone"], data.num_classes, image_size, dropout=float(values["dropout"]),
-            augment=bool(values["augment"]), weights=values["weights"], seed=self.config.seed,
-            mixed_precision=self.config.mixed_precision, head=head,
-        )
-
-    def _finish(self, run, trial, values: dict[str, Any], params: dict[str, Any], outcome: "Outcome",
-                start: float) -> None:
-        """Journal the finished trial (MLflow gets it in the background); export its model if logged."""
-        result, model, data = outcome.result, outcome.model, outcome.data
-        params = {**params, **data.lineage(), "resolved_image_size": outcome.image_size,
-                  "feature_cache": result.used_feature_cache}
-        metrics = [(k, v, result.first_epoch + i) for k, vs in result.history.items() for i, v in enumerate(vs)]
-        metrics += [(k, v, 0) for k, v in {
-            "test_accuracy": result.test_accuracy, "test_loss": result.test_loss,
-            "head_test_accuracy": result.head_test_accuracy, "trainable_params": result.trainable_params,
-            "head_seconds": result.head_seconds, "fine_tune_seconds": result.fine_tune_seconds,
-            "feature_seconds": result.feature_seconds, "rss_mb": resident_mb()}.items()]
-        split = "test" if data.sizes["test"] else "validation"
-        labels, probs = predictions(model, data, split, features=result.features)
-        matrix = np.zeros((data.num_classes, data.num_classes), dtype=np.int64)
-        np.add.at(matrix, (labels, probs.argmax(axis=1)), 1)
-        grid = next(iter(data.batches(split, GRID_SIZE)))[0].numpy()  # batches are unshuffled: same order
-        plot_data = {"history": result.history, "fine_tune_start": result.fine_tune_start,
-                     "first_epoch": result.first_epoch, "confusion": matrix, "class_names": data.class_names,
-                     "grid_images": grid, "grid_labels": labels[: len(grid)],
-                     "grid_predicted": probs[: len(grid)].argmax(axis=1)}
-        improving = self._best is None or result.val_accuracy > self._best
-        self._best = result.val_accuracy if improving else self._best
-        files, exported = {}, None
-        staging = Path(tempfile.mkdtemp(prefix="trial-", dir=self.journal.folder.parent))
-        if self.config.log_models == "all" or (self.config.log_models == "improving" and improving):
-            exporting = time.perf_counter()
-            full = self._full(values, data, outcome.image_size, model)
-            export = export_model(full, staging / "savedmodel", data.class_names, metadata={
-                "run_id": run.result(), "trial_id": self.trial_key(trial.trial_id), **values, **data.lineage()})
-            sample = grid[:2]
-            exported = (export, sample, full.predict(sample, verbose=0))
-            self.timings["export"] += time.perf_counter() - exporting
-        elif self.config.log_models == "best":  # best-export builds the SavedModel from this checkpoint
-            name = HEAD_CHECKPOINT if is_head(model) else CHECKPOINT
-            shutil.copy(Path(self.get_trial_dir(trial.trial_id)) / name, staging / name)
-            files[f"checkpoint/{name}"] = staging / name
-        # train: data, features and training; wall: the whole trial as the sweep waits for it
-        metrics += [("train_seconds", outcome.trained_at - start, 0), ("wall_seconds", time.perf_counter() - start, 0)]
-        self.journal.finish(run, params, metrics, plot_data, files, exported)
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-@dataclasses.dataclass
-class Outcome:
-    result: TrainResult
-    model: keras.Model  # the full classifier, or the head alone when it trained on cached features
-    data: DataSplits
-    image_size: int
-    trained_at: float  # perf_counter() when training and evaluation ended
-
-
-def resident_mb() -> float:
-    """This process's resident memory in MB (Linux; NaN elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return float("nan")
 
 
 def _clock(seconds: float) -> str:

@@ -72,13 +72,13 @@ def test_a_data_set_found_unusable_in_the_first_trial_stops_the_sweep(tmp_path, 
                                                                                   ("trial", "FAILED")]
 
 
-def _two_trial_sweep(tmp_path, class_folder, learning_rates):
+def _two_trial_sweep(tmp_path, class_folder, learning_rates, trial_process="auto"):
     import mlflow
     import yaml
 
     from sweeps.run import run_sweep
 
-    config = {"tuner": "grid", "max_trials": 2, "log_models": "best", "space": {
+    config = {"tuner": "grid", "max_trials": 2, "log_models": "best", "trial_process": trial_process, "space": {
         "backbone": {"fixed": "efficientnet_lite0"}, "image_size": {"fixed": 32}, "fine_tune": {"fixed": False},
         "epochs": {"fixed": 3}, "batch_size": {"fixed": 8}, "learning_rate": {"choice": learning_rates}}}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
@@ -101,17 +101,17 @@ def test_an_out_of_memory_trial_fails_and_the_sweep_goes_on(tmp_path, tracking_s
     # Injected: this machine has no memory limit to hit. TensorFlow raises ResourceExhaustedError on OOM.
     import tensorflow as tf
 
-    import sweeps.tuner
+    import sweeps.trial
 
-    real_train = sweeps.tuner.train
+    real_train = sweeps.trial.train
 
     def train(model, data, **kwargs):
         if kwargs["learning_rate"] == 0.02:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,1280]")
         return real_train(model, data, **kwargs)
 
-    monkeypatch.setattr(sweeps.tuner, "train", train)
-    runs = _two_trial_sweep(tmp_path, class_folder, [0.02, 0.01])
+    monkeypatch.setattr(sweeps.trial, "train", train)
+    runs = _two_trial_sweep(tmp_path, class_folder, [0.02, 0.01], trial_process="same")  # where the patch is
     assert runs[0.02].info.status == "FAILED"
     assert "out of memory: OOM when allocating tensor" in runs[0.02].data.tags["error"]
     assert runs[0.01].info.status == "FINISHED"
@@ -126,7 +126,7 @@ def test_ctrl_c_that_tensorflow_reports_as_another_error_still_stops_the_sweep(t
 
     import mlflow
 
-    import sweeps.tuner
+    import sweeps.trial
 
     calls = []
 
@@ -140,10 +140,10 @@ def test_ctrl_c_that_tensorflow_reports_as_another_error_still_stops_the_sweep(t
             raise TypeError("Cannot convert 0.5 to EagerTensor of dtype int64") from None
         raise AssertionError("SIGINT did not arrive")
 
-    monkeypatch.setattr(sweeps.tuner, "train", train)
+    monkeypatch.setattr(sweeps.trial, "train", train)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt, match="reported it as TypeError: Cannot convert 0.5"):
-        _two_trial_sweep(tmp_path, class_folder, [0.02, 0.01])
+        _two_trial_sweep(tmp_path, class_folder, [0.02, 0.01], trial_process="same")
     assert calls == [0.02], "the sweep went on after Ctrl-C"
     assert signal.getsignal(signal.SIGINT) is before
     exp = mlflow.get_experiment_by_name("two").experiment_id

@@ -53,6 +53,8 @@ def test_default_sweep_for_dataset():
         ({"space": {"batch_size": {"choice": [16, 32], "default": 64}}}, r"default 64 of 'batch_size' .* not one of"),
         ({"max_trials": 0}, r"max_trials in sweep t must be a whole number >= 1, got 0"),
         ({"log_models": "some"}, r"log_models 'some' in sweep t is not one of all, improving, best"),
+        ({"trial_process": "new"}, r"trial_process 'new' in t is not one of auto, fresh, same \(auto: a fresh process "
+                                   r"for trials that train the whole network\)"),
         ({"objective": "val_acc"}, r"objective 'val_acc' in sweep t is not supported; use one of \['val_accuracy'\]"),
     ],
 )
@@ -72,6 +74,9 @@ def test_bad_yaml_and_unknown_sweep(tmp_path):
 
 def test_command_line_overrides():
     config = load_sweep("quick").with_overrides(max_trials=5, tuner="grid", seed=None)
-    assert (config.max_trials, config.tuner, config.seed) == (5, "grid", 42)
+    assert (config.max_trials, config.tuner, config.seed, config.trial_process) == (5, "grid", 42, "auto")
+    assert load_sweep("quick").with_overrides(trial_process="same").trial_process == "same"
+    with pytest.raises(UserError, match=r"trial_process 'x' in the command line is not one of auto, fresh, same"):
+        load_sweep("quick").with_overrides(trial_process="x")
     with pytest.raises(UserError, match=r"unknown tuner 'best' in the command line"):
         load_sweep("quick").with_overrides(tuner="best")

@@ -188,3 +188,45 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_sweep_finishes(sweep):
     killed = client.get_run(victim.info.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["tlsweep.closed_by"] == "resume: its process died"
     assert len(kids) == 7, "six finished trials and the killed attempt"
+
+
+def test_a_worker_killed_mid_trial_and_not_restarted_has_its_trial_given_to_another(sweep, monkeypatch):
+    # Short heartbeat and timeout (defaults 30 s and 600 s), read by the chief and the workers.
+    monkeypatch.setenv("TLSWEEP_HEARTBEAT_SECONDS", "2")
+    monkeypatch.setenv("TLSWEEP_WORKER_TIMEOUT", "15")
+    sweep.chief()
+    w1 = sweep.worker("w1")
+    sweep.worker("w2")
+    client = MlflowClient(sweep.uri)
+    deadline = time.monotonic() + 300
+    victim = None
+    while victim is None:  # kill w1 while it runs a trial (after its first heartbeat)
+        assert time.monotonic() < deadline, sweep.logs()
+        exp = client.get_experiment_by_name("dist")
+        running = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.`{WORKER}` = 'w1' "
+                                     "and tags.`tlsweep.heartbeat` != ''") if exp else []
+        victim = running[0] if running else None
+        time.sleep(0.2)
+    w1.send_signal(signal.SIGKILL)
+    w1.wait()
+    del sweep.procs["w1"]
+    codes = sweep.wait()
+    assert codes == {"chief": 0, "w2": 0}, sweep.logs()
+    kids = check_one_finished_run_per_trial(sweep.uri)
+    killed = client.get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["tlsweep.closed_by"].startswith("chief: worker w1 sent no heartbeat for ")
+    rerun = [k for k in kids if k.info.status == "FINISHED" and k.data.tags[TRIAL_ID] == victim.data.tags[TRIAL_ID]]
+    assert [k.data.tags[WORKER] for k in rerun] == ["w2"]
+    assert "trial %s goes to the next worker that asks" % victim.data.tags[TRIAL_ID] in sweep.logs()
+    assert not psutil_children_named("sweeps.trial"), "w1's trial process outlived it"
+
+
+def psutil_children_named(fragment: str) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if fragment in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found

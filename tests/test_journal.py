@@ -22,7 +22,7 @@ def _finish(journal, run):
     metrics = [(k, v, i) for k, vs in HISTORY.items() for i, v in enumerate(vs)] + [("test_accuracy", 0.7, 0)]
     plot_data = {"history": HISTORY, "fine_tune_start": 1, "first_epoch": 0,
                  "confusion": np.array([[2, 1], [0, 3]]), "class_names": ["a", "b"]}
-    return journal.finish(run, {"dropout": 0.2, "backbone": "x"}, metrics, plot_data)
+    return journal.finish(run, {"dropout": 0.2, "backbone": "x"}, metrics, plot_data).name  # the run id, or new-…
 
 
 def _check_written(run_id):

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,10 +28,8 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from tracking import runs
+from tracking.entry import ENTRY, MODEL_DIR, write_entry
 
-ENTRY = "entry.json"
-GRID_IMAGES = "grid_images.npy"
-MODEL_DIR = "savedmodel"  # an export to log as the run's model (SavedModel files + pyfunc)
 
 
 class TrialJournal:
@@ -58,44 +55,19 @@ class TrialJournal:
 
     def finish(self, run: Future, params: Mapping[str, object], metrics: list[tuple[str, float, int]],
                plot_data: Mapping[str, Any] | None = None, files: Mapping[str, str | Path] | None = None,
-               model: tuple[str | Path, np.ndarray, np.ndarray] | None = None) -> str:
-        """Journal a finished trial, then write it to MLflow in the background. Returns the journal key
-        (the run id once the run exists).
-
-        ``plot_data``: see ``tracking.plots.trial_plots`` (``grid_images`` may be an array);
-        ``files`` maps artifact paths to local files or folders (moved into the journal);
-        ``model`` is ``(export dir, sample input, its output)`` to log as the run's model.
-        """
+               model: tuple[str | Path, np.ndarray, np.ndarray] | None = None) -> Path:
+        """Journal a finished trial (see ``write_entry``), then write it to MLflow in the background."""
         start = time.perf_counter()
         # Never wait for the store here: the run may still be queued for creation behind earlier writes.
-        run_id = run.result() if run.done() else None
-        key = run_id or f"new-{uuid.uuid4().hex}"
-        entry = self.folder / key
-        tmp = self.folder / f".{key}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        plot_data = dict(plot_data or {})
-        if plot_data.get("grid_images") is not None:  # pixels go to a file, not into the JSON
-            np.save(tmp / GRID_IMAGES, np.asarray(plot_data["grid_images"], dtype=np.uint8))
-            plot_data["grid_images"] = GRID_IMAGES
-        record = {"run_id": run_id, "run": run.spec, "params": {k: str(v)[: runs.MAX_PARAM] for k, v in params.items()},
-                  "metrics": [[k, float(v), int(s)] for k, v, s in metrics if v is not None],
-                  "timestamp": int(time.time() * 1000), "plots": _jsonable(plot_data), "files": {}}
-        for i, (artifact_path, local) in enumerate((files or {}).items()):
-            (tmp / f"file{i}").mkdir()
-            shutil.move(str(local), tmp / f"file{i}" / Path(artifact_path).name)
-            record["files"][f"file{i}"] = artifact_path
-        if model is not None:
-            export, sample, output = model
-            shutil.move(str(export), tmp / MODEL_DIR)
-            np.save(tmp / "sample.npy", sample)
-            np.save(tmp / "output.npy", output)
-            record["model"] = True
-        (tmp / ENTRY).write_text(json.dumps(record))
-        tmp.rename(entry)  # atomic: a journal entry is whole or absent
+        entry = write_entry(self.folder, run.result() if run.done() else None, run.spec, params, metrics, plot_data,
+                            files, model)
         self.blocked += time.perf_counter() - start
-        self._submit(self._apply, entry, run)
-        return key
+        self.submit(entry, run)
+        return entry
+
+    def submit(self, entry: Path, run: Future) -> None:
+        """Write a journaled trial (from ``write_entry``, maybe by another process) to MLflow in the background."""
+        self._submit(self._apply, Path(entry), run)
 
     def fail(self, run: Future, status: str, error: str, trace: str | None = None,
              params: Mapping[str, object] | None = None) -> None:
@@ -209,15 +181,3 @@ class TrialJournal:
         client.set_terminated(run_id, status="FINISHED")
         shutil.rmtree(entry)
         return run_id
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -11,12 +11,13 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.errors import UserError
+from tracking.entry import MAX_PARAM
 
 KIND = "tlsweep.kind"  # "sweep" for parents, "trial" for children
 SWEEP_KEY = "tlsweep.sweep"  # identifies a sweep across restarts
 TRIAL_ID = "kt.trial_id"
 WORKER = "kt.tuner_id"  # which Keras Tuner process ran the trial
-MAX_PARAM = 6000
+HEARTBEAT = "tlsweep.heartbeat"  # a distributed worker's last sign of life on its trial's run (epoch seconds)
 
 
 def find_parent(experiment_id: str, sweep_key: str) -> str | None:
@@ -52,17 +53,34 @@ def wait_for_parent(experiment_id: str, sweep_key: str, timeout: float = 300.0) 
     return run_id
 
 
-def close_orphans(experiment_id: str, parent_id: str, worker: str | None = None) -> list[str]:
-    """Mark children of this sweep (of one worker, if given) still RUNNING from a dead process as KILLED."""
+def close_orphans(experiment_id: str, parent_id: str, worker: str | None = None, trial: str | None = None,
+                  reason: str = "resume: its process died") -> list[str]:
+    """Mark children of this sweep (of one worker, of one trial, if given) still RUNNING as KILLED."""
     client = MlflowClient()
     query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and attributes.status = 'RUNNING'"
     if worker is not None:
         query += f" and tags.`{WORKER}` = '{worker}'"
+    if trial is not None:
+        query += f" and tags.`{TRIAL_ID}` = '{trial}'"
     stale = client.search_runs([experiment_id], query)
     for run in stale:
-        client.set_tag(run.info.run_id, "tlsweep.closed_by", "resume: its process died")
+        client.set_tag(run.info.run_id, "tlsweep.closed_by", reason)
         client.set_terminated(run.info.run_id, status="KILLED")
     return [r.info.run_id for r in stale]
+
+
+def stamp(run_id: str) -> None:
+    """A heartbeat: the run's process is alive now."""
+    MlflowClient().set_tag(run_id, HEARTBEAT, f"{time.time():.0f}")
+
+
+def last_stamp(experiment_id: str, parent_id: str, worker: str, trial: str) -> float | None:
+    """When a worker's run of a trial was last stamped (epoch seconds), if ever."""
+    found = MlflowClient().search_runs(
+        [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`{WORKER}` = '{worker}' "
+        f"and tags.`{TRIAL_ID}` = '{trial}' and attributes.status = 'RUNNING'")
+    stamps = [float(r.data.tags[HEARTBEAT]) for r in found if HEARTBEAT in r.data.tags]
+    return max(stamps) if stamps else None
 
 
 def create_child(experiment_id: str, parent_id: str, name: str, tags: Mapping[str, str]) -> str:

@@ -1,0 +1,133 @@
+"""Distributed sweeps: a worker that dies mid-trial does not hold the sweep up.
+
+Keras Tuner's chief keeps a trial assigned to its worker's id until that worker reports it, so a
+worker that dies is waited for forever (unless restarted with the same id). Here each worker stamps
+its trial's MLflow run every ``heartbeat_seconds()`` (``Heartbeat``), and the chief's
+``WorkerMonitor`` hands a trial whose run has not been stamped for ``worker_timeout()`` seconds to
+the next worker that asks, after closing the silent worker's run as KILLED. Both read the
+environment: ``TLSWEEP_HEARTBEAT_SECONDS`` (default 30) and ``TLSWEEP_WORKER_TIMEOUT`` (default 600).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from concurrent.futures import Future
+
+import keras_tuner as kt
+from keras_tuner.src.engine.oracle import synchronized
+
+from pipeline.errors import UserError
+from tracking import runs
+
+
+def heartbeat_seconds() -> float:
+    return _seconds("TLSWEEP_HEARTBEAT_SECONDS", 30.0)
+
+
+def worker_timeout() -> float:
+    return _seconds("TLSWEEP_WORKER_TIMEOUT", 600.0)
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise UserError(f"{name}={raw!r} is not a number of seconds above 0; unset it for {default:.0f}")
+    return value
+
+
+class Heartbeat:
+    """While a worker runs a trial, stamp the trial's run from a thread (``with Heartbeat(run, 30):``)."""
+
+    def __init__(self, run: Future, interval: float):
+        self.run, self.interval = run, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="tlsweep-heartbeat")
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        try:
+            run_id = self.run.result()
+        except Exception:  # noqa: BLE001 - the trial reports a run that could not be created
+            return
+        while True:
+            try:
+                runs.stamp(run_id)
+            except Exception as e:  # noqa: BLE001 - a store hiccup; the next beat tries again
+                print(f"warning: heartbeat of run {run_id} not written ({type(e).__name__}: {e})", file=sys.stderr)
+            if self._stop.wait(self.interval):
+                return
+
+
+class WorkerMonitor:
+    """The chief's watch over ongoing trials; ``check()`` requeues those of silent workers."""
+
+    def __init__(self, oracle: kt.Oracle, experiment_id: str, parent_id: str, timeout: float,
+                 interval: float | None = None):
+        self.oracle, self.experiment_id, self.parent_id, self.timeout = oracle, experiment_id, parent_id, timeout
+        self.interval = interval or min(timeout / 4, 30.0)
+        self._seen: dict[tuple[str, str], float] = {}  # (worker, trial) -> when the chief first saw it running
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="tlsweep-worker-monitor")
+
+    def __enter__(self) -> "WorkerMonitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception as e:  # noqa: BLE001 - the store did not answer; look again next time
+                print(f"warning: could not check the workers ({type(e).__name__}: {e})", file=sys.stderr)
+
+    def check(self, now: float | None = None) -> list[str]:
+        """Requeue the trials whose worker has been silent for longer than the timeout; returns their ids."""
+        now = time.time() if now is None else now
+        requeued = []
+        for worker, trial in list(self.oracle.ongoing_trials.items()):
+            first = self._seen.setdefault((worker, trial.trial_id), now)
+            stamp = runs.last_stamp(self.experiment_id, self.parent_id, worker, trial.trial_id)
+            silent = now - max(first, stamp or 0.0)
+            if silent <= self.timeout:
+                continue
+            if _requeue(self.oracle, worker, trial.trial_id):
+                reason = (f"chief: worker {worker} sent no heartbeat for {silent:.0f} s; "
+                          "its trial went to another worker")
+                runs.close_orphans(self.experiment_id, self.parent_id, worker=worker, trial=trial.trial_id,
+                                   reason=reason)
+                print(f"chief: worker {worker} has been silent for {silent:.0f} s (TLSWEEP_WORKER_TIMEOUT="
+                      f"{self.timeout:.0f}); trial {trial.trial_id} goes to the next worker that asks", flush=True)
+                requeued.append(trial.trial_id)
+        return requeued
+
+
+@synchronized
+def _requeue(oracle: kt.Oracle, worker: str, trial_id: str) -> bool:
+    """Under the oracle's lock: take the trial from the worker and queue it for the next one (as Keras
+    Tuner's own retry queue does); forget the worker, which would otherwise keep the chief waiting."""
+    trial = oracle.ongoing_trials.get(worker)
+    if trial is None or trial.trial_id != trial_id:  # it ended meanwhile
+        return False
+    del oracle.ongoing_trials[worker]
+    oracle.tuner_ids.discard(worker)
+    oracle._retry_queue.append(trial_id)
+    oracle.save()
+    return True

@@ -1,0 +1,101 @@
+"""A trial runs the same in the sweep's process and in a fresh one; a dying trial process fails only its trial."""
+
+import json
+import threading
+import time
+
+import mlflow
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sweeps.config import SweepConfig
+from sweeps.run import run_sweep
+from sweeps.trial import TrialSpec
+
+FINE_TUNE = {  # a trial that trains the whole network: "auto" runs it in a fresh process
+    "backbone": {"fixed": "efficientnet_lite0"}, "image_size": {"fixed": 32}, "batch_size": {"fixed": 8},
+    "epochs": {"fixed": 2}, "fine_tune": {"fixed": True}, "fine_tune_epochs": {"fixed": 1},
+    "fine_tune_at": {"fixed": 0.9}, "learning_rate": {"choice": [0.02, 0.01]},
+}
+
+
+def _sweep(tmp_path, class_folder, trial_process, experiment, space=FINE_TUNE, max_trials=2):
+    config = {"tuner": "grid", "max_trials": max_trials, "log_models": "best", "trial_process": trial_process,
+              "space": space}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / f"{experiment}.yaml").write_text(yaml.safe_dump(config))
+    tuners = []
+    parent = run_sweep(str(class_folder), sweep=str(tmp_path / f"{experiment}.yaml"), experiment=experiment,
+                       state_dir=str(tmp_path / "state"), verbose=0, progress=False, tuner_out=tuners)
+    exp = mlflow.get_experiment_by_name(experiment).experiment_id
+    kids = MlflowClient().search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {float(k.data.params["learning_rate"]): k for k in kids}, tuners[0]
+
+
+def test_spec_survives_json():
+    spec = TrialSpec(config=SweepConfig(name="s", space={"dropout": {"choice": [0.1, 0.2]}}), dataset="d", split=None,
+                     feature_cache=True, verbose=0, trial_dir="/t", values={"dropout": 0.1}, tuner_values={},
+                     export_metadata={"trial_id": "0"}, run_spec={"name": "trial-0"}, params={}, journal="/j",
+                     best=0.5, checkpoint=True)
+    assert TrialSpec.from_json(spec.to_json()) == spec
+
+
+def test_a_trial_in_a_fresh_process_gives_what_it_gives_in_the_sweeps(tmp_path, tracking_store, class_folder):
+    same, _ = _sweep(tmp_path / "a", class_folder, "same", "same")
+    fresh, tuner = _sweep(tmp_path / "b", class_folder, "auto", "fresh")
+    assert tuner.config.trial_process == "auto"
+    for lr in (0.02, 0.01):
+        a, b = same[lr], fresh[lr]
+        assert a.info.status == b.info.status == "FINISHED"
+        assert b.data.params["feature_cache"] == a.data.params["feature_cache"]
+        for name in ("val_accuracy", "test_accuracy", "head_test_accuracy", "loss"):
+            assert b.data.metrics[name] == pytest.approx(a.data.metrics[name], abs=1e-6), name
+        history = [m.value for m in MlflowClient().get_metric_history(b.info.run_id, "val_loss")]
+        assert history == pytest.approx([m.value for m in MlflowClient().get_metric_history(a.info.run_id, "val_loss")])
+        assert "checkpoint" in {f.path for f in MlflowClient().list_artifacts(b.info.run_id)}
+    # the fresh process wrote its request and answer beside the trial's checkpoint
+    answers = sorted((tmp_path / "b" / "state").rglob("answer.json"))
+    assert len(answers) == 2 and all("output" in json.loads(p.read_text()) for p in answers)
+
+
+def test_a_killed_trial_process_fails_its_trial_and_the_sweep_goes_on(tmp_path, tracking_store, class_folder):
+    """The kernel's out-of-memory killer sends SIGKILL: here a thread sends it to the first trial's process."""
+    killed = []
+
+    def kill_first_trial_process():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    if "sweeps.trial" in child.cmdline():
+                        time.sleep(2)  # inside the trial: importing, loading or training
+                        child.kill()
+                        killed.append(child.pid)
+                        return
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_first_trial_process, daemon=True)
+    killer.start()
+    runs, tuner = _sweep(tmp_path, class_folder, "fresh", "oom")
+    killer.join()
+    assert killed, "no trial process was seen"
+    assert runs[0.02].info.status == "FAILED"
+    assert runs[0.02].data.tags["error"] == ("FailedTrialError: the trial's process was killed by SIGKILL; the kernel "
+                                             "kills a process this way when memory runs out")
+    assert runs[0.01].info.status == "FINISHED"
+    assert [t.status for t in tuner.oracle.trials.values()] == ["FAILED", "COMPLETED"]
+
+
+def test_heads_on_cached_features_stay_in_the_sweeps_process(tmp_path, tracking_store, class_folder, monkeypatch):
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path / "cache"))  # features not cached yet
+    heads = {**FINE_TUNE, "fine_tune": {"fixed": False}, "learning_rate": {"choice": [0.02, 0.01, 0.005]}}
+    runs, tuner = _sweep(tmp_path, class_folder, "auto", "heads", space=heads, max_trials=3)
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    # the first trial computes the features in a fresh process; the next two train heads here
+    answers = {p.parent.name for p in (tmp_path / "state").rglob("answer.json")}
+    assert answers == {"trial_0"}
+    assert tuner.data_cache, "the sweep's process loaded the data for its in-process trials"

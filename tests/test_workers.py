@@ -1,0 +1,53 @@
+"""The chief's monitor requeues the trial of a silent worker; a stamped run keeps its trial."""
+
+import time
+
+import keras_tuner as kt
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import UserError
+from sweeps import workers
+from tracking import runs, store
+
+
+def _oracle(tmp_path):
+    hp = kt.HyperParameters()
+    hp.Choice("dropout", [0.1, 0.2, 0.3])
+    oracle = kt.oracles.RandomSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=3, seed=1)
+    oracle._set_project_dir(str(tmp_path), "p")
+    oracle.update_space(hp)
+    return oracle
+
+
+def test_a_silent_workers_trial_goes_to_the_next_worker(tmp_path, tracking_store):
+    exp = store.experiment_id("m")
+    parent = runs.start_parent(exp, "m:s", "sweep-s")
+    oracle = _oracle(tmp_path)
+    t1 = oracle.create_trial("w1")
+    t2 = oracle.create_trial("w2")
+    dead = runs.create_child(exp, parent, "trial-0", {runs.TRIAL_ID: t1.trial_id, runs.WORKER: "w1"})
+    alive = runs.create_child(exp, parent, "trial-1", {runs.TRIAL_ID: t2.trial_id, runs.WORKER: "w2"})
+    monitor = workers.WorkerMonitor(oracle, exp, parent, timeout=60)
+    start = time.time()
+    assert monitor.check(now=start) == []  # both first seen now
+    runs.stamp(alive)
+    assert monitor.check(now=start + 59) == []
+    MlflowClient().set_tag(alive, runs.HEARTBEAT, f"{start + 50:.0f}")  # w2 beats on; w1 never did
+    assert monitor.check(now=start + 61) == [t1.trial_id]
+    assert set(oracle.ongoing_trials) == {"w2"} and "w1" not in oracle.tuner_ids
+    assert MlflowClient().get_run(dead).info.status == "KILLED"
+    assert MlflowClient().get_run(alive).info.status == "RUNNING"
+    assert oracle.create_trial("w3").trial_id == t1.trial_id  # the requeued trial comes first
+    runs.end_run(alive, "FINISHED")
+    runs.end_parent(parent)
+
+
+def test_bad_heartbeat_settings_are_one_clear_error(monkeypatch):
+    monkeypatch.setenv("TLSWEEP_WORKER_TIMEOUT", "ten")
+    with pytest.raises(UserError, match=r"TLSWEEP_WORKER_TIMEOUT='ten' is not a number of seconds above 0; unset it "
+                                        r"for 600"):
+        workers.worker_timeout()
+    monkeypatch.setenv("TLSWEEP_HEARTBEAT_SECONDS", "0")
+    with pytest.raises(UserError, match=r"TLSWEEP_HEARTBEAT_SECONDS='0'"):
+        workers.heartbeat_seconds()
