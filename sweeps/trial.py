@@ -9,6 +9,7 @@ journal entry (``tracking.journal.write_entry``) and the sweep's process sends i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,7 +24,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import keras
 import keras_tuner as kt
@@ -100,15 +101,23 @@ def run(spec: TrialSpec, data_cache: dict[int, DataSplits], run_id: Callable[[],
     """Train the trial and journal it. Failures raise Keras Tuner's errors: ``FailedTrialError`` (the
     sweep goes on) or ``FatalError`` (the data set is unusable: the sweep stops)."""
     start = time.perf_counter()
-    try:
+    with trial_errors():
         outcome = _train(spec, data_cache)
+    return _finish(spec, outcome, start, run_id or (lambda: spec.run_id))
+
+
+@contextlib.contextmanager
+def trial_errors() -> Iterator[None]:
+    """Turn a trial's failures into Keras Tuner's errors: ``FailedTrialError`` (the sweep goes on) or
+    ``FatalError`` (the data set is unusable: the sweep stops)."""
+    try:
+        yield
     except DataError as e:  # no trial can run on this data
         raise kt.errors.FatalError(str(e)) from e
     except (UserError, ValueError) as e:
         raise kt.errors.FailedTrialError(f"impossible configuration: {e}") from e
     except tf.errors.ResourceExhaustedError as e:
         raise kt.errors.FailedTrialError(f"out of memory: {e.message[:500]}") from e
-    return _finish(spec, outcome, start, run_id or (lambda: spec.run_id))
 
 
 def data_for(spec: TrialSpec, image_size: int, data_cache: dict[int, DataSplits]) -> DataSplits:

@@ -111,7 +111,8 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
         run = self.journal.start(self.experiment_id, self.parent_run_id, f"trial-{key}", tags)
         try:
             spec = self._spec(trial, values, tuner_values, params, run)
-            in_process = not self._fresh(spec)
+            with trials.trial_errors():  # deciding may load the data set
+                in_process = not self._fresh(spec)
             with Heartbeat(run, self.heartbeat) if self.heartbeat else contextlib.nullcontext():
                 if in_process:
                     output = trials.run(spec, self.data_cache, run_id=run.result)

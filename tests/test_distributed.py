@@ -21,6 +21,7 @@ SWEEP = {
     "tuner": "grid",
     "max_trials": 6,
     "log_models": "best",
+    "trial_process": "same",  # fast; the test of a killed worker runs trials in fresh processes
     "space": {
         "backbone": {"fixed": "efficientnet_lite0"},
         "image_size": {"fixed": 32},
@@ -76,11 +77,14 @@ class Sweep:
     def __init__(self, tmp_path: Path, uri: str, dataset: str):
         self.tmp, self.uri = tmp_path, uri
         self.oracle = f"127.0.0.1:{free_port()}"
-        (tmp_path / "dist.yaml").write_text(yaml.safe_dump(SWEEP))
+        self.configure()
         self.args = [sys.executable, "-m", "sweeps.cli", "sweep", "--dataset", dataset, "--sweep",
                      str(tmp_path / "dist.yaml"), "--experiment", "dist", "--split", "60/20/20", "--state-dir",
                      str(tmp_path / "state"), "--tracking-uri", uri, "--quiet", "--oracle", self.oracle]
         self.procs: dict[str, subprocess.Popen] = {}
+
+    def configure(self, **changes) -> None:
+        (self.tmp / "dist.yaml").write_text(yaml.safe_dump({**SWEEP, **changes}))
 
     def chief(self) -> subprocess.Popen:
         self.procs["chief"] = start([*self.args, "--role", "chief"], ROOT, self.tmp / "chief.log")
@@ -121,6 +125,19 @@ def sweep(tmp_path, server, class_folder, monkeypatch):
     s.kill()
 
 
+def running_trial(sweep: Sweep, client: MlflowClient, worker: str, extra: str = ""):
+    """The run of a trial the worker is running now (waits for one)."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert time.monotonic() < deadline, sweep.logs()
+        exp = client.get_experiment_by_name("dist")
+        running = client.search_runs(
+            [exp.experiment_id], f"attributes.status = 'RUNNING' and tags.`{WORKER}` = '{worker}' {extra}") if exp else []
+        if running:
+            return running[0]
+        time.sleep(0.2)
+
+
 def check_one_finished_run_per_trial(uri: str) -> list:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("dist")
@@ -144,6 +161,7 @@ def check_one_finished_run_per_trial(uri: str) -> list:
     return kids
 
 
+@pytest.mark.slow  # the default tier has the same checks in the test of a killed worker below
 def test_chief_and_two_workers_share_one_sweep_and_one_tracking_server(sweep, tmp_path, capsys):
     sweep.chief()
     sweep.worker("w1")
@@ -167,15 +185,7 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_sweep_finishes(sweep):
     w1 = sweep.worker("w1")
     sweep.worker("w2")
     client = MlflowClient(sweep.uri)
-    deadline = time.monotonic() + 300
-    victim = None
-    while victim is None:  # kill w1 while it runs a trial
-        assert time.monotonic() < deadline, sweep.logs()
-        exp = client.get_experiment_by_name("dist")
-        running = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.`{WORKER}` = 'w1'") \
-            if exp else []
-        victim = running[0] if running else None
-        time.sleep(0.2)
+    victim = running_trial(sweep, client, "w1")  # kill w1 while it runs a trial
     w1.send_signal(signal.SIGKILL)
     w1.wait()
     assert sweep.procs["w2"].wait(timeout=600) == 0, sweep.logs()  # w2 runs the rest meanwhile
@@ -190,23 +200,17 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_sweep_finishes(sweep):
     assert len(kids) == 7, "six finished trials and the killed attempt"
 
 
-def test_a_worker_killed_mid_trial_and_not_restarted_has_its_trial_given_to_another(sweep, monkeypatch):
+def test_a_worker_killed_mid_trial_and_not_restarted_has_its_trial_given_to_another(sweep, monkeypatch, tmp_path,
+                                                                                     capsys):
     # Short heartbeat and timeout (defaults 30 s and 600 s), read by the chief and the workers.
     monkeypatch.setenv("TLSWEEP_HEARTBEAT_SECONDS", "2")
     monkeypatch.setenv("TLSWEEP_WORKER_TIMEOUT", "15")
+    sweep.configure(trial_process="auto")  # fine-tuning trials in fresh processes, which must die with w1
     sweep.chief()
     w1 = sweep.worker("w1")
     sweep.worker("w2")
     client = MlflowClient(sweep.uri)
-    deadline = time.monotonic() + 300
-    victim = None
-    while victim is None:  # kill w1 while it runs a trial (after its first heartbeat)
-        assert time.monotonic() < deadline, sweep.logs()
-        exp = client.get_experiment_by_name("dist")
-        running = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.`{WORKER}` = 'w1' "
-                                     "and tags.`tlsweep.heartbeat` != ''") if exp else []
-        victim = running[0] if running else None
-        time.sleep(0.2)
+    victim = running_trial(sweep, client, "w1", "and tags.`tlsweep.heartbeat` != ''")  # after its first heartbeat
     w1.send_signal(signal.SIGKILL)
     w1.wait()
     del sweep.procs["w1"]
@@ -219,14 +223,20 @@ def test_a_worker_killed_mid_trial_and_not_restarted_has_its_trial_given_to_anot
     rerun = [k for k in kids if k.info.status == "FINISHED" and k.data.tags[TRIAL_ID] == victim.data.tags[TRIAL_ID]]
     assert [k.data.tags[WORKER] for k in rerun] == ["w2"]
     assert "trial %s goes to the next worker that asks" % victim.data.tags[TRIAL_ID] in sweep.logs()
-    assert not psutil_children_named("sweeps.trial"), "w1's trial process outlived it"
+    assert not trial_processes_under(sweep.tmp), "w1's trial process outlived it"
+
+    assert sweeps_main(["best-export", "--experiment", "dist", "--export-dir", str(tmp_path / "exports"),
+                        "--tracking-uri", sweep.uri]) == 0
+    assert "parity: the export reproduces test_accuracy=" in capsys.readouterr().out
 
 
-def psutil_children_named(fragment: str) -> list:
+def trial_processes_under(folder: Path) -> list:
+    """Trial processes (``python -m sweeps.trial <trial folder> ...``) of a sweep whose state is in ``folder``."""
     import psutil
 
     found = []
     for proc in psutil.process_iter(["cmdline"]):
-        if fragment in " ".join(proc.info["cmdline"] or []):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "sweeps.trial" in cmdline and str(folder) in cmdline:
             found.append(proc)
     return found

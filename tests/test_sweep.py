@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -17,6 +18,7 @@ from tracking.runs import TRIAL_ID
 TINY = {
     "tuner": "grid",
     "max_trials": 4,
+    "trial_process": "same",  # fast; fresh trial processes have their own tests (test_trial, the Ctrl-C test)
     "space": {
         # xception cannot take 32 px images: those trials must fail cleanly while the sweep goes on.
         "backbone": {"choice": ["efficientnet_lite0", "xception"]},
@@ -327,8 +329,12 @@ def _interrupt_and_check(proc, tracking_store, sig):
     assert trial is not None, "the trial never started"
     time.sleep(3)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    children = psutil.Process(proc.pid).children(recursive=True)  # the trial's own process, and helpers
+    assert any("sweeps.trial" in " ".join(c.cmdline()) for c in children), "an augmented trial runs in a fresh process"
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running after the sweep ended: {[c.cmdline() for c in alive]}"
     assert proc.returncode == 130, err[-2000:]
     assert "run the same command again to continue" in err and "Traceback" not in err
     runs = client.search_runs([client.get_experiment_by_name("interrupt").experiment_id])

@@ -43,10 +43,10 @@ def test_spec_survives_json():
 
 
 def test_a_trial_in_a_fresh_process_gives_what_it_gives_in_the_sweeps(tmp_path, tracking_store, class_folder):
-    same, _ = _sweep(tmp_path / "a", class_folder, "same", "same")
-    fresh, tuner = _sweep(tmp_path / "b", class_folder, "auto", "fresh")
+    same, _ = _sweep(tmp_path / "a", class_folder, "same", "same", max_trials=1)
+    fresh, tuner = _sweep(tmp_path / "b", class_folder, "auto", "fresh", max_trials=1)
     assert tuner.config.trial_process == "auto"
-    for lr in (0.02, 0.01):
+    for lr in (0.02,):
         a, b = same[lr], fresh[lr]
         assert a.info.status == b.info.status == "FINISHED"
         assert b.data.params["feature_cache"] == a.data.params["feature_cache"]
@@ -57,7 +57,7 @@ def test_a_trial_in_a_fresh_process_gives_what_it_gives_in_the_sweeps(tmp_path, 
         assert "checkpoint" in {f.path for f in MlflowClient().list_artifacts(b.info.run_id)}
     # the fresh process wrote its request and answer beside the trial's checkpoint
     answers = sorted((tmp_path / "b" / "state").rglob("answer.json"))
-    assert len(answers) == 2 and all("output" in json.loads(p.read_text()) for p in answers)
+    assert len(answers) == 1 and "output" in json.loads(answers[0].read_text())
 
 
 def test_a_killed_trial_process_fails_its_trial_and_the_sweep_goes_on(tmp_path, tracking_store, class_folder):
