@@ -141,11 +141,15 @@ def test_ctrl_c_that_tensorflow_reports_as_another_error_still_stops_the_sweep(t
         raise AssertionError("SIGINT did not arrive")
 
     monkeypatch.setattr(sweeps.trial, "train", train)
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt, match="reported it as TypeError: Cannot convert 0.5"):
-        _two_trial_sweep(tmp_path, class_folder, [0.02, 0.01], trial_process="same")
+    # as from a terminal: background jobs of non-interactive shells (CI) inherit SIGINT ignored
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="reported it as TypeError: Cannot convert 0.5"):
+            _two_trial_sweep(tmp_path, class_folder, [0.02, 0.01], trial_process="same")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the sweep's handler was not removed"
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert calls == [0.02], "the sweep went on after Ctrl-C"
-    assert signal.getsignal(signal.SIGINT) is before
     exp = mlflow.get_experiment_by_name("two").experiment_id
     runs = {r.data.tags["tlsweep.kind"]: r for r in mlflow.tracking.MlflowClient().search_runs([exp])}
     assert {k: r.info.status for k, r in runs.items()} == {"sweep": "KILLED", "trial": "KILLED"}
