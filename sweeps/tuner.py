@@ -28,6 +28,9 @@ from sweeps.workers import Heartbeat
 from tracking import runs
 from tracking.journal import TrialJournal
 
+ZERO_SEED = 2**31 - 1  # the oracle's seed for a sweep with seed 0
+
+
 class SpaceHyperModel(kt.HyperModel):
     """Declares the space; ``build`` returns the trial's values (models are built in ``run_trial``)."""
 
@@ -41,7 +44,10 @@ class SpaceHyperModel(kt.HyperModel):
 
 def make_oracle(config: SweepConfig) -> kt.Oracle:
     objective = kt.Objective(config.objective, direction="max")
-    common = dict(objective=objective, seed=config.seed, max_consecutive_failed_trials=config.max_consecutive_failed_trials)
+    # Keras Tuner takes seed 0 for "no seed" and draws a random one: a sweep with seed 0 would draw other
+    # hyperparameters each time it starts. 0 stands for a fixed seed of its own instead.
+    seed = config.seed if config.seed != 0 else ZERO_SEED
+    common = dict(objective=objective, seed=seed, max_consecutive_failed_trials=config.max_consecutive_failed_trials)
     if config.tuner == "random":
         return kt.oracles.RandomSearchOracle(max_trials=config.max_trials, **common)
     if config.tuner == "bayesian":
