@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "far; or none, trials keeping a Keras checkpoint that best-export turns into the SavedModel of "
                    "the winner (fastest); overrides the YAML (default: all)")
     p.add_argument("--trial-process", default=None, choices=TRIAL_PROCESSES,
-                   help="where trials run: auto (default) runs a trial that builds the whole network in a fresh "
-                   "process, whose memory is all returned when it ends, and heads on cached features in the sweep's "
-                   "process; fresh: every trial in its own process; same: all in the sweep's process")
+                   help="where trials run: auto (default) runs a trial that trains the whole network (fine-tuning, "
+                   "augmentation, features not cached yet) in a fresh process, whose memory is all returned when it "
+                   "ends, and heads on cached features in the sweep's process; fresh: every trial in its own "
+                   "process; same: all in the sweep's process; overrides the YAML")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="run the frozen backbone every epoch instead of training heads on cached features")
     p.add_argument("--role", choices=("chief", "worker"), default=None,

@@ -1,8 +1,9 @@
 """The tuner: Keras Tuner's oracles choose, the pipeline trains, every trial lands in MLflow.
 
-``TransferTuner`` is a ``BaseTuner`` whose ``run_trial`` runs one two-phase trial through the
-pipeline inside an MLflow child run. Hyperband promotions continue the previous trial's saved
-model (with its trainable flags and optimizer state) on the same two-phase epoch axis.
+``TransferTuner`` is a ``BaseTuner`` whose ``run_trial`` opens the trial's MLflow child run, runs
+the two-phase trial (``sweeps.trial``) in this process or a fresh one (``trial_process``), and
+hands its journal entry to the background writer. Hyperband promotions continue the previous
+trial's saved model (with its trainable flags and optimizer state) on the same two-phase epoch axis.
 """
 
 from __future__ import annotations
