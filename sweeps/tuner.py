@@ -121,7 +121,8 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             with trials.trial_errors():  # deciding may load the data set
                 in_process = not self._fresh(spec)
             with Heartbeat(run, self.heartbeat) if self.heartbeat else contextlib.nullcontext():
-                if in_process:
+                if in_process:  # never waits for the store; a run not created yet is resolved when written
+                    spec = dataclasses.replace(spec, run_id=run.result() if run.done() else None)
                     output = trials.run(spec, self.data_cache, run_id=run.result)
                 else:
                     output = trials.run_fresh(dataclasses.replace(spec, run_id=run.result()))

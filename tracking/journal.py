@@ -31,7 +31,6 @@ from tracking import runs
 from tracking.entry import ENTRY, MODEL_DIR, write_entry
 
 
-
 class TrialJournal:
     """One background writer per tuner process; ``flush()`` waits for everything queued so far."""
 
