@@ -95,11 +95,9 @@ def run_sweep(
                     stage2.search(verbose=1 if verbose else 0)
             status = "FINISHED"
         except BaseException as e:
-            if isinstance(e, KeyboardInterrupt) or signals.interrupted():
+            if (stop := signals.interruption(e)) is not None:
                 status = "KILLED"
-                if isinstance(e, KeyboardInterrupt):
-                    raise
-                raise KeyboardInterrupt(f"interrupted; reported as {type(e).__name__}: {e}") from e
+                raise stop
             if isinstance(e.__cause__, DataError):  # found while loading the data in a trial
                 raise e.__cause__ from None
             if not isinstance(e, RuntimeError) or "consecutive failures" not in str(e):

@@ -22,6 +22,18 @@ def interrupted() -> bool:
     return _RECEIVED.is_set()
 
 
+def interruption(error: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt behind ``error``: the error itself if it is one, a ``KeyboardInterrupt`` chained to it
+    if a signal came first (TensorFlow reported it as an error of its own), else None."""
+    if isinstance(error, KeyboardInterrupt):
+        return error
+    if not interrupted():
+        return None
+    stop = KeyboardInterrupt(f"interrupted; TensorFlow reported it as {type(error).__name__}: {error}")
+    stop.__cause__ = error
+    return stop
+
+
 def _handler(signum: int, frame: object) -> None:
     _RECEIVED.set()
     raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -120,21 +120,20 @@ class TransferTuner(kt.engine.base_tuner.BaseTuner):
             spec = self._spec(trial, values, tuner_values, params, run)
             with trials.trial_errors():  # deciding may load the data set
                 in_process = not self._fresh(spec)
+            # A fresh process needs the run id; in this process a run not created yet is resolved when written.
+            spec = dataclasses.replace(spec, run_id=run.result() if run.done() or not in_process else None)
             with Heartbeat(run, self.heartbeat) if self.heartbeat else contextlib.nullcontext():
-                if in_process:  # never waits for the store; a run not created yet is resolved when written
-                    spec = dataclasses.replace(spec, run_id=run.result() if run.done() else None)
+                if in_process:
                     output = trials.run(spec, self.data_cache, run_id=run.result)
                 else:
-                    output = trials.run_fresh(dataclasses.replace(spec, run_id=run.result()))
+                    output = trials.run_fresh(spec)
             self.journal.blocked += output.journal_seconds
             self.journal.submit(Path(output.entry), run)
         except BaseException as e:
             # A signal inside TensorFlow may surface as another error: it still stops the sweep.
-            if isinstance(e, KeyboardInterrupt) or signals.interrupted():
+            if (stop := signals.interruption(e)) is not None:
                 self.journal.fail(run, "KILLED", "interrupted (Ctrl-C or SIGTERM)", params=params)
-                if isinstance(e, KeyboardInterrupt):
-                    raise
-                raise KeyboardInterrupt(f"interrupted; TensorFlow reported it as {type(e).__name__}: {e}") from e
+                raise stop
             self.journal.fail(run, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc(), params=params)
             raise
         finally:

@@ -42,15 +42,16 @@ def _seconds(name: str, default: float) -> float:
     return value
 
 
-class Heartbeat:
-    """While a worker runs a trial, stamp the trial's run from a thread (``with Heartbeat(run, 30):``)."""
+class _Periodic:
+    """Calls ``tick()`` on a daemon thread every ``interval`` seconds (the first at once if ``at_start``),
+    from entering a ``with`` block until leaving it."""
 
-    def __init__(self, run: Future, interval: float):
-        self.run, self.interval = run, interval
+    def __init__(self, interval: float, at_start: bool, name: str):
+        self.interval, self._at_start = interval, at_start
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="tlsweep-heartbeat")
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=name)
 
-    def __enter__(self) -> "Heartbeat":
+    def __enter__(self) -> "_Periodic":
         self._thread.start()
         return self
 
@@ -58,45 +59,50 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _beat(self) -> None:
+    def _loop(self) -> None:
+        if not self._at_start and self._stop.wait(self.interval):
+            return
+        while True:
+            self.tick()
+            if self._stop.wait(self.interval):
+                return
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class Heartbeat(_Periodic):
+    """While a worker runs a trial, stamp the trial's run from a thread (``with Heartbeat(run, 30):``)."""
+
+    def __init__(self, run: Future, interval: float):
+        super().__init__(interval, at_start=True, name="tlsweep-heartbeat")
+        self.run = run
+
+    def tick(self) -> None:
         try:
             run_id = self.run.result()
         except Exception:  # noqa: BLE001 - the trial reports a run that could not be created
             return
-        while True:
-            try:
-                runs.stamp(run_id)
-            except Exception as e:  # noqa: BLE001 - a store hiccup; the next beat tries again
-                print(f"warning: heartbeat of run {run_id} not written ({type(e).__name__}: {e})", file=sys.stderr)
-            if self._stop.wait(self.interval):
-                return
+        try:
+            runs.stamp(run_id)
+        except Exception as e:  # noqa: BLE001 - a store hiccup; the next beat tries again
+            print(f"warning: heartbeat of run {run_id} not written ({type(e).__name__}: {e})", file=sys.stderr)
 
 
-class WorkerMonitor:
+class WorkerMonitor(_Periodic):
     """The chief's watch over ongoing trials; ``check()`` requeues those of silent workers."""
 
     def __init__(self, oracle: kt.Oracle, experiment_id: str, parent_id: str, timeout: float,
                  interval: float | None = None):
+        super().__init__(interval or min(timeout / 4, 30.0), at_start=False, name="tlsweep-worker-monitor")
         self.oracle, self.experiment_id, self.parent_id, self.timeout = oracle, experiment_id, parent_id, timeout
-        self.interval = interval or min(timeout / 4, 30.0)
         self._seen: dict[tuple[str, str], float] = {}  # (worker, trial) -> when the chief first saw it running
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True, name="tlsweep-worker-monitor")
 
-    def __enter__(self) -> "WorkerMonitor":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception as e:  # noqa: BLE001 - the store did not answer; look again next time
-                print(f"warning: could not check the workers ({type(e).__name__}: {e})", file=sys.stderr)
+    def tick(self) -> None:
+        try:
+            self.check()
+        except Exception as e:  # noqa: BLE001 - the store did not answer; look again next time
+            print(f"warning: could not check the workers ({type(e).__name__}: {e})", file=sys.stderr)
 
     def check(self, now: float | None = None) -> list[str]:
         """Requeue the trials whose worker has been silent for longer than the timeout; returns their ids."""

@@ -42,6 +42,27 @@ def _checkout_untouched():
     assert not created, f"tests wrote {created} into {root}; give them a tmp_path"
 
 
+def sweep_by_learning_rate(folder: Path, dataset: Path, space: dict, experiment: str, trial_process: str = "auto",
+                           max_trials: int = 2):
+    """A grid sweep (``log_models: best``) with its file and state in ``folder``: its trial runs by learning
+    rate, and its tuner."""
+    import mlflow
+    import yaml
+
+    from sweeps.run import run_sweep
+
+    config = {"tuner": "grid", "max_trials": max_trials, "log_models": "best", "trial_process": trial_process,
+              "space": space}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{experiment}.yaml").write_text(yaml.safe_dump(config))
+    tuners: list = []
+    parent = run_sweep(str(dataset), sweep=str(folder / f"{experiment}.yaml"), experiment=experiment,
+                       state_dir=str(folder / "state"), verbose=0, progress=False, tuner_out=tuners)
+    exp = mlflow.get_experiment_by_name(experiment).experiment_id
+    kids = mlflow.tracking.MlflowClient().search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {float(k.data.params["learning_rate"]): k for k in kids}, tuners[0]
+
+
 def write_image(path: Path, color, size=(40, 48), mode="RGB", seed=0) -> None:
     rng = np.random.default_rng(seed)
     pixels = np.clip(np.array(color) + rng.normal(0, 25, (size[0], size[1], 3)), 0, 255).astype("uint8")

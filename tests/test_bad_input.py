@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.data import load_data
 from sweeps.cli import main as sweeps_main
-from conftest import make_class_folder
+from conftest import make_class_folder, sweep_by_learning_rate
 
 
 def _closed_port() -> int:
@@ -73,20 +73,9 @@ def test_a_data_set_found_unusable_in_the_first_trial_stops_the_sweep(tmp_path, 
 
 
 def _two_trial_sweep(tmp_path, class_folder, learning_rates, trial_process="auto"):
-    import mlflow
-    import yaml
-
-    from sweeps.run import run_sweep
-
-    config = {"tuner": "grid", "max_trials": 2, "log_models": "best", "trial_process": trial_process, "space": {
-        "backbone": {"fixed": "efficientnet_lite0"}, "image_size": {"fixed": 32}, "fine_tune": {"fixed": False},
-        "epochs": {"fixed": 3}, "batch_size": {"fixed": 8}, "learning_rate": {"choice": learning_rates}}}
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
-    parent = run_sweep(str(class_folder), sweep=str(tmp_path / "two.yaml"), experiment="two",
-                       state_dir=str(tmp_path / "state"), verbose=0, progress=False)
-    exp = mlflow.get_experiment_by_name("two").experiment_id
-    kids = mlflow.tracking.MlflowClient().search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
-    return {float(k.data.params["learning_rate"]): k for k in kids}
+    space = {"backbone": {"fixed": "efficientnet_lite0"}, "image_size": {"fixed": 32}, "fine_tune": {"fixed": False},
+             "epochs": {"fixed": 3}, "batch_size": {"fixed": 8}, "learning_rate": {"choice": learning_rates}}
+    return sweep_by_learning_rate(tmp_path, class_folder, space, "two", trial_process)[0]
 
 
 def test_a_trial_whose_loss_turns_nan_fails_and_the_sweep_goes_on(tmp_path, tracking_store, class_folder):

@@ -4,14 +4,12 @@ import json
 import threading
 import time
 
-import mlflow
 import psutil
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import sweep_by_learning_rate
 from sweeps.config import SweepConfig
-from sweeps.run import run_sweep
 from sweeps.trial import TrialSpec
 
 FINE_TUNE = {  # a trial that trains the whole network: "auto" runs it in a fresh process
@@ -22,16 +20,7 @@ FINE_TUNE = {  # a trial that trains the whole network: "auto" runs it in a fres
 
 
 def _sweep(tmp_path, class_folder, trial_process, experiment, space=FINE_TUNE, max_trials=2):
-    config = {"tuner": "grid", "max_trials": max_trials, "log_models": "best", "trial_process": trial_process,
-              "space": space}
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / f"{experiment}.yaml").write_text(yaml.safe_dump(config))
-    tuners = []
-    parent = run_sweep(str(class_folder), sweep=str(tmp_path / f"{experiment}.yaml"), experiment=experiment,
-                       state_dir=str(tmp_path / "state"), verbose=0, progress=False, tuner_out=tuners)
-    exp = mlflow.get_experiment_by_name(experiment).experiment_id
-    kids = MlflowClient().search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
-    return {float(k.data.params["learning_rate"]): k for k in kids}, tuners[0]
+    return sweep_by_learning_rate(tmp_path, class_folder, space, experiment, trial_process, max_trials)
 
 
 def test_spec_survives_json():

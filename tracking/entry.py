@@ -62,7 +62,6 @@ def write_entry(folder: str | Path, run_id: str | None, run_spec: Mapping[str, A
     return entry
 
 
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}

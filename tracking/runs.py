@@ -57,12 +57,7 @@ def close_orphans(experiment_id: str, parent_id: str, worker: str | None = None,
                   reason: str = "resume: its process died") -> list[str]:
     """Mark children of this sweep (of one worker, of one trial, if given) still RUNNING as KILLED."""
     client = MlflowClient()
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and attributes.status = 'RUNNING'"
-    if worker is not None:
-        query += f" and tags.`{WORKER}` = '{worker}'"
-    if trial is not None:
-        query += f" and tags.`{TRIAL_ID}` = '{trial}'"
-    stale = client.search_runs([experiment_id], query)
+    stale = _running_children(experiment_id, parent_id, worker, trial)
     for run in stale:
         client.set_tag(run.info.run_id, "tlsweep.closed_by", reason)
         client.set_terminated(run.info.run_id, status="KILLED")
@@ -76,11 +71,19 @@ def stamp(run_id: str) -> None:
 
 def last_stamp(experiment_id: str, parent_id: str, worker: str, trial: str) -> float | None:
     """When a worker's run of a trial was last stamped (epoch seconds), if ever."""
-    found = MlflowClient().search_runs(
-        [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and tags.`{WORKER}` = '{worker}' "
-        f"and tags.`{TRIAL_ID}` = '{trial}' and attributes.status = 'RUNNING'")
+    found = _running_children(experiment_id, parent_id, worker, trial)
     stamps = [float(r.data.tags[HEARTBEAT]) for r in found if HEARTBEAT in r.data.tags]
     return max(stamps) if stamps else None
+
+
+def _running_children(experiment_id: str, parent_id: str, worker: str | None = None,
+                      trial: str | None = None) -> list[mlflow.entities.Run]:
+    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and attributes.status = 'RUNNING'"
+    if worker is not None:
+        query += f" and tags.`{WORKER}` = '{worker}'"
+    if trial is not None:
+        query += f" and tags.`{TRIAL_ID}` = '{trial}'"
+    return MlflowClient().search_runs([experiment_id], query)
 
 
 def create_child(experiment_id: str, parent_id: str, name: str, tags: Mapping[str, str]) -> str:
