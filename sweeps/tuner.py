@@ -25,7 +25,7 @@ from sweeps import space as space_module
 from sweeps import trial as trials
 from sweeps.config import SweepConfig
 from sweeps.trial import CHECKPOINT, HEAD_CHECKPOINT, resident_mb
-from sweeps.workers import Heartbeat
+from sweeps.workers import Heartbeat, WaitsWhenIdle
 from tracking import runs
 from tracking.journal import TrialJournal
 
@@ -62,7 +62,7 @@ def make_oracle(config: SweepConfig) -> kt.Oracle:
     )
 
 
-class TransferTuner(kt.engine.base_tuner.BaseTuner):
+class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
     def __init__(
         self,
         config: SweepConfig,

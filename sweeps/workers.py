@@ -6,6 +6,9 @@ its trial's MLflow run every ``heartbeat_seconds()`` (``Heartbeat``), and the ch
 ``WorkerMonitor`` hands a trial whose run has not been stamped for ``worker_timeout()`` seconds to
 the next worker that asks, after closing the silent worker's run as KILLED. Both read the
 environment: ``TLSWEEP_HEARTBEAT_SECONDS`` (default 30) and ``TLSWEEP_WORKER_TIMEOUT`` (default 600).
+
+A worker the chief has no trial for yet (a grid or Hyperband search waiting on another worker's
+result) would ask again at once, without end; ``WaitsWhenIdle`` makes it say so and ask every few seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from concurrent.futures import Future
 
 import keras_tuner as kt
+from keras_tuner.src.engine import conditions
 from keras_tuner.src.engine.oracle import synchronized
 
 from pipeline.errors import UserError
@@ -40,6 +44,40 @@ def _seconds(name: str, default: float) -> float:
     if value <= 0:
         raise UserError(f"{name}={raw!r} is not a number of seconds above 0; unset it for {default:.0f}")
     return value
+
+
+# keras-tuner 1.4.7 left a debug ``print`` in ``Parent.to_proto``: the chief and workers printed "True" for
+# every conditional hyperparameter sent over gRPC. That module has no other print; silence it there only.
+conditions.print = lambda *args, **kwargs: None
+
+IDLE_WAIT_SECONDS = 2.0
+
+
+class WaitsWhenIdle:
+    """A tuner mixin: when the oracle had no trial for us (IDLE), wait before asking again.
+
+    Keras Tuner's search loop asks the oracle again at once after an IDLE answer: on a worker that is a
+    stream of requests to the chief, one CPU core busy on each side, for as long as another worker's trial
+    runs. ``pre_create_trial`` runs before each request, ``on_trial_begin`` once a trial came.
+    """
+
+    idle_wait: float = IDLE_WAIT_SECONDS
+    _asked = False  # a request is out with no trial begun since: the oracle answered IDLE
+    _waiting = False  # the wait has been announced
+
+    def pre_create_trial(self) -> None:
+        if self._asked:
+            if not self._waiting:
+                print(f"worker {self.tuner_id}: no trial to run until one running on another worker ends "
+                      f"(the search needs its result); asking the chief every {self.idle_wait:g} s", flush=True)
+                self._waiting = True
+            time.sleep(self.idle_wait)
+        self._asked = True
+        super().pre_create_trial()
+
+    def on_trial_begin(self, trial: kt.engine.trial.Trial) -> None:
+        self._asked = self._waiting = False
+        super().on_trial_begin(trial)
 
 
 class _Periodic:

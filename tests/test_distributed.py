@@ -188,10 +188,9 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_sweep_finishes(sweep):
     victim = running_trial(sweep, client, "w1")  # kill w1 while it runs a trial
     w1.send_signal(signal.SIGKILL)
     w1.wait()
-    assert sweep.procs["w2"].wait(timeout=600) == 0, sweep.logs()  # w2 runs the rest meanwhile
-    assert sweep.procs["chief"].poll() is None, "the chief waits for w1's unfinished trial"
-
-    sweep.worker("w1")  # the same command again: w1 reruns its trial, then the chief finishes
+    # The same command again: the chief gives w1 its unfinished trial back (well within the worker timeout;
+    # a grid search's next points may wait on that trial's result meanwhile, and w2 waits with them).
+    sweep.worker("w1")
     codes = sweep.wait()
     assert codes == {"chief": 0, "w1": 0, "w2": 0}, sweep.logs()
     kids = check_one_finished_run_per_trial(sweep.uri)
@@ -223,6 +222,8 @@ def test_a_worker_killed_mid_trial_and_not_restarted_has_its_trial_given_to_anot
     rerun = [k for k in kids if k.info.status == "FINISHED" and k.data.tags[TRIAL_ID] == victim.data.tags[TRIAL_ID]]
     assert [k.data.tags[WORKER] for k in rerun] == ["w2"]
     assert "trial %s goes to the next worker that asks" % victim.data.tags[TRIAL_ID] in sweep.logs()
+    logs = "".join(log.read_text() for log in tmp_path.glob("*.log"))
+    assert "\nTrue\n" not in logs, "keras-tuner's stray print of conditional hyperparameters is silenced"
     assert not trial_processes_under(sweep.tmp), "w1's trial process outlived it"
 
     assert sweeps_main(["best-export", "--experiment", "dist", "--export-dir", str(tmp_path / "exports"),

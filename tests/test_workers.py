@@ -1,5 +1,6 @@
 """The chief's monitor requeues the trial of a silent worker; a stamped run keeps its trial."""
 
+import threading
 import time
 
 import keras_tuner as kt
@@ -51,3 +52,43 @@ def test_bad_heartbeat_settings_are_one_clear_error(monkeypatch):
     monkeypatch.setenv("TLSWEEP_HEARTBEAT_SECONDS", "0")
     with pytest.raises(UserError, match=r"TLSWEEP_HEARTBEAT_SECONDS='0'"):
         workers.heartbeat_seconds()
+
+
+class _Tiny(workers.WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
+    idle_wait = 0.2
+
+    def run_trial(self, trial, *args, **kwargs):
+        return {"val_accuracy": 0.5}
+
+
+def test_a_worker_with_nothing_to_run_waits_instead_of_asking_without_end(tmp_path, capsys):
+    # A grid search has one point; another worker holds it. Until that trial ends the oracle answers IDLE,
+    # and Keras Tuner's loop would ask again at once (thousands of requests a second to the chief).
+    oracle = kt.oracles.GridSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=5)
+    tuner = _Tiny(oracle=oracle, hypermodel=lambda hp: hp.Choice("dropout", [0.1]), directory=str(tmp_path),
+                  project_name="p")
+    held = oracle.create_trial("other")
+    asked = []
+    create_trial = oracle.create_trial
+    oracle.create_trial = lambda tuner_id: asked.append(tuner_id) or create_trial(tuner_id)
+
+    def other_worker_reports():
+        held.status = "COMPLETED"
+        oracle.update_trial(held.trial_id, {"val_accuracy": 0.9})
+        oracle.end_trial(held)
+
+    timer = threading.Timer(1.0, other_worker_reports)
+    timer.start()
+    tuner.search()
+    timer.join()
+    assert 3 <= len(asked) <= 10, len(asked)  # ~1 s of IDLE answers, asked every 0.2 s, then STOPPED
+    out = capsys.readouterr().out
+    assert out.count("no trial to run until one running on another worker ends") == 1
+
+
+def test_sending_a_conditional_space_to_workers_prints_nothing(capsys):
+    from keras_tuner.src.engine import conditions
+
+    proto = conditions.Parent("fine_tune", [True]).to_proto()  # keras-tuner 1.4.7 printed "True" here
+    assert list(proto.parent.values)[0].boolean_value is True
+    assert capsys.readouterr().out == ""
