@@ -11,7 +11,7 @@ import numpy as np
 class SavedModelClassifier(mlflow.pyfunc.PythonModel):
     """Input: float32 ``[N, H, W, 3]`` raw 0..255 pixels. Output: class probabilities ``[N, classes]``."""
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: object) -> None:
         import tensorflow as tf
 
         export = context.artifacts["export"]
@@ -19,7 +19,7 @@ class SavedModelClassifier(mlflow.pyfunc.PythonModel):
         with open(os.path.join(export, "labels.txt")) as f:
             self.class_names = f.read().splitlines()
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context: object, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         import tensorflow as tf
 
         (probs,) = self._serve(tf.constant(np.asarray(model_input, dtype=np.float32))).values()
