@@ -34,6 +34,8 @@ class TrainResult:
     first_epoch: int = 0  # epoch index of history[...][0] (non-zero when a slice was trained)
     feature_seconds: float = 0.0  # spent computing frozen-backbone features (0 when cached or unused)
     features: dict | None = dataclasses.field(default=None, repr=False)  # the cached features used, if any
+    # (labels, probabilities) on the test split, from the pass that gave test_loss and test_accuracy
+    test_predictions: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def val_accuracy(self) -> float:
@@ -136,10 +138,19 @@ def train(
         merged, epochs if fine_tunes and stop > epochs else None, seconds["head"], seconds["fine_tune"],
         trainable_params(model), first_epoch=initial_epoch, features=features,
     )
-    if evaluate_test:
-        result.test_loss, result.test_accuracy = evaluate(model, data, "test", batch_size, features)
+    if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
+        result.test_predictions = predictions(model, data, "test", batch_size, features)
+        result.test_loss, result.test_accuracy = scores(*result.test_predictions)
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy
     return result
+
+
+def scores(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+    """``(loss, accuracy)`` from predicted probabilities, as ``model.evaluate`` reports them (NaN when empty)."""
+    if len(labels) == 0:
+        return float("nan"), float("nan")
+    loss = keras.losses.sparse_categorical_crossentropy(labels, probs.astype(np.float32))
+    return float(np.mean(keras.ops.convert_to_numpy(loss))), float(np.mean(probs.argmax(axis=1) == labels))
 
 
 def head_on_features(model: keras.Model) -> keras.Model:

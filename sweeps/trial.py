@@ -300,7 +300,10 @@ def _finish(spec: TrialSpec, outcome: Outcome, start: float, run_id: Callable[[]
         "head_seconds": result.head_seconds, "fine_tune_seconds": result.fine_tune_seconds,
         "feature_seconds": result.feature_seconds, "rss_mb": resident_mb()}.items()]
     split = "test" if data.sizes["test"] else "validation"
-    labels, probs = predictions(model, data, split, features=result.features)
+    if split == "test" and result.test_predictions is not None:
+        labels, probs = result.test_predictions
+    else:
+        labels, probs = predictions(model, data, split, features=result.features)
     matrix = np.zeros((data.num_classes, data.num_classes), dtype=np.int64)
     np.add.at(matrix, (labels, probs.argmax(axis=1)), 1)
     grid = next(iter(data.batches(split, GRID_SIZE)))[0].numpy()  # batches are unshuffled: same order

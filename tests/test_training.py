@@ -5,7 +5,7 @@ import pytest
 from pipeline.data import load_data
 from pipeline.errors import UserError
 from pipeline.model import build_model
-from pipeline.training import METRICS, train
+from pipeline.training import METRICS, evaluate, train
 
 
 def _run(class_folder, seed=0, **kwargs):
@@ -24,6 +24,12 @@ def test_two_phases_form_one_continuous_history(class_folder):
     assert result.trainable_params > 1280 * 3 + 3
     assert 0.0 <= result.test_accuracy <= 1.0 and result.fine_tune_seconds > 0
     assert 0.0 <= result.head_test_accuracy <= 1.0
+    # The test scores come from the same pass as the test predictions, and agree with Keras' evaluate.
+    data = load_data(str(class_folder), 32, seed=0)
+    loss, accuracy = evaluate(model, data, "test", batch_size=8)
+    assert result.test_accuracy == pytest.approx(accuracy) and result.test_loss == pytest.approx(loss, rel=1e-4)
+    labels, probs = result.test_predictions
+    assert len(labels) == data.sizes["test"] and probs.shape == (len(labels), data.num_classes)
 
 
 def test_head_only_learns_colour_classes_with_real_weights(class_folder):
