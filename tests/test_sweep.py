@@ -1,6 +1,9 @@
 """End-to-end sweeps on generated images into a per-test SQLite store."""
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -14,6 +17,29 @@ from sweeps.best import best_export
 from sweeps.cli import main as sweeps_main
 from sweeps.run import run_sweep
 from tracking.runs import TRIAL_ID
+
+WITHOUT_PROJECT = """
+import json, os, sys
+sys.path = [p for p in sys.path if p and os.path.realpath(p) != sys.argv[1]]  # the checkout itself
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # `pip install -e .`
+try:
+    import tracking
+    raise SystemExit("the project is still importable from " + str(tracking.__path__))
+except ImportError:
+    pass
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[2])
+print(json.dumps(model.predict(np.full(json.loads(sys.argv[3]), 128.0, np.float32)).tolist()))
+"""
+
+
+def load_without_project(model_dir: str, shape: tuple) -> list:
+    """Predictions of a pyfunc model loaded in a Python process that cannot import this project."""
+    root = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", WITHOUT_PROJECT, root, model_dir, json.dumps(shape)],
+                          cwd=model_dir, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 TINY = {
     "tuner": "grid",
@@ -111,6 +137,10 @@ def test_sweep_tracks_every_trial(swept, class_folder):
     probs = model.predict(np.full((2, 32, 32, 3), 128.0, np.float32))
     assert probs.shape == (2, 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # The logged model carries its own code: it loads and predicts where this project is not installed
+    # (as in the environment `mlflow models serve` builds from its requirements).
+    local = mlflow.artifacts.download_artifacts(run.data.tags["tlsweep.model_uri"], dst_path=str(tmp_path / "m"))
+    np.testing.assert_allclose(load_without_project(local, (2, 32, 32, 3)), probs, atol=1e-5)
 
     parent_artifacts = {a.path for a in client.list_artifacts(parent)}
     assert {"leaderboard.csv", "leaderboard.md", "search_space.json", "sweep"} <= parent_artifacts

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
 
-
-class SavedModelClassifier(mlflow.pyfunc.PythonModel):
-    """Input: float32 ``[N, H, W, 3]`` raw 0..255 pixels. Output: class probabilities ``[N, classes]``."""
-
-    def load_context(self, context: object) -> None:
-        import tensorflow as tf
-
-        export = context.artifacts["export"]
-        self._serve = tf.saved_model.load(export).signatures["serving_default"]
-        with open(os.path.join(export, "labels.txt")) as f:
-            self.class_names = f.read().splitlines()
-
-    def predict(self, context: object, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
-        import tensorflow as tf
-
-        (probs,) = self._serve(tf.constant(np.asarray(model_input, dtype=np.float32))).values()
-        return probs.numpy()
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # copied into the model: it loads without this project
 
 
 def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str = "model") -> str:
@@ -32,7 +16,7 @@ def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str
 
     info = mlflow.pyfunc.log_model(
         name=name,
-        python_model=SavedModelClassifier(),
+        python_model=str(MODEL_CODE),
         artifacts={"export": str(export_dir)},
         signature=mlflow.models.infer_signature(sample.astype(np.float32), probs.astype(np.float32)),
         pip_requirements=[f"tensorflow=={tf.__version__}", f"mlflow=={mlflow.__version__}", "numpy"],
