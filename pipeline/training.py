@@ -121,13 +121,13 @@ def train(
             merged[k] += map(float, history.history.get(k, []))
 
     if initial_epoch < min(epochs, stop):
-        if initial_epoch == 0 or getattr(model, "optimizer", None) is None:
+        if initial_epoch == 0 or not _compiled(model):
             if not is_head(model):
                 set_trainable(model, None)
             compile_model(model, learning_rate, jit_compile=jit_compile)
         run("head", initial_epoch, min(epochs, stop))
     if fine_tunes and max(initial_epoch, epochs) < stop:
-        if initial_epoch <= epochs or getattr(model, "optimizer", None) is None:
+        if initial_epoch <= epochs or not _compiled(model):
             if evaluate_test:
                 head_test_accuracy = evaluate(model, data, "test", batch_size, features)[1]
             set_trainable(model, unfreeze_from)
@@ -140,17 +140,21 @@ def train(
     )
     if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
         result.test_predictions = predictions(model, data, "test", batch_size, features)
-        result.test_loss, result.test_accuracy = scores(*result.test_predictions)
+        result.test_loss, result.test_accuracy = loss_and_accuracy(*result.test_predictions)
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy
     return result
 
 
-def scores(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
+def loss_and_accuracy(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     """``(loss, accuracy)`` from predicted probabilities, as ``model.evaluate`` reports them (NaN when empty)."""
     if len(labels) == 0:
         return float("nan"), float("nan")
     loss = keras.losses.sparse_categorical_crossentropy(labels, probs.astype(np.float32))
     return float(np.mean(keras.ops.convert_to_numpy(loss))), float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def _compiled(model: keras.Model) -> bool:
+    return getattr(model, "optimizer", None) is not None
 
 
 def head_on_features(model: keras.Model) -> keras.Model:
@@ -170,7 +174,7 @@ def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int =
     if data.sizes.get(split, 0) == 0:
         return float("nan"), float("nan")
     if features is not None and not backbone_trainable(model):
-        if getattr(model, "optimizer", None) is None:
+        if not _compiled(model):
             compile_model(model, 1e-3)
         net = model if is_head(model) else head_on_features(model)
         scores = net.evaluate(feature_batches(features[split], batch_size), verbose=0,
