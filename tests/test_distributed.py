@@ -197,6 +197,8 @@ def test_a_worker_killed_mid_trial_is_restarted_and_the_sweep_finishes(sweep):
     killed = client.get_run(victim.info.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["tlsweep.closed_by"] == "resume: its process died"
     assert len(kids) == 7, "six finished trials and the killed attempt"
+    rerun = [k for k in kids if k.info.status == "FINISHED" and k.data.tags[TRIAL_ID] == victim.data.tags[TRIAL_ID]]
+    assert [k.data.tags[WORKER] for k in rerun] == ["w1"], "the restarted worker got its own trial back"
 
 
 def test_a_worker_killed_mid_trial_and_not_restarted_has_its_trial_given_to_another(sweep, monkeypatch, tmp_path,
