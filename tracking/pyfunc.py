@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow
 import numpy as np
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # copied into the model: it loads without this project
+
+
+def quiet_input_example_warning() -> None:
+    """Drop MLflow's warning that a logged model has no input example (one per trial otherwise). The model
+    gets an explicit signature; an example would be images as JSON (megabytes at 224 px) that MLflow then
+    also runs through the model to validate it."""
+    warnings.filterwarnings("ignore", message=r".*An input example was not provided when logging the model",
+                            category=UserWarning)
+
+
+quiet_input_example_warning()
 
 
 def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str = "model") -> str:
