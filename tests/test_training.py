@@ -39,6 +39,7 @@ def test_head_only_learns_colour_classes_with_real_weights(class_folder):
     assert result.val_accuracy >= 0.8 and result.test_accuracy >= 0.6
 
 
+@pytest.mark.slow  # the default tier is at ~15 min; CI runs the slow tier too
 def test_same_seed_same_result(class_folder):
     _, a = _run(class_folder, seed=5, epochs=2, fine_tune_epochs=0)
     _, b = _run(class_folder, seed=5, epochs=2, fine_tune_epochs=0)
@@ -65,6 +66,7 @@ def _backbone_flags(model):
     return [bool(layer.trainable_weights) for layer in backbone_of(model).layers]
 
 
+@pytest.mark.slow  # end-to-end Hyperband is in the slow tier as well
 def test_sliced_training_as_hyperband_promotes_keeps_phases_and_optimizer_state(class_folder, tmp_path):
     """Hyperband reloads the previous trial's model and continues from initial_epoch: no phase may be
     replayed or skipped, and trainable flags and optimizer state must survive the reload."""
