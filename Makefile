@@ -98,7 +98,7 @@ clean-cache: ## empty the frozen-feature cache (TLSWEEP_CACHE/features, default 
 	rm -rf "$${TLSWEEP_CACHE:-$$HOME/.cache/tlsweep}/features"
 
 bench: ## plain Keras Tuner vs ours with the feature cache on a flower_photos subset [BENCH_ARGS=--trials 10 --epochs 5]
-	$(PY) -m sweeps.bench $(BENCH_ARGS)
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 bench-memory: ## resident memory after each of 10 fine-tuning trials of a sweep, prints growth_mb= [MEMORY_ARGS="--trial-process same"]
-	$(PY) -m sweeps.bench_memory $(MEMORY_ARGS)
+	$(PY) -m benchmarks.bench_memory $(MEMORY_ARGS)

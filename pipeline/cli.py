@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.hparams import DEFAULTS as D  # noqa: E402
+from pipeline.hparams import RunConfig  # noqa: E402
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +31,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fine-tune-learning-rate", type=float, default=D["fine_tune_learning_rate"], help="Adam learning rate when fine-tuning")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: backbone's native)")
     p.add_argument("--augment", type=_bool, default=D["augment"], help="random flip + rotation in training (true/false)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=RunConfig.seed)
     p.add_argument("--split", default=None, help="tfds: 'train[:75%%],train[75%%:90%%],train[90%%:]'; folder: 75/15/10")
     p.add_argument("--data-dir", default=None, help="tfds data directory")
     p.add_argument("--mixed-precision", type=_bool, default=False, help="float16 compute (for GPUs; slow on CPU)")
@@ -50,22 +51,25 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The command line as the run's configuration (``FINE_TUNE_AT=none`` or ``FINE_TUNE_EPOCHS=0``: head only)."""
+    return RunConfig(
+        backbone=args.backbone, weights=args.weights, image_size=args.image_size or 0, epochs=args.epochs,
+        fine_tune=True, fine_tune_at=args.fine_tune_at, fine_tune_epochs=args.fine_tune_epochs,
+        fine_tune_learning_rate=args.fine_tune_learning_rate, dropout=args.dropout, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, augment=args.augment, seed=args.seed, mixed_precision=args.mixed_precision,
+        xla=args.xla, feature_cache=args.feature_cache,
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    import keras
-
-    from pipeline import features
-    from pipeline.backbones import get_spec
-    from pipeline.data import load_data
+    """Train one configuration (the recipe a sweep's trial uses), print its scores, export it."""
+    from pipeline import recipe
     from pipeline.export import export_model
-    from pipeline.model import build_model, resolve_fine_tune_at
-    from pipeline.training import train
 
-    spec = get_spec(args.backbone)
-    unfreeze_from = resolve_fine_tune_at(args.fine_tune_at, spec)
-    image_size = args.image_size or spec.native_size
-    keras.utils.set_random_seed(args.seed)
+    plan = recipe.plan(run_config(args))
     start = time.perf_counter()
-    data = load_data(args.dataset, image_size, seed=args.seed, split=args.split, data_dir=args.data_dir)
+    data = recipe.load_data_for(plan, args.dataset, args.split, data_dir=args.data_dir)
     print(
         f"data: {data.name} ({data.source}), classes {data.class_names}, split {data.split_spec}, "
         f"sizes {data.sizes}, skipped files {data.skipped}",
@@ -73,19 +77,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     for path in data.skipped_files[:10]:
         print(f"  skipped (not a readable image): {path}")
-    model = build_model(
-        args.backbone, data.num_classes, image_size, dropout=args.dropout, augment=args.augment,
-        weights=args.weights, seed=args.seed, mixed_precision=args.mixed_precision,
-    )
-    cached, seconds = features.for_model(model, data, spec, args.weights, image_size) if args.feature_cache else (None, 0)
-    if cached is not None:
+    outcome = recipe.train_run(plan, data)
+    result = outcome.result
+    if result.used_feature_cache:
+        seconds = result.feature_seconds
         print(f"frozen backbone features: {f'computed in {seconds:.1f}s and cached' if seconds else 'from the cache'}")
-    result = train(
-        model, data, features=cached, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, unfreeze_from=unfreeze_from,
-        learning_rate=args.learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
-        batch_size=args.batch_size, seed=args.seed, jit_compile=args.xla,
-    )
-    phase = f"fine-tuned from layer {unfreeze_from}" if result.fine_tune_start is not None else "head only"
+    phase = f"fine-tuned from layer {plan.unfreeze_from}" if result.fine_tune_start is not None else "head only"
     print(f"val_accuracy={result.val_accuracy:.4f} test_accuracy={result.test_accuracy:.4f} ({phase})")
     print(f"head-only test_accuracy={result.head_test_accuracy:.4f}")
     print(f"head phase {result.head_seconds:.1f}s, fine-tune phase {result.fine_tune_seconds:.1f}s")
@@ -94,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "backbone": args.backbone, "weights": args.weights, "fine_tune_at": args.fine_tune_at,
             "test_accuracy": result.test_accuracy, "val_accuracy": result.val_accuracy, **data.lineage(),
         }
+        model = recipe.full_model(plan, data.num_classes, outcome.model)
         out = export_model(model, args.output, data.class_names, metadata=metadata, overwrite=args.overwrite)
         print(f"exported to {out} (SavedModel + labels.txt + model.keras)")
     print(f"total {time.perf_counter() - start:.1f}s")

@@ -29,6 +29,7 @@ DEFAULT_TFDS_SPLITS = {
     "cats_vs_dogs": "train[:40%],train[40%:50%],train[50%:60%]",
 }
 SPLITS = ("train", "validation", "test")
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 

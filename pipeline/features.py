@@ -88,6 +88,10 @@ def for_model(model: keras.Model, data: DataSplits, spec: BackboneSpec, weights:
     return load_or_compute(model, data, key)
 
 
+def is_cached(key: str, root: Path | None = None) -> bool:
+    return ((root or cache_root()) / f"{key}.npz").exists()
+
+
 def load(key: str, root: Path | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """Features and labels per split from the cache, or None when they are not there yet."""
     path = (root or cache_root()) / f"{key}.npz"

@@ -1,23 +1,60 @@
-"""Every hyperparameter and its default: the default point is a sensible baseline run.
+"""Every hyperparameter and its default, and the typed configuration of one training run.
 
-The train CLI and the sweep search space both take their defaults from here.
+``RunConfig``'s defaults are the baseline run: ``make train`` with no options and the default point
+of every sweep's space. ``DEFAULTS`` (the hyperparameters a sweep can search) is read off it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import Any, Mapping, Union
+
+FineTuneAt = Union[int, float, str, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run: what ``make train``, a sweep's trial and best-export all train."""
+
+    # -- hyperparameters (a sweep's space may search each of these) --
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"  # "imagenet", "none", or a local weights file
+    image_size: int = 0  # 0: the backbone's native size
+    epochs: int = 10  # head epochs, backbone frozen
+    fine_tune: bool = True
+    fine_tune_at: FineTuneAt = 0.75  # unfreeze the top quarter of the backbone
+    fine_tune_epochs: int | None = 5
+    fine_tune_learning_rate: float | None = 1e-5
+    dropout: float = 0.2
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    augment: bool = False
+    # -- run settings (not searched) --
+    seed: int = 42
+    mixed_precision: bool = False  # float16 compute, for GPUs
+    xla: bool = False  # XLA-compiled training steps, for GPUs
+    feature_cache: bool = True  # heads train on cached frozen-backbone features (same model, far faster)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], **settings: Any) -> "RunConfig":
+        """A sweep trial's hyperparameter values (fine-tuning ones None when ``fine_tune`` is false) plus settings."""
+        return cls(**{**values, **settings})
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in DEFAULTS}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls(**json.loads(text))
+
+
+SETTINGS = ("seed", "mixed_precision", "xla", "feature_cache")
 DEFAULTS: dict[str, object] = {
-    "backbone": "efficientnet_lite0",
-    "weights": "imagenet",
-    "image_size": 0,  # 0: the backbone's native size
-    "epochs": 10,  # head epochs, backbone frozen
-    "fine_tune": True,
-    "fine_tune_at": 0.75,  # unfreeze the top quarter of the backbone
-    "fine_tune_epochs": 5,
-    "fine_tune_learning_rate": 1e-5,
-    "dropout": 0.2,
-    "batch_size": 32,
-    "learning_rate": 1e-3,
-    "augment": False,
+    f.name: f.default for f in dataclasses.fields(RunConfig) if f.name not in SETTINGS
 }
 # Only meaningful when fine_tune is true.
 FINE_TUNE_ONLY = ("fine_tune_at", "fine_tune_epochs", "fine_tune_learning_rate")

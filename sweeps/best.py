@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import os
 import shutil
 import tempfile
@@ -12,14 +11,17 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from pipeline import recipe
 from pipeline.data import load_data
 from pipeline.errors import UserError
 from pipeline.export import ExportedModel
+from pipeline.hparams import RunConfig
+from tracking import layout
 from tracking import leaderboard as lb
 from tracking import pyfunc
+from tracking.layout import CHECKPOINT_DIR, MODEL_URI
 
 ALIAS = "champion"
-CHECKPOINT_DIR = "checkpoint"  # where trials of log_models: best keep their Keras checkpoint
 
 
 def best_run(experiment: str) -> mlflow.entities.Run:
@@ -28,7 +30,7 @@ def best_run(experiment: str) -> mlflow.entities.Run:
     if done.empty:
         raise UserError(f"experiment {experiment!r} has no finished trials yet; run `make sweep` first")
     run = MlflowClient().get_run(done.iloc[0]["run_id"])
-    if pyfunc.MODEL_URI_TAG not in run.data.tags and not _has_checkpoint(run.info.run_id):
+    if MODEL_URI not in run.data.tags and not _has_checkpoint(run.info.run_id):
         raise UserError(f"the best trial {run.info.run_id} of {experiment!r} logged no model or checkpoint; "
                         "sweep with log_models: all, improving or best")
     return run
@@ -40,22 +42,32 @@ def _has_checkpoint(run_id: str) -> bool:
 
 def export_checkpoint(run: mlflow.entities.Run) -> str:
     """Turn a trial's logged Keras checkpoint (``log_models: best``) into its SavedModel + pyfunc model,
-    logged to the trial's run; returns the model URI."""
+    logged to the trial's run; returns the model URI. The model is assembled by the trial's own recipe
+    (its ``RunConfig``, logged beside the checkpoint), as the trial would have exported it."""
     from pipeline.export import export_model, load_keras_model
-    from pipeline.model import build_model, is_head
 
     p = run.data.params
     with tempfile.TemporaryDirectory() as tmp:
-        folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR, dst_path=tmp)
-        (checkpoint,) = Path(folder).glob("*.keras")
-        model = load_keras_model(checkpoint)
-        classes = ast.literal_eval(p["class_names"])
-        if is_head(model):
-            model = build_model(p["backbone"], len(classes), int(p["resolved_image_size"]), dropout=float(p["dropout"]),
-                                augment=p["augment"] == "True", weights=p["weights"], seed=int(p["seed"]), head=model)
-        export = export_model(model, Path(tmp) / "savedmodel", classes, metadata={"run_id": run.info.run_id, **p})
+        folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR,
+                                                          dst_path=tmp))
+        if layout.RUN_CONFIG not in p:
+            raise UserError(f"run {run.info.run_id} has no param {layout.RUN_CONFIG!r} (logged by an older tlsweep); "
+                            "run its sweep again with this version to export it")
+        plan = recipe.plan(RunConfig.from_json(p[layout.RUN_CONFIG]))
+        model = load_keras_model(recipe.checkpoint_in(folder))
+        classes = model_classes(run)
+        model = recipe.full_model(plan, len(classes), model)
+        export = export_model(model, Path(tmp) / layout.SAVEDMODEL_DIR, classes,
+                              metadata={"run_id": run.info.run_id, **p})
         sample = np.zeros((1, *model.input_shape[1:]), np.float32)
         return pyfunc.log_export(run.info.run_id, str(export), sample, model.predict(sample, verbose=0))
+
+
+def model_classes(run: mlflow.entities.Run) -> list[str]:
+    """The trial's class names in index order, as its data lineage logged them."""
+    import ast
+
+    return list(ast.literal_eval(run.data.params["class_names"]))
 
 
 def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = False, tflite: str | None = None) -> dict:
@@ -64,7 +76,7 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
     ``tflite`` ("float16" or "dynamic") also writes ``model.tflite``, checked against the SavedModel
     and logged to the trial's run with its size."""
     run = best_run(experiment)
-    if pyfunc.MODEL_URI_TAG not in run.data.tags:
+    if MODEL_URI not in run.data.tags:
         export_checkpoint(run)
         run = MlflowClient().get_run(run.info.run_id)
     params, metrics = run.data.params, run.data.metrics
@@ -73,28 +85,28 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
         raise UserError(f"export directory {target} already exists and is not empty; pass OVERWRITE=1 to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="savedmodel", dst_path=tmp)
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=layout.SAVEDMODEL_DIR, dst_path=tmp)
         Path(local, "MODEL_CARD.md").write_text(model_card(experiment, run))
         if target.exists():
             shutil.rmtree(target)
         os.replace(local, target)
 
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
-    version = mlflow.register_model(run.data.tags[pyfunc.MODEL_URI_TAG], name)
+    version = mlflow.register_model(run.data.tags[MODEL_URI], name)
     MlflowClient().set_registered_model_alias(name, ALIAS, version.version)
 
     exported = ExportedModel(target)
-    data = load_data(params["data_name"], exported.image_size, seed=int(params["seed"]),
-                     split=None if params.get("split", "default") == "default" else params["split"])
+    data = load_data(params["data_name"], exported.image_size, seed=int(params[layout.SEED]),
+                     split=None if params.get(layout.SPLIT, "default") == "default" else params[layout.SPLIT])
     reproduced = exported_accuracy(exported, data)
-    logged = float(metrics["test_accuracy"])
+    logged = float(metrics[layout.TEST_ACCURACY])
     tolerance = 1.0 / max(data.sizes["test"], 1) + 1e-6  # one borderline image at most
     if abs(reproduced - logged) > tolerance:
         raise RuntimeError(
             f"export at {target} gives test accuracy {reproduced:.4f} but run {run.info.run_id} logged {logged:.4f}")
     info = {"run_id": run.info.run_id, "path": str(target), "model_name": name, "version": version.version,
             "test_size": data.sizes["test"],
-            "val_accuracy": metrics.get(lb.OBJECTIVE), "test_accuracy": logged, "reproduced_test_accuracy": reproduced}
+            "val_accuracy": metrics.get(layout.OBJECTIVE), "test_accuracy": logged, "reproduced_test_accuracy": reproduced}
     if tflite:
         info["tflite"] = tflite_parity(exported, data, tflite, run.info.run_id)
     return info
@@ -119,9 +131,9 @@ def tflite_parity(exported: ExportedModel, data, mode: str, run_id: str, split: 
               "agreement": agree / total if total else float("nan"),
               "test_accuracy": correct / total if total else float("nan"), "max_abs_diff": max_diff}
     client = MlflowClient()
-    client.log_artifact(run_id, str(path), f"tflite_{mode}")
-    for key in ("size_bytes", "agreement", "test_accuracy", "max_abs_diff"):
-        client.log_metric(run_id, f"tflite_{key}", float(result[key]))
+    client.log_artifact(run_id, str(path), layout.TFLITE_DIR.format(mode=mode))
+    for name in layout.TFLITE_METRICS:
+        client.log_metric(run_id, name, float(result[name.removeprefix("tflite_")]))
     return result
 
 
@@ -135,17 +147,17 @@ def exported_accuracy(exported: ExportedModel, data, split: str = "test") -> flo
 
 def model_card(experiment: str, run: mlflow.entities.Run) -> str:
     p, m = run.data.params, run.data.metrics
-    hyper = [k for k in lb.PARAMS if k in p] + ["fine_tune_at", "weights", "seed"]
+    hyper = [k for k in lb.PARAMS if k in p] + ["fine_tune_at", "weights", layout.SEED]
     lines = [
         f"# Model card: {experiment}", "",
-        f"- MLflow run: `{run.info.run_id}` (experiment `{experiment}`, trial {run.data.tags.get('kt.trial_id')})",
-        f"- Backbone: `{p.get('backbone')}` at {p.get('resolved_image_size')} px, weights `{p.get('weights')}`",
+        f"- MLflow run: `{run.info.run_id}` (experiment `{experiment}`, trial {run.data.tags.get(layout.TRIAL_ID)})",
+        f"- Backbone: `{p.get('backbone')}` at {p.get(layout.RESOLVED_IMAGE_SIZE)} px, weights `{p.get('weights')}`",
         f"- Classes: {p.get('class_names')}",
         f"- Data: `{p.get('data_name')}` ({p.get('data_source')}), split `{p.get('split_spec')}`, sizes "
         f"train {p.get('train_size')} / validation {p.get('validation_size')} / test {p.get('test_size')}, "
         f"skipped files {p.get('skipped_files')}, fingerprint `{p.get('data_fingerprint')}`", "",
         "## Metrics", "",
-        *(f"- {k}: {m[k]:.4f}" for k in ("val_accuracy", "test_accuracy", "test_loss") if k in m), "",
+        *(f"- {k}: {m[k]:.4f}" for k in (layout.VAL_ACCURACY, layout.TEST_ACCURACY, layout.TEST_LOSS) if k in m), "",
         "## Hyperparameters", "",
         *(f"- {k}: {p[k]}" for k in dict.fromkeys(hyper) if k in p), "",
         "## Use", "",

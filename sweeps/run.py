@@ -17,7 +17,7 @@ from sweeps import signals, workers
 from sweeps.config import SweepConfig, default_sweep_for, load_sweep
 from sweeps.tuner import TransferTuner, sweep_dir
 from tracking import leaderboard as lb
-from tracking import report
+from tracking import layout, report
 from tracking import runs, store
 
 
@@ -167,34 +167,31 @@ def stage2_tuners(stage1: TransferTuner, config: SweepConfig, dataset: str, dire
 def _log_settings(parent: str, config: SweepConfig, dataset: str, split: str | None) -> None:
     client = MlflowClient()
     if client.get_run(parent).data.params:
-        client.set_tag(parent, "tlsweep.resumed", "true")
+        client.set_tag(parent, layout.RESUMED, "true")
         return
-    runs.log_params(parent, {
-        "dataset": dataset, "sweep": config.name, "tuner": config.tuner, "max_trials": config.max_trials,
-        "objective": config.objective, "seed": config.seed, "split": split or "default",
-        "log_models": config.log_models, "trial_process": config.trial_process, "mixed_precision": config.mixed_precision,
-        "xla": config.xla,
-        **{f"hyperband.{k}": v for k, v in config.hyperband.items()},
-    })
-    client.log_dict(parent, {"space": config.space, "source": config.source}, "search_space.json")
+    settings = (dataset, config.name, config.tuner, config.max_trials, config.objective, config.seed, split or "default",
+                config.log_models, config.trial_process, config.mixed_precision, config.xla)
+    runs.log_params(parent, {**dict(zip(layout.SWEEP_PARAMS, settings, strict=True)),
+                             **{f"hyperband.{k}": v for k, v in config.hyperband.items()}})
+    client.log_dict(parent, {"space": config.space, "source": config.source}, layout.SEARCH_SPACE)
     if config.source:
-        client.log_artifact(parent, config.source, "sweep")
+        client.log_artifact(parent, config.source, layout.SWEEP_FILE_DIR)
 
 
 def summarize(experiment: str, parent: str) -> lb.pd.DataFrame:
     """Leaderboard artifacts on the parent; the best finished child tagged."""
     client = MlflowClient()
     table = lb.leaderboard(lb.trial_runs(experiment, parent))
-    client.log_text(parent, table.to_csv(index=False), "leaderboard.csv")
-    client.log_text(parent, lb.to_markdown(table), "leaderboard.md")
+    client.log_text(parent, table.to_csv(index=False), layout.LEADERBOARD_CSV)
+    client.log_text(parent, lb.to_markdown(table), layout.LEADERBOARD_MD)
     report.log_sweep_charts(parent, table)
     done = table[table["status"] == "FINISHED"]
     if not done.empty:
         best = done.iloc[0]
         for run_id in table["run_id"]:
-            client.set_tag(run_id, "tlsweep.best", "true" if run_id == best["run_id"] else "false")
-        client.set_tag(parent, "tlsweep.best_run_id", best["run_id"])
-        client.log_metric(parent, "best_val_accuracy", float(best[lb.OBJECTIVE]))
+            client.set_tag(run_id, layout.BEST, "true" if run_id == best["run_id"] else "false")
+        client.set_tag(parent, layout.BEST_RUN_ID, best["run_id"])
+        client.log_metric(parent, layout.BEST_VAL_ACCURACY, float(best[layout.OBJECTIVE]))
     return table
 
 

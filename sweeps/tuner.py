@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 import traceback
 from concurrent.futures import Future
@@ -19,14 +20,16 @@ from typing import Any
 import keras
 import keras_tuner as kt
 
+from pipeline import recipe
 from pipeline.data import DataSplits
+from pipeline.hparams import RunConfig
 from sweeps import signals
 from sweeps import space as space_module
 from sweeps import trial as trials
 from sweeps.config import SweepConfig
-from sweeps.trial import CHECKPOINT, HEAD_CHECKPOINT, resident_mb
+from sweeps.trial import resident_mb
 from sweeps.workers import Heartbeat, WaitsWhenIdle
-from tracking import runs
+from tracking import layout
 from tracking.journal import TrialJournal
 
 ZERO_SEED = 2**31 - 1  # the oracle's seed for a sweep with seed 0
@@ -109,10 +112,10 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         values = self.hypermodel.build(hp)
         tuner_values = {k: v for k, v in hp.values.items() if k.startswith("tuner/")}
         key = self.trial_key(trial.trial_id)
-        tags = {runs.TRIAL_ID: key, runs.WORKER: self.tuner_id, "tlsweep.tuner": self.config.tuner}
+        tags = {layout.TRIAL_ID: key, layout.WORKER: self.tuner_id, layout.TUNER: self.config.tuner}
         if self.stage:
-            tags["tlsweep.stage"] = self.stage
-        params = {**values, **tuner_values, "seed": self.config.seed, "split": self.split or "default"}
+            tags[layout.STAGE] = self.stage
+        params = {**values, **tuner_values, layout.SEED: self.config.seed, layout.SPLIT: self.split or "default"}
         start = time.perf_counter()
         output, in_process = None, True
         run = self.journal.start(self.experiment_id, self.parent_run_id, f"trial-{key}", tags)
@@ -135,6 +138,10 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
                 self.journal.fail(run, "KILLED", "interrupted (Ctrl-C or SIGTERM)", params=params)
                 raise stop
             self.journal.fail(run, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc(), params=params)
+            if not isinstance(e, (kt.errors.FailedTrialError, kt.errors.FatalError)):
+                print(f"[sweep] trial {key} failed on an internal error, not on its configuration (a bug in tlsweep: "
+                      f"please report it): {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                      f"; its traceback is in the run's {layout.ERROR_FILE} in MLflow", file=sys.stderr, flush=True)
             raise
         finally:
             self._progress(key, time.perf_counter() - start, output.val_accuracy if output else None)
@@ -149,13 +156,16 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
     def _spec(self, trial: kt.engine.trial.Trial, values: dict[str, Any], tuner_values: dict[str, Any],
               params: dict[str, Any], run: Future) -> trials.TrialSpec:
         previous = tuner_values.get("tuner/trial_id")
+        config = self.config
         return trials.TrialSpec(
-            config=self.config, dataset=self.dataset, split=self.split, feature_cache=self.feature_cache,
-            verbose=self.verbose, trial_dir=self.get_trial_dir(trial.trial_id), values=values,
-            tuner_values=tuner_values, export_metadata={"trial_id": self.trial_key(trial.trial_id)},
+            run=RunConfig.from_values(values, seed=config.seed, mixed_precision=config.mixed_precision,
+                                      xla=config.xla, feature_cache=self.feature_cache),
+            dataset=self.dataset, split=self.split, log_models=config.log_models, verbose=self.verbose,
+            trial_dir=self.get_trial_dir(trial.trial_id), export_metadata={"trial_id": self.trial_key(trial.trial_id)},
             run_spec=run.spec, params=params, journal=str(self.journal.folder),
+            initial_epoch=int(tuner_values.get("tuner/initial_epoch", 0)), stop_epoch=tuner_values.get("tuner/epochs"),
             previous=self.checkpoint(previous) if previous else None, start_from=self.start_from, best=self._best,
-            checkpoint=self.config.tuner == "hyperband" or self.stage == "1" or self.config.log_models == "best",
+            checkpoint=config.tuner == "hyperband" or self.stage == "1" or config.log_models == "best",
         )
 
     def _fresh(self, spec: trials.TrialSpec) -> bool:
@@ -203,9 +213,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
 
     def checkpoint(self, trial_id: str) -> str:
         """The trial's saved model: ``head.keras`` (a head trained on features) or ``model.keras``."""
-        folder = Path(self.get_trial_dir(trial_id))
-        head = folder / HEAD_CHECKPOINT
-        return str(head if head.exists() else folder / CHECKPOINT)
+        return str(recipe.checkpoint_in(self.get_trial_dir(trial_id)))
 
 
 def _clock(seconds: float) -> str:
@@ -217,4 +225,3 @@ def sweep_dir(state_dir: str, experiment: str) -> str:
     path = Path(state_dir) / experiment
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
-

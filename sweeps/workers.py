@@ -21,7 +21,7 @@ from concurrent.futures import Future
 
 import keras_tuner as kt
 from keras_tuner.src.engine import conditions
-from keras_tuner.src.engine.oracle import synchronized
+from keras_tuner import synchronized
 
 from pipeline.errors import UserError
 from tracking import runs

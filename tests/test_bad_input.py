@@ -90,16 +90,16 @@ def test_an_out_of_memory_trial_fails_and_the_sweep_goes_on(tmp_path, tracking_s
     # Injected: this machine has no memory limit to hit. TensorFlow raises ResourceExhaustedError on OOM.
     import tensorflow as tf
 
-    import sweeps.trial
+    import pipeline.recipe
 
-    real_train = sweeps.trial.train
+    real_train = pipeline.recipe.train
 
     def train(model, data, **kwargs):
         if kwargs["learning_rate"] == 0.02:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[64,1280]")
         return real_train(model, data, **kwargs)
 
-    monkeypatch.setattr(sweeps.trial, "train", train)
+    monkeypatch.setattr(pipeline.recipe, "train", train)
     runs = _two_trial_sweep(tmp_path, class_folder, [0.02, 0.01], trial_process="same")  # where the patch is
     assert runs[0.02].info.status == "FAILED"
     assert "out of memory: OOM when allocating tensor" in runs[0.02].data.tags["error"]
@@ -115,7 +115,7 @@ def test_ctrl_c_that_tensorflow_reports_as_another_error_still_stops_the_sweep(t
 
     import mlflow
 
-    import sweeps.trial
+    import pipeline.recipe
 
     calls = []
 
@@ -129,7 +129,7 @@ def test_ctrl_c_that_tensorflow_reports_as_another_error_still_stops_the_sweep(t
             raise TypeError("Cannot convert 0.5 to EagerTensor of dtype int64") from None
         raise AssertionError("SIGINT did not arrive")
 
-    monkeypatch.setattr(sweeps.trial, "train", train)
+    monkeypatch.setattr(pipeline.recipe, "train", train)
     # as from a terminal: background jobs of non-interactive shells (CI) inherit SIGINT ignored
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

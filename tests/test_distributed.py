@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from sweeps.cli import main as sweeps_main
-from tracking.runs import TRIAL_ID, WORKER
+from tracking.layout import TRIAL_ID, WORKER
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = {

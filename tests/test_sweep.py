@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from sweeps.best import best_export
 from sweeps.cli import main as sweeps_main
 from sweeps.run import run_sweep
-from tracking.runs import TRIAL_ID
+from tracking.layout import TRIAL_ID
 
 WITHOUT_PROJECT = """
 import json, os, sys

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import sweep_by_learning_rate
-from sweeps.config import SweepConfig
+from pipeline.hparams import RunConfig
 from sweeps.trial import TrialSpec
 
 FINE_TUNE = {  # a trial that trains the whole network: "auto" runs it in a fresh process
@@ -24,10 +24,9 @@ def _sweep(tmp_path, class_folder, trial_process, experiment, space=FINE_TUNE, m
 
 
 def test_spec_survives_json():
-    spec = TrialSpec(config=SweepConfig(name="s", space={"dropout": {"choice": [0.1, 0.2]}}), dataset="d", split=None,
-                     feature_cache=True, verbose=0, trial_dir="/t", values={"dropout": 0.1}, tuner_values={},
-                     export_metadata={"trial_id": "0"}, run_spec={"name": "trial-0"}, params={}, journal="/j",
-                     best=0.5, checkpoint=True)
+    spec = TrialSpec(run=RunConfig(dropout=0.1, fine_tune_at="all"), dataset="d", split=None, log_models="best",
+                     verbose=0, trial_dir="/t", export_metadata={"trial_id": "0"}, run_spec={"name": "trial-0"},
+                     params={}, journal="/j", stop_epoch=4, best=0.5, checkpoint=True)
     assert TrialSpec.from_json(spec.to_json()) == spec
 
 

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
 from sweeps import workers
-from tracking import runs, store
+from tracking import layout, runs, store
 
 
 def _oracle(tmp_path):
@@ -26,14 +26,14 @@ def test_a_silent_workers_trial_goes_to_the_next_worker(tmp_path, tracking_store
     oracle = _oracle(tmp_path)
     t1 = oracle.create_trial("w1")
     t2 = oracle.create_trial("w2")
-    dead = runs.create_child(exp, parent, "trial-0", {runs.TRIAL_ID: t1.trial_id, runs.WORKER: "w1"})
-    alive = runs.create_child(exp, parent, "trial-1", {runs.TRIAL_ID: t2.trial_id, runs.WORKER: "w2"})
+    dead = runs.create_child(exp, parent, "trial-0", {layout.TRIAL_ID: t1.trial_id, layout.WORKER: "w1"})
+    alive = runs.create_child(exp, parent, "trial-1", {layout.TRIAL_ID: t2.trial_id, layout.WORKER: "w2"})
     monitor = workers.WorkerMonitor(oracle, exp, parent, timeout=60)
     start = time.time()
     assert monitor.check(now=start) == []  # both first seen now
     runs.stamp(alive)
     assert monitor.check(now=start + 59) == []
-    MlflowClient().set_tag(alive, runs.HEARTBEAT, f"{start + 50:.0f}")  # w2 beats on; w1 never did
+    MlflowClient().set_tag(alive, layout.HEARTBEAT, f"{start + 50:.0f}")  # w2 beats on; w1 never did
     assert monitor.check(now=start + 61) == [t1.trial_id]
     assert set(oracle.ongoing_trials) == {"w2"} and "w1" not in oracle.tuner_ids
     assert MlflowClient().get_run(dead).info.status == "KILLED"

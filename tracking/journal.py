@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from tracking import runs
 from tracking.entry import ENTRY, MODEL_DIR, write_entry
+from tracking.layout import PLOTS_DIR
 
 
 class TrialJournal:
@@ -176,7 +177,7 @@ class TrialJournal:
                               np.load(entry / "output.npy"))
         if record.get("plots"):
             self._rendered(folder)
-            client.log_artifacts(run_id, str(folder), "plots")
+            client.log_artifacts(run_id, str(folder), PLOTS_DIR)
         client.set_terminated(run_id, status="FINISHED")
         shutil.rmtree(entry)
         return run_id

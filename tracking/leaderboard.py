@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import mlflow
 import pandas as pd
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.errors import UserError
-from tracking.runs import KIND, TRIAL_ID
+from tracking import layout
+from tracking.layout import KIND, OBJECTIVE, PARENT_RUN_ID, TRIAL, TRIAL_ID
 
-OBJECTIVE = "val_accuracy"
 PARAMS = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
           "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
-METRICS = (OBJECTIVE, "test_accuracy", "test_loss", "train_seconds", "wall_seconds", "trainable_params")
+METRICS = (OBJECTIVE, layout.TEST_ACCURACY, layout.TEST_LOSS, layout.TRAIN_SECONDS, layout.WALL_SECONDS,
+           layout.TRAINABLE_PARAMS)
 
 
 def trial_runs(experiment: str, parent_id: str | None = None) -> pd.DataFrame:
     """All trial runs of ``experiment`` (optionally of one sweep), one row each."""
     if mlflow.get_experiment_by_name(experiment) is None:
         raise UserError(f"no MLflow experiment named {experiment!r} in {mlflow.get_tracking_uri()}; run a sweep first")
-    query = f"tags.`{KIND}` = 'trial'"
+    query = f"tags.`{KIND}` = '{TRIAL}'"
     if parent_id:
-        query += f" and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'"
+        query += f" and tags.`{PARENT_RUN_ID}` = '{parent_id}'"
     return mlflow.search_runs(experiment_names=[experiment], filter_string=query, output_format="pandas")
 
 

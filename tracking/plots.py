@@ -13,6 +13,8 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.figure import Figure
 
+from tracking.layout import CONFUSION_MATRIX, LEARNING_CURVES, PREDICTIONS
+
 FAST_PNG = {"compress_level": 1}  # a little larger, several times faster to write than the default 6
 
 
@@ -159,13 +161,13 @@ def parallel_coordinates(columns: dict[str, Sequence[object]], objective: Sequen
 def trial_plots(data: dict, folder: str | Path) -> None:
     """A trial's learning curves and, if given, confusion matrix and prediction grid (see tracking.journal)."""
     folder = Path(folder)
-    learning_curves(data["history"], data.get("fine_tune_start"), folder / "learning_curves.png",
+    learning_curves(data["history"], data.get("fine_tune_start"), folder / LEARNING_CURVES,
                     first_epoch=int(data.get("first_epoch", 0)))
     if data.get("confusion") is not None:
-        confusion_matrix(np.asarray(data["confusion"]), data["class_names"], folder / "confusion_matrix.png")
+        confusion_matrix(np.asarray(data["confusion"]), data["class_names"], folder / CONFUSION_MATRIX)
     if data.get("grid_images"):
         prediction_grid(np.load(data["grid_images"]), data["grid_labels"], data["grid_predicted"], data["class_names"],
-                        folder / "predictions.png")
+                        folder / PREDICTIONS)
 
 
 def serve() -> None:

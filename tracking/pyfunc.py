@@ -8,6 +8,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
+from tracking.layout import MODEL_DIR, MODEL_URI, SAVEDMODEL_DIR
+
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # copied into the model: it loads without this project
 
 
@@ -22,7 +24,7 @@ def quiet_input_example_warning() -> None:
 quiet_input_example_warning()
 
 
-def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str = "model") -> str:
+def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str = MODEL_DIR) -> str:
     """Log the export as a pyfunc model with a signature; returns its model URI."""
     import tensorflow as tf
 
@@ -36,16 +38,13 @@ def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str
     return info.model_uri
 
 
-MODEL_URI_TAG = "tlsweep.model_uri"
-
-
 def log_export(run_id: str, export_dir: str, sample: np.ndarray, probs: np.ndarray) -> str:
     """Log an export to ``run_id``: its files under ``savedmodel/`` and the pyfunc model (tagged with its URI).
 
     Reopening the run marks it FINISHED; callers that close it with another status do so afterwards.
     """
-    mlflow.tracking.MlflowClient().log_artifacts(run_id, str(export_dir), "savedmodel")
+    mlflow.tracking.MlflowClient().log_artifacts(run_id, str(export_dir), SAVEDMODEL_DIR)
     with mlflow.start_run(run_id=run_id):  # the active run is per thread
         uri = log_pyfunc(str(export_dir), sample, probs)
-        mlflow.set_tag(MODEL_URI_TAG, uri)
+        mlflow.set_tag(MODEL_URI, uri)
     return uri

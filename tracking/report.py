@@ -21,9 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tracking import leaderboard as lb
 from tracking import plots
-
-SWEEP_PLOTS = ("val_accuracy_by_backbone.png", "parallel_coordinates.png")
-TRIAL_PLOTS = ("learning_curves.png", "confusion_matrix.png", "predictions.png")
+from tracking.layout import ERROR, PLOTS_DIR, SWEEP_PLOTS, TRIAL_PLOTS
 SEARCHED = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
             "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
 BOARD_COLUMNS = ("trial", "status", "backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
@@ -120,7 +118,7 @@ def _errors(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
     if runs.empty:
         return []
     bad = runs[runs["status"] != "FINISHED"]
-    errors = bad["tags.error"].fillna("") if "tags.error" in bad else [""] * len(bad)
+    errors = bad[f"tags.{ERROR}"].fillna("") if f"tags.{ERROR}" in bad else [""] * len(bad)
     return list(zip(bad["run_id"], bad["status"], errors))
 
 
@@ -128,7 +126,7 @@ def _best_trial_plots(run_id: str, folder: Path) -> dict[str, Path]:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots", dst_path=tmp))
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PLOTS_DIR, dst_path=tmp))
         except Exception:  # a trial without plots (e.g. logged by an older version): report without them
             return out
         for name in TRIAL_PLOTS:
@@ -166,4 +164,4 @@ def log_sweep_charts(parent_id: str, table: pd.DataFrame) -> None:
     """The sweep-level charts as PNG artifacts of the sweep's parent run."""
     with tempfile.TemporaryDirectory() as tmp:
         if sweep_charts(table, Path(tmp)):
-            MlflowClient().log_artifacts(parent_id, tmp, "plots")
+            MlflowClient().log_artifacts(parent_id, tmp, PLOTS_DIR)

@@ -8,22 +8,17 @@ from typing import Mapping
 
 import mlflow
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from pipeline.errors import UserError
 from tracking.entry import MAX_PARAM
-
-KIND = "tlsweep.kind"  # "sweep" for parents, "trial" for children
-SWEEP_KEY = "tlsweep.sweep"  # identifies a sweep across restarts
-TRIAL_ID = "kt.trial_id"
-WORKER = "kt.tuner_id"  # which Keras Tuner process ran the trial
-HEARTBEAT = "tlsweep.heartbeat"  # a distributed worker's last sign of life on its trial's run (epoch seconds)
+from tracking.layout import (CLOSED_BY, ERROR, ERROR_FILE, HEARTBEAT, KIND, PARENT_RUN_ID, SWEEP, SWEEP_KEY, TRIAL,
+                             TRIAL_ID, WORKER)
 
 
 def find_parent(experiment_id: str, sweep_key: str) -> str | None:
     """The parent run of a sweep started earlier (for resuming), if any."""
     runs = MlflowClient().search_runs(
-        [experiment_id], f"tags.`{KIND}` = 'sweep' and tags.`{SWEEP_KEY}` = '{sweep_key}'", max_results=1,
+        [experiment_id], f"tags.`{KIND}` = '{SWEEP}' and tags.`{SWEEP_KEY}` = '{sweep_key}'", max_results=1,
         order_by=["attributes.start_time DESC"],
     )
     return runs[0].info.run_id if runs else None
@@ -34,7 +29,7 @@ def start_parent(experiment_id: str, sweep_key: str, run_name: str) -> str:
     client = MlflowClient()
     run_id = find_parent(experiment_id, sweep_key)
     if run_id is None:
-        run = client.create_run(experiment_id, run_name=run_name, tags={KIND: "sweep", SWEEP_KEY: sweep_key})
+        run = client.create_run(experiment_id, run_name=run_name, tags={KIND: SWEEP, SWEEP_KEY: sweep_key})
         run_id = run.info.run_id
     else:
         client.update_run(run_id, status="RUNNING")
@@ -59,7 +54,7 @@ def close_orphans(experiment_id: str, parent_id: str, worker: str | None = None,
     client = MlflowClient()
     stale = _running_children(experiment_id, parent_id, worker, trial)
     for run in stale:
-        client.set_tag(run.info.run_id, "tlsweep.closed_by", reason)
+        client.set_tag(run.info.run_id, CLOSED_BY, reason)
         client.set_terminated(run.info.run_id, status="KILLED")
     return [r.info.run_id for r in stale]
 
@@ -78,7 +73,7 @@ def last_stamp(experiment_id: str, parent_id: str, worker: str, trial: str) -> f
 
 def _running_children(experiment_id: str, parent_id: str, worker: str | None = None,
                       trial: str | None = None) -> list[mlflow.entities.Run]:
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}' and attributes.status = 'RUNNING'"
+    query = f"tags.`{PARENT_RUN_ID}` = '{parent_id}' and attributes.status = 'RUNNING'"
     if worker is not None:
         query += f" and tags.`{WORKER}` = '{worker}'"
     if trial is not None:
@@ -89,7 +84,7 @@ def _running_children(experiment_id: str, parent_id: str, worker: str | None = N
 def create_child(experiment_id: str, parent_id: str, name: str, tags: Mapping[str, str]) -> str:
     """A trial's run under the sweep's parent, RUNNING until ``end_run``; returns its id."""
     run = MlflowClient().create_run(
-        experiment_id, run_name=name, tags={KIND: "trial", MLFLOW_PARENT_RUN_ID: parent_id, **tags}
+        experiment_id, run_name=name, tags={KIND: TRIAL, PARENT_RUN_ID: parent_id, **tags}
     )
     return run.info.run_id
 
@@ -98,10 +93,10 @@ def end_run(run_id: str, status: str, error: str | None = None, trace: str | Non
     """Close a run as FINISHED, FAILED or KILLED, with the error (tag) and traceback (artifact)."""
     client = MlflowClient()
     if error:
-        client.set_tag(run_id, "error", error[:5000])
+        client.set_tag(run_id, ERROR, error[:5000])
     if trace:
         with contextlib.suppress(Exception):
-            client.log_text(run_id, trace, "error.txt")
+            client.log_text(run_id, trace, ERROR_FILE)
     client.set_terminated(run_id, status=status)
 
 

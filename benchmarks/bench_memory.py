@@ -19,8 +19,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from sweeps.bench import DEFAULT_DATA, subset  # noqa: E402
+from benchmarks.bench import DEFAULT_DATA, subset  # noqa: E402
 from sweeps.config import TRIAL_PROCESSES  # noqa: E402
+from tracking import layout  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         memory = tuners[0].memory
         client = MlflowClient()
-        trial_mb = {r.data.tags["kt.trial_id"]: r.data.metrics.get("rss_mb") for r in client.search_runs(
-            [client.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")}
+        trial_mb = {r.data.tags[layout.TRIAL_ID]: r.data.metrics.get(layout.RSS_MB) for r in client.search_runs(
+            [client.get_run(parent).info.experiment_id], f"tags.`{layout.PARENT_RUN_ID}` = '{parent}'")}
     for i, (trial, mb) in enumerate(memory, 1):
         own = trial_mb.get(trial)
         print(f"after trial {i} ({trial}): sweep process {mb:.0f} MB resident; the trial's process "

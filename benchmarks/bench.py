@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tracking import layout
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flower_photos"
@@ -133,11 +135,11 @@ def ours(dataset: str, trials: int, epochs: int, batch_size: int, image_size: in
     wall = time.perf_counter() - start
     client = mlflow.tracking.MlflowClient(uri)
     exp = client.get_experiment_by_name("bench")
-    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
-    best = max(k.data.metrics["val_accuracy"] for k in kids)
+    kids = client.search_runs([exp.experiment_id], f"tags.`{layout.PARENT_RUN_ID}` = '{parent}'")
+    best = max(k.data.metrics[layout.VAL_ACCURACY] for k in kids)
     drawn = sorted((round(float(k.data.params["dropout"]), 6), round(float(k.data.params["learning_rate"]), 9))
                    for k in kids)
-    feature_seconds = sum(k.data.metrics.get("feature_seconds", 0.0) for k in kids)
+    feature_seconds = sum(k.data.metrics.get(layout.FEATURE_SECONDS, 0.0) for k in kids)
     timings = {**tuners[0].timings, "tracking": tuners[0].journal.blocked, "writer": tuners[0].journal.busy,
                "drawn": drawn}
     if log_models == "best" and not augment:

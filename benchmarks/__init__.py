@@ -1,0 +1,1 @@
+"""Kept benchmarks (not tests): `make bench`, `make bench-memory`. Their figures are in the README."""

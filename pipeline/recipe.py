@@ -1,0 +1,173 @@
+"""One recipe for "train one configuration": ``make train``, a sweep's trial and best-export all use it.
+
+``plan(config)`` resolves a ``RunConfig`` once: the backbone spec, the image size, the first backbone
+layer to unfreeze, whether the run fine-tunes. ``train_run(plan, data)`` chooses between a head on
+cached frozen-backbone features and the full model, trains both phases and returns the outcome;
+``full_model(plan, ...)`` assembles the classifier wherever one is needed (fine-tuning, export).
+The checkpoint names and the rule "does this run need a fresh process" live here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import keras
+
+from pipeline import features
+from pipeline.backbones import BackboneSpec, check_image_size, get_spec
+from pipeline.data import DataSplits, load_data
+from pipeline.errors import UserError
+from pipeline.export import load_keras_model
+from pipeline.hparams import DEFAULTS, RunConfig
+from pipeline.model import build_head, build_model, is_head, resolve_fine_tune_at
+from pipeline.training import TrainResult, train
+
+CHECKPOINT = "model.keras"  # a trained full classifier
+HEAD_CHECKPOINT = "head.keras"  # a head trained on cached features (a few KB)
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite: the configuration (usually the learning rate) must change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A ``RunConfig`` resolved against its backbone: everything decided before any data is touched."""
+
+    config: RunConfig
+    spec: BackboneSpec
+    image_size: int
+    unfreeze_from: int | None  # first backbone layer to unfreeze; None: head only
+    fine_tune_epochs: int
+    fine_tune_learning_rate: float
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.unfreeze_from is not None and self.fine_tune_epochs > 0
+
+    def feature_key(self, data: DataSplits) -> str | None:
+        """The frozen-feature cache key, or None when cached features cannot stand in (off, augmentation
+        before the backbone, random weights no other run shares)."""
+        if not self.config.feature_cache or self.config.augment:
+            return None
+        return features.key_for(self.spec, self.config.weights, self.image_size, data, self.config.mixed_precision)
+
+
+def plan(config: RunConfig) -> Plan:
+    """Resolve ``config`` once; a configuration that cannot run is a ``UserError`` here, before any work."""
+    spec = get_spec(config.backbone)
+    image_size = int(config.image_size or 0) or spec.native_size
+    check_image_size(spec, image_size)
+    unfreeze_from = resolve_fine_tune_at(config.fine_tune_at, spec) if config.fine_tune else None
+    fine_tune_epochs = int(config.fine_tune_epochs or 0) if config.fine_tune else 0
+    lr = config.fine_tune_learning_rate
+    return Plan(config, spec, image_size, unfreeze_from, fine_tune_epochs,
+                float(lr if lr is not None else DEFAULTS["fine_tune_learning_rate"]))
+
+
+def load_data_for(plan: Plan, dataset: str, split: str | None, cache: dict[int, DataSplits] | None = None,
+                  data_dir: str | None = None) -> DataSplits:
+    """The data set at the plan's image size, decoded once per process (``cache``: image size -> data)."""
+    cache = {} if cache is None else cache
+    if plan.image_size not in cache:
+        cache[plan.image_size] = load_data(dataset, plan.image_size, seed=plan.config.seed, split=split,
+                                           data_dir=data_dir)
+    return cache[plan.image_size]
+
+
+@dataclasses.dataclass
+class Outcome:
+    result: TrainResult
+    model: keras.Model  # the full classifier, or the head alone when it trained on cached features
+    data: DataSplits
+    plan: Plan
+    trained_at: float  # perf_counter() when training and evaluation ended
+
+
+def train_run(
+    plan: Plan,
+    data: DataSplits,
+    *,
+    verbose: int | str = 2,
+    previous: str | None = None,
+    start_from: str | None = None,
+    initial_epoch: int = 0,
+    stop_epoch: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> Outcome:
+    """Train one configuration: a head on cached features when that is all it trains, else the full model.
+
+    ``previous``: a Hyperband promotion continues that checkpoint from ``initial_epoch``;
+    ``start_from``: a staged search's stage 2 fine-tunes that stage-1 checkpoint's trained head;
+    ``checkpoint_dir``: keep the trained model there (``checkpoint_name``).
+    """
+    config = plan.config
+    keras.utils.set_random_seed(config.seed)
+    key = plan.feature_key(data)
+    cached, feature_seconds = (features.load(key) if key else None), 0.0
+    if previous:  # Hyperband promotion: continue the earlier trial's model where it stopped
+        model = load_keras_model(previous)
+    elif start_from:  # staged search, stage 2: fine-tune the stage-1 trial's trained head
+        model = full_model(plan, data.num_classes, load_keras_model(start_from))
+        initial_epoch = int(config.epochs)
+    elif cached is not None and not plan.fine_tunes:
+        # Head only, on cached features: the full model is built only if something needs it (export).
+        model = build_head(cached["train"][0].shape[1], data.num_classes, float(config.dropout), seed=config.seed,
+                           mixed_precision=config.mixed_precision)
+    else:
+        model = full_model(plan, data.num_classes)
+    if key and cached is None and not is_head(model):
+        cached, feature_seconds = features.load_or_compute(model, data, key)
+    result = train(
+        model, data, features=cached, epochs=int(config.epochs), fine_tune_epochs=plan.fine_tune_epochs,
+        unfreeze_from=plan.unfreeze_from, learning_rate=float(config.learning_rate),
+        fine_tune_learning_rate=plan.fine_tune_learning_rate, batch_size=int(config.batch_size), seed=config.seed,
+        verbose=verbose, initial_epoch=initial_epoch, stop_epoch=stop_epoch, jit_compile=config.xla,
+        callbacks=callbacks,
+    )
+    if any(math.isnan(v) or math.isinf(v) for v in result.history["loss"]):
+        raise Diverged("loss became NaN/inf; lower the learning rate")
+    if checkpoint_dir is not None:
+        model.save(Path(checkpoint_dir) / checkpoint_name(model))
+    result.feature_seconds = feature_seconds
+    return Outcome(result, model, data, plan, time.perf_counter())
+
+
+def full_model(plan: Plan, num_classes: int, trained: keras.Model | None = None) -> keras.Model:
+    """The plan's full classifier; given a trained head it takes the head's weights, a full model is kept as is."""
+    if trained is not None and not is_head(trained):
+        return trained
+    config = plan.config
+    return build_model(
+        config.backbone, num_classes, plan.image_size, dropout=float(config.dropout), augment=bool(config.augment),
+        weights=config.weights, seed=config.seed, mixed_precision=config.mixed_precision, head=trained,
+    )
+
+
+def checkpoint_name(model: keras.Model) -> str:
+    return HEAD_CHECKPOINT if is_head(model) else CHECKPOINT
+
+
+def checkpoint_in(folder: str | Path) -> Path:
+    """The checkpoint a run kept in ``folder``: the head alone, or the full model."""
+    head = Path(folder) / HEAD_CHECKPOINT
+    return head if head.exists() else Path(folder) / CHECKPOINT
+
+
+def trains_network(plan: Plan, data: Callable[[], DataSplits], previous: str | None = None,
+                   start_from: str | None = None) -> bool:
+    """Whether the run runs the whole network: it fine-tunes, augments, continues a full model, or its frozen
+    features are not cached yet. Otherwise it trains a head of a few KB on cached features (exporting it builds
+    the network once: ~6 MB kept per run, measured, against ~60 MB for fine-tuning). Such runs are the ones a
+    sweep starts in a fresh process. ``data`` is called only when the answer depends on the cache."""
+    if start_from or plan.fine_tunes or plan.config.augment or not plan.config.feature_cache:
+        return True
+    if previous:
+        return Path(previous).name != HEAD_CHECKPOINT
+    key = plan.feature_key(data())
+    return key is None or not features.is_cached(key)

@@ -1,0 +1,86 @@
+"""The MLflow run layout: every tag, param, metric and artifact name tlsweep writes, in one place.
+
+A sweep is one parent run (``KIND`` = ``sweep``) with one nested child run per trial (``KIND`` =
+``trial``). Other modules use these names, never literals; the README's "Tracking: what lands in
+MLflow" section lists the same names (``tests/test_layout.py`` checks that they agree, and that the
+names below agree with what the pipeline produces). It imports nothing heavy: a trial's fresh process
+and the plot helper process use it.
+"""
+
+from __future__ import annotations
+
+from pipeline.hparams import DEFAULTS
+
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag for nested runs
+
+# -- tags ----------------------------------------------------------------------------------------
+KIND = "tlsweep.kind"  # SWEEP for parents, TRIAL for children
+SWEEP, TRIAL = "sweep", "trial"
+SWEEP_KEY = "tlsweep.sweep"  # identifies a sweep across restarts: "<experiment>:<sweep name>"
+TRIAL_ID = "kt.trial_id"
+WORKER = "kt.tuner_id"  # which Keras Tuner process ran the trial
+TUNER = "tlsweep.tuner"
+STAGE = "tlsweep.stage"  # "1" or "2" in a staged search
+HEARTBEAT = "tlsweep.heartbeat"  # a distributed worker's last sign of life on its trial's run (epoch seconds)
+CLOSED_BY = "tlsweep.closed_by"  # why a run was closed by another process (resume, the chief's monitor)
+BEST = "tlsweep.best"  # "true" on the winning trial
+BEST_RUN_ID = "tlsweep.best_run_id"  # on the parent
+RESUMED = "tlsweep.resumed"  # on the parent, when a sweep was started again
+MODEL_URI = "tlsweep.model_uri"  # the trial's logged pyfunc model
+ERROR = "error"  # why a trial failed (its traceback is ERROR_FILE)
+TAGS = (KIND, SWEEP_KEY, TRIAL_ID, WORKER, TUNER, STAGE, HEARTBEAT, CLOSED_BY, BEST, BEST_RUN_ID, RESUMED, MODEL_URI,
+        ERROR)
+
+# -- params --------------------------------------------------------------------------------------
+HYPERPARAMETERS = tuple(DEFAULTS)  # each under its own name
+SEED = "seed"
+SPLIT = "split"
+RESOLVED_IMAGE_SIZE = "resolved_image_size"  # image_size 0 resolved to the backbone's native size
+FEATURE_CACHE = "feature_cache"  # whether the head trained on cached frozen-backbone features
+RUN_CONFIG = "run_config"  # the trial's RunConfig as JSON: best-export rebuilds the model from it
+LINEAGE_PARAMS = ("data_name", "data_source", "split_spec", "class_names", "num_classes", "train_size",
+                  "validation_size", "test_size", "skipped_files", "data_fingerprint")  # DataSplits.lineage()
+TRIAL_PARAMS = (*HYPERPARAMETERS, SEED, SPLIT, RESOLVED_IMAGE_SIZE, FEATURE_CACHE, RUN_CONFIG, *LINEAGE_PARAMS)
+# the parent's: the sweep settings
+SWEEP_PARAMS = ("dataset", "sweep", "tuner", "max_trials", "objective", "seed", "split", "log_models", "trial_process",
+                "mixed_precision", "xla")
+
+# -- metrics -------------------------------------------------------------------------------------
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # per epoch, both phases on one step axis
+LOSS, ACCURACY, VAL_LOSS, VAL_ACCURACY = EPOCH_METRICS
+OBJECTIVE = VAL_ACCURACY
+TEST_ACCURACY = "test_accuracy"
+TEST_LOSS = "test_loss"
+HEAD_TEST_ACCURACY = "head_test_accuracy"  # before fine-tuning (measured, never used to choose)
+TRAINABLE_PARAMS = "trainable_params"
+TRAIN_SECONDS = "train_seconds"  # data, features, training and evaluation
+WALL_SECONDS = "wall_seconds"  # the whole trial as the sweep waits for it
+HEAD_SECONDS = "head_seconds"
+FINE_TUNE_SECONDS = "fine_tune_seconds"
+FEATURE_SECONDS = "feature_seconds"
+RSS_MB = "rss_mb"  # the trial process's resident memory at its end
+BEST_VAL_ACCURACY = "best_val_accuracy"  # on the parent
+TFLITE_METRICS = ("tflite_size_bytes", "tflite_agreement", "tflite_test_accuracy", "tflite_max_abs_diff")
+TRIAL_METRICS = (*EPOCH_METRICS, TEST_ACCURACY, TEST_LOSS, HEAD_TEST_ACCURACY, TRAINABLE_PARAMS, TRAIN_SECONDS,
+                 WALL_SECONDS, HEAD_SECONDS, FINE_TUNE_SECONDS, FEATURE_SECONDS, RSS_MB)
+
+# -- artifacts -----------------------------------------------------------------------------------
+PLOTS_DIR = "plots"
+LEARNING_CURVES = "learning_curves.png"
+CONFUSION_MATRIX = "confusion_matrix.png"
+PREDICTIONS = "predictions.png"
+TRIAL_PLOTS = (LEARNING_CURVES, CONFUSION_MATRIX, PREDICTIONS)  # under PLOTS_DIR
+BY_BACKBONE = "val_accuracy_by_backbone.png"
+PARALLEL_COORDINATES = "parallel_coordinates.png"
+SWEEP_PLOTS = (BY_BACKBONE, PARALLEL_COORDINATES)  # the parent's, under PLOTS_DIR
+ERROR_FILE = "error.txt"
+SAVEDMODEL_DIR = "savedmodel"  # the trial's export (log_models: all / improving, or after best-export)
+MODEL_DIR = "model"  # the pyfunc model
+CHECKPOINT_DIR = "checkpoint"  # log_models: best: the Keras checkpoint
+TFLITE_DIR = "tflite_{mode}"
+SEARCH_SPACE = "search_space.json"  # the parent's
+SWEEP_FILE_DIR = "sweep"  # the parent's copy of the sweep YAML
+LEADERBOARD_CSV = "leaderboard.csv"
+LEADERBOARD_MD = "leaderboard.md"
+ARTIFACTS = (PLOTS_DIR, *TRIAL_PLOTS, *SWEEP_PLOTS, ERROR_FILE, SAVEDMODEL_DIR, MODEL_DIR, CHECKPOINT_DIR,
+             SEARCH_SPACE, SWEEP_FILE_DIR, LEADERBOARD_CSV, LEADERBOARD_MD)
