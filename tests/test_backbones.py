@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from pipeline import preprocessing as pp
 from pipeline.backbones import REGISTRY, build_backbone, get_spec, known_names
 from pipeline.errors import UserError
 
@@ -13,6 +14,8 @@ def test_spec_layer_count_matches_the_built_backbone(name):
     assert len(base.layers) == spec.layer_count
     assert base.output_shape[0] is None and len(base.output_shape) == 4
     assert spec.native_size >= size and spec.weight_source
+    if spec.preprocessing == pp.IDENTITY:  # the Keras app must then normalise raw 0..255 pixels itself
+        assert {type(layer).__name__ for layer in base.layers[1:3]} & {"Rescaling", "Normalization"}, name
 
 
 def test_unknown_backbone_lists_the_known_ones():
@@ -21,7 +24,11 @@ def test_unknown_backbone_lists_the_known_ones():
     assert "hub:<tfhub.dev URL or local SavedModel dir>" in known_names()
 
 
-@pytest.mark.parametrize("name,size", [("xception", 64), ("inception_v3", 40), ("mobilenet_v2", 16)])
+@pytest.mark.parametrize(
+    "name,size",
+    [("xception", 64), ("inception_v3", 40), ("mobilenet_v2", 16), ("convnext_tiny", 31), ("efficientnet_v2_s", 24),
+     ("mobilenet_v3_small", 31), ("efficientnet_lite2", 16)],
+)
 def test_image_size_the_backbone_cannot_take(name, size):
     with pytest.raises(UserError, match=rf"image size {size} is too small for backbone '{name}': it needs at least"):
         build_backbone(get_spec(name), size, weights=None)
