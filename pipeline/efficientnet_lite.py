@@ -97,7 +97,6 @@ VARIANTS: dict[str, LiteVariant] = {
         _variant(2, width=1.1, depth=1.2, native_size=260),
     )
 }
-WEIGHTS_PACKAGE = VARIANTS["efficientnet_lite0"].package
 
 
 def _relu6(name: str) -> layers.Layer:

@@ -72,3 +72,24 @@ def test_notop_backbone_matches_the_full_model_features(name):
     np.testing.assert_allclose(
         full.predict(x, verbose=0), dense(features).numpy(), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_registry_entry_agrees_with_the_variant(name):
+    from pipeline.backbones import get_spec
+
+    spec, v = get_spec(name), VARIANTS[name]
+    assert (spec.native_size, spec.weights_package) == (v.native_size, v.package)
+    assert v.package in spec.weight_source and spec.preprocessing["scale"][0] == pytest.approx(1 / 128)
+
+
+def test_conversion_fails_on_weights_that_do_not_fit_the_variant_exactly():
+    from pipeline.efficientnet_lite import assign_torch_weights
+
+    lite2 = EfficientNetLite("efficientnet_lite2", (32, 32, 3), include_top=True, weights=None)
+    with pytest.raises(ValueError, match="not compatible"):  # Lite1 is narrower (24 -> 40 vs 24 -> 48 at block 4)
+        assign_torch_weights(lite2, load_legacy_state_dict(torch_weights_path("efficientnet_lite1")))
+    lite1 = EfficientNetLite("efficientnet_lite1", (32, 32, 3), include_top=True, weights=None)
+    extra = load_legacy_state_dict(torch_weights_path("efficientnet_lite1")) | {"_blocks.21._bn1.weight": np.zeros(8)}
+    with pytest.raises(ValueError, match=r"unconverted efficientnet_lite1 weights: \['_blocks\.21\._bn1\.weight'\]"):
+        assign_torch_weights(lite1, extra)
