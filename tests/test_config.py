@@ -1,6 +1,7 @@
 import keras_tuner as kt
 import pytest
 
+from pipeline.backbones import get_spec
 from pipeline.errors import UserError
 from pipeline.hparams import DEFAULTS
 from sweeps import space
@@ -13,6 +14,21 @@ def test_shipped_sweeps_parse_and_their_default_point_is_complete(name):
     values = space.define(kt.HyperParameters(), config.space)
     assert set(values) == set(DEFAULTS)
     assert all(values[k] is not None for k in DEFAULTS), values
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
+def test_shipped_sweeps_name_only_registered_backbones(name):
+    entry = load_sweep(name).space.get("backbone", {})
+    names = entry.get("choice", []) + ([entry["fixed"]] if "fixed" in entry else [])
+    assert names, f"sweep {name} does not set its backbones"
+    for backbone in names:
+        get_spec(backbone)  # raises UserError for an unknown name
+
+
+def test_shipped_sweeps_offer_the_offline_lite_family():
+    for name in ("default", "tf_flowers", "tf_flowers_staged", "cats_vs_dogs"):
+        choices = load_sweep(name).space["backbone"]["choice"]
+        assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(choices), name
 
 
 def test_default_point_of_default_sweep_is_the_baseline():
