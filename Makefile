@@ -34,7 +34,7 @@ export MLFLOW_TRACKING_URI
 SWEEP_FLAGS = --dataset "$(DATASET)" $(call opt,SWEEP,sweep) $(call opt,EXPERIMENT,experiment) \
 	$(call opt,MAX_TRIALS,max-trials) $(call opt,TUNER,tuner) $(call opt,SEED,seed) $(call opt,SPLIT,split) \
 	$(if $(QUIET),--quiet) $(if $(NO_FEATURE_CACHE),--no-feature-cache) $(call opt,LOG_MODELS,log-models) \
-	$(call opt,TRIAL_PROCESS,trial-process)
+	$(call opt,TRIAL_PROCESS,trial-process) $(call opt,ON_CHANGE,on-change)
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16

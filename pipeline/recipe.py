@@ -57,8 +57,40 @@ class Plan:
         return features.key_for(self.spec, self.config.weights, self.image_size, data, self.config.mixed_precision)
 
 
+def validate(config: RunConfig) -> None:
+    """Every value of ``config`` in its range, or a ``UserError`` that names it: before any work, not deep in Keras."""
+    def number(name: str, kind: type, low: float, high: float | None = None, low_open: bool = False,
+               allow_none: bool = False) -> None:
+        value = getattr(config, name)
+        if value is None and allow_none:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value))
+        ok = ok and math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value < high)
+        if not ok:
+            bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
+            raise UserError(f"{name} must be {'a whole number' if kind is int else 'a number'} {bounds}, got {value!r}")
+
+    number("epochs", int, 1)
+    number("fine_tune_epochs", int, 0, allow_none=not config.fine_tune)
+    number("batch_size", int, 1)
+    number("learning_rate", float, 0, low_open=True)
+    number("fine_tune_learning_rate", float, 0, low_open=True, allow_none=True)
+    number("dropout", float, 0, 1)
+    number("image_size", int, 0)
+    number("seed", int, 0)
+    for name in ("fine_tune", "augment", "mixed_precision", "xla", "feature_cache"):
+        if not isinstance(getattr(config, name), bool):
+            raise UserError(f"{name} must be true or false, got {getattr(config, name)!r}")
+    if not isinstance(config.backbone, str) or not isinstance(config.weights, str):
+        raise UserError(f"backbone and weights must be names, got {config.backbone!r} and {config.weights!r}")
+    if config.weights not in ("imagenet", "none", "") and not Path(config.weights).expanduser().is_file():
+        raise UserError(f"weights {config.weights!r} is not 'imagenet', 'none' or an existing weights file; pass a "
+                        "path to a .h5/.weights.h5 file saved for the backbone without its top")
+
+
 def plan(config: RunConfig) -> Plan:
     """Resolve ``config`` once; a configuration that cannot run is a ``UserError`` here, before any work."""
+    validate(config)
     spec = get_spec(config.backbone)
     image_size = int(config.image_size or 0) or spec.native_size
     check_image_size(spec, image_size)

@@ -76,6 +76,11 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
     ``tflite`` ("float16" or "dynamic") also writes ``model.tflite``, checked against the SavedModel
     and logged to the trial's run with its size."""
     run = best_run(experiment)
+    test = run.data.metrics.get(layout.TEST_ACCURACY)
+    if test is None or test != test:
+        raise UserError(f"the best trial {run.info.run_id} of {experiment!r} has no test score (test_accuracy "
+                        f"{test}): its data set had no test images, so its export could not be checked. Give the data "
+                        "a test split (e.g. SPLIT=75/15/10 or a test/ folder) and sweep again")
     if MODEL_URI not in run.data.tags:
         export_checkpoint(run)
         run = MlflowClient().get_run(run.info.run_id)

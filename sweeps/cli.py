@@ -12,6 +12,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one ba
 from pipeline.errors import UserError  # noqa: E402
 from sweeps import signals  # noqa: E402
 from sweeps.config import LOG_MODELS, TFLITE_MODES, TRIAL_PROCESSES  # noqa: E402
+from sweeps.state import ON_CHANGE  # noqa: E402
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -24,7 +25,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.dataset, sweep=args.sweep, experiment=args.experiment, max_trials=args.max_trials, tuner=args.tuner,
         seed=args.seed, split=args.split, state_dir=args.state_dir, tracking_uri=args.tracking_uri,
         verbose=0 if args.quiet else 2, feature_cache=not args.no_feature_cache, log_models=args.log_models,
-        trial_process=args.trial_process,
+        trial_process=args.trial_process, on_change=args.on_change,
     )
     return _print_board(args.experiment or _experiment(args.dataset), parent, top=10)
 
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "augmentation, features not cached yet) in a fresh process, whose memory is all returned when it "
                    "ends, and heads on cached features in the sweep's process; fresh: every trial in its own "
                    "process; same: all in the sweep's process; overrides the YAML")
+    p.add_argument("--on-change", default="error", choices=ON_CHANGE,
+                   help="when the sweep file or the data set changed since this experiment's search started: error "
+                   "(default: say what changed), continue (run the saved search as it was; not for other data), or "
+                   "restart (a new search in the same experiment; the old runs stay in MLflow)")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="run the frozen backbone every epoch instead of training heads on cached features")
     p.add_argument("--role", choices=("chief", "worker"), default=None,

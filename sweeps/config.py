@@ -33,6 +33,8 @@ TRIAL_PROCESSES = ("auto", "fresh", "same")
 TFLITE_MODES = ("float16", "dynamic")  # best-export's TFLite options
 KINDS = ("choice", "float", "int", "boolean", "fixed")
 ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
+SAMPLINGS = ("linear", "log", "reverse_log")  # Keras Tuner's
+HYPERBAND_KEYS = ("max_epochs", "factor", "iterations")
 OBJECTIVES = ("val_accuracy",)
 # Local copies of tfds data sets use their tfds sweep.
 DATASET_ALIASES = {"flower_photos": "tf_flowers", "cats_and_dogs_filtered": "cats_vs_dogs", "PetImages": "cats_vs_dogs"}
@@ -136,16 +138,34 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         raise UserError(f"log_models {log_models!r} in sweep {where} is not one of {', '.join(LOG_MODELS)}")
     trial_process = raw.get("trial_process", "auto")
     _check_trial_process(trial_process, where)
-    max_trials = raw.get("max_trials", 10)
-    if not isinstance(max_trials, int) or max_trials < 1:
-        raise UserError(f"max_trials in sweep {where} must be a whole number >= 1, got {max_trials!r}")
+    max_trials = _whole(raw, "max_trials", 10, 1, where)
+    hyperband = raw.get("hyperband") or {}
+    if not isinstance(hyperband, dict) or set(hyperband) - set(HYPERBAND_KEYS):
+        raise UserError(f"hyperband in sweep {where} must be a mapping with keys {', '.join(HYPERBAND_KEYS)}, "
+                        f"got {hyperband!r}")
+    for key, low in (("max_epochs", 1), ("factor", 2), ("iterations", 1)):
+        _whole(hyperband, key, low, low, f"{where} (hyperband)")
+    for key in ("top_k", "trials_per_config"):
+        _whole(stage2, key, 1, 1, f"{where} (stage2)")
+    flags = {}
+    for key in ("mixed_precision", "xla"):
+        flags[key] = raw.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise UserError(f"{key} in sweep {where} must be true or false, got {flags[key]!r}")
     return SweepConfig(
-        name=name, tuner=tuner, max_trials=max_trials, objective=objective, seed=int(raw.get("seed", 42)),
-        space=space, hyperband=dict(raw.get("hyperband") or {}),
-        max_consecutive_failed_trials=int(raw.get("max_consecutive_failed_trials", 3)), log_models=log_models,
-        mixed_precision=bool(raw.get("mixed_precision", False)), xla=bool(raw.get("xla", False)), stage2=stage2,
-        trial_process=trial_process, source=source,
+        name=name, tuner=tuner, max_trials=max_trials, objective=objective, seed=_whole(raw, "seed", 42, 0, where),
+        space=space, hyperband=dict(hyperband),
+        max_consecutive_failed_trials=_whole(raw, "max_consecutive_failed_trials", 3, 1, where), log_models=log_models,
+        stage2=stage2, trial_process=trial_process, source=source, **flags,
     )
+
+
+def _whole(raw: dict, key: str, default: int, low: int, where: str) -> int:
+    """``raw[key]`` as a whole number of at least ``low`` (YAML's ``abc``, ``2.5``, ``true`` are errors)."""
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"{key} in sweep {where} must be a whole number >= {low}, got {value!r}")
+    return value
 
 
 def _check_tuner(tuner: str, where: str) -> None:
@@ -177,7 +197,20 @@ def _check_entry(hp: str, entry: Any, where: str) -> None:
     value = entry[kind]
     if kind == "choice" and (not isinstance(value, list) or not value):
         raise UserError(f"'choice' of {hp!r} in sweep {where} must be a non-empty list")
-    if kind in ("float", "int") and (not isinstance(value, list) or len(value) != 2 or value[0] > value[1]):
+    if kind in ("float", "int") and (not isinstance(value, list) or len(value) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or value[0] > value[1]):
         raise UserError(f"'{kind}' of {hp!r} in sweep {where} must be [low, high] with low <= high, got {value!r}")
     if "default" in entry and kind == "choice" and entry["default"] not in value:
         raise UserError(f"default {entry['default']!r} of {hp!r} in sweep {where} is not one of its choices {value}")
+    if ("sampling" in entry or "step" in entry) and kind not in ("float", "int"):
+        raise UserError(f"'sampling' and 'step' of {hp!r} in sweep {where} apply to float and int ranges only")
+    sampling = entry.get("sampling", "linear")
+    if sampling not in SAMPLINGS:
+        raise UserError(f"sampling {sampling!r} of {hp!r} in sweep {where} is not one of {', '.join(SAMPLINGS)}")
+    if sampling != "linear" and value[0] <= 0:
+        raise UserError(f"{sampling} sampling of {hp!r} in sweep {where} needs a range above 0, got {value!r}; "
+                        "give a low bound such as 1.0e-5")
+    step = entry.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0
+                             or (kind == "int" and step != int(step))):
+        raise UserError(f"step of {hp!r} in sweep {where} must be a number above 0 (whole for int), got {step!r}")

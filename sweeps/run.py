@@ -14,7 +14,9 @@ from pipeline.data import check_dataset
 from pipeline.errors import DataError, UserError
 from pipeline.hparams import FINE_TUNE_ONLY
 from sweeps import signals, workers
+from sweeps import space as space_module
 from sweeps.config import SweepConfig, default_sweep_for, load_sweep
+from sweeps.state import SweepState
 from sweeps.tuner import TransferTuner, sweep_dir
 from tracking import leaderboard as lb
 from tracking import layout, report
@@ -41,6 +43,7 @@ def run_sweep(
     trial_process: str | None = None,
     tuner_out: list | None = None,
     progress: bool = True,
+    on_change: str = "error",
 ) -> str:
     """Search, tracking every trial; running it again continues the same search. Returns the parent run id.
 
@@ -48,6 +51,10 @@ def run_sweep(
     ``KERASTUNER_ORACLE_PORT``; see ``distributed_role``) the chief creates the parent run, serves the
     oracle and writes the leaderboard when every trial is done; each worker runs trials under that
     parent. Point all of them at one ``mlflow server``.
+
+    Before any run exists: the data set is found, the space is fitted to this machine and checked
+    (``sweeps.space.check``), and the saved search, if any, must be the same search on the same data
+    (``sweeps.state``; ``on_change``: ``error``, ``continue`` or ``restart``).
     """
     config = load_sweep(sweep or default_sweep_for(dataset)).with_overrides(
         max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models, trial_process=trial_process)
@@ -59,69 +66,85 @@ def run_sweep(
     timeout = workers.worker_timeout() if role == "chief" else None
     heartbeat = workers.heartbeat_seconds() if role == "worker" else None
     experiment = experiment_name(dataset, experiment)
-    store.configure(tracking_uri)
-    exp_id = store.experiment_id(experiment)
     directory = sweep_dir(state_dir, experiment)
-    key = f"{experiment}:{config.name}"  # not a path: the project may move, workers run elsewhere
-    if role == "worker":  # the chief creates the parent (and the experiment) before any worker writes
-        parent = runs.wait_for_parent(exp_id, key, timeout=float(os.environ.get("TLSWEEP_PARENT_TIMEOUT", 300)))
-    else:
-        parent = runs.start_parent(exp_id, key, run_name=f"sweep-{config.name}")
-        _log_settings(parent, config, dataset, split)
-    staged = bool(config.stage2)
-    if staged:  # stage 1 sweeps heads only (cheap on cached features); stage 2 fine-tunes the best
-        config = dataclasses.replace(config, space={**config.space, "fine_tune": {"fixed": False}})
-    tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose,
-                              feature_cache=feature_cache, stage="1" if staged else "", progress=progress,
-                              heartbeat=heartbeat)
-    tuners = [tuner_obj]
-    if tuner_out is not None:  # for benchmarks: the tuner and its timings
-        tuner_out.append(tuner_obj)
-    _recover(tuner_obj, exp_id, parent, role)
-    if role == "chief":
-        print(f"chief: serving the oracle on {os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
-              f" for sweep {key!r} (parent run {parent}); start workers with `make sweep-worker`", flush=True)
-    status = "FAILED"
-    with signals.stop_on_signals():  # Ctrl-C / SIGTERM close the runs as KILLED, even inside TensorFlow
-        try:
-            with (workers.WorkerMonitor(tuner_obj.oracle, exp_id, parent, timeout) if timeout
-                  else contextlib.nullcontext()):  # the chief requeues the trials of workers that died
-                tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
-            if staged:
-                for stage2 in stage2_tuners(tuner_obj, config, dataset, directory, exp_id, parent, split, verbose,
-                                            feature_cache):
-                    tuners.append(stage2)
-                    _recover(stage2, exp_id, parent, role)
-                    stage2.search(verbose=1 if verbose else 0)
-            status = "FINISHED"
-        except BaseException as e:
-            if (stop := signals.interruption(e)) is not None:
-                status = "KILLED"
-                raise stop
-            if isinstance(e.__cause__, DataError):  # found while loading the data in a trial
-                raise e.__cause__ from None
-            if not isinstance(e, RuntimeError) or "consecutive failures" not in str(e):
-                raise
-            last = str(e).strip().splitlines()[-1]
-            raise UserError(
-                f"sweep stopped: {config.max_consecutive_failed_trials} trials failed in a row; last error: {last}. "
-                f"Each failed trial's run in MLflow has the error; fix the space in {config.source or config.name} "
-                "and run the same command again to continue"
-            ) from e
-        finally:
-            for t in tuners:
-                try:
-                    t.journal.close()  # finished trials reach MLflow before the sweep ends
-                except Exception as e:  # the store failed: the entries stay journaled for the next start
-                    print(f"warning: finished trials could not all be written to MLflow ({type(e).__name__}: {e}); "
-                          f"they stay in {t.journal.folder} and are written when the sweep starts again",
-                          file=sys.stderr)
-            if role != "worker":  # workers leave the leaderboard and the parent to the chief
-                try:
-                    summarize(experiment, parent)
-                finally:  # the parent is closed even if the leaderboard cannot be written
-                    runs.end_parent(parent, status)
-    return parent
+    search = SweepState(directory, config, dataset, split)
+    with search.locked() if role != "worker" else contextlib.nullcontext():
+        note, config = search.check(on_change) if role != "worker" else (None, config)
+        if note:
+            print(note, flush=True)
+        space_module.check(config.space, config.source or config.name)
+        config = space_module.fit_to_machine(config)  # the saved search's identity stays the sweep file's space
+        store.configure(tracking_uri)
+        exp_id = store.experiment_id(experiment)
+        key = f"{experiment}:{config.name}"  # not a path: the project may move, workers run elsewhere
+        if role == "worker":  # the chief creates the parent (and the experiment) before any worker writes
+            parent = runs.wait_for_parent(exp_id, key, timeout=float(os.environ.get("TLSWEEP_PARENT_TIMEOUT", 300)))
+        else:
+            if note and on_change == "restart":  # the old search's parent keeps its runs under another key
+                runs.retire_parent(exp_id, key)
+            elif search.trials_saved() and runs.find_parent(exp_id, key) is None:
+                raise UserError(
+                    f"the saved search in {search.folder} has {search.trials_saved()} trial(s), but the MLflow store "
+                    f"{store.resolve_uri(tracking_uri)} has no run of sweep {key!r}: the store is new or was wiped. Point "
+                    "MLFLOW_TRACKING_URI at the store this sweep logged to, or start over with ON_CHANGE=restart")
+            parent = runs.start_parent(exp_id, key, run_name=f"sweep-{config.name}")
+            _log_settings(parent, config, dataset, split)
+        staged = bool(config.stage2)
+        if staged:  # stage 1 sweeps heads only (cheap on cached features); stage 2 fine-tunes the best
+            config = dataclasses.replace(config, space={**config.space, "fine_tune": {"fixed": False}})
+        tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose,
+                                  feature_cache=feature_cache, stage="1" if staged else "", progress=progress,
+                                  heartbeat=heartbeat)
+        tuners = [tuner_obj]
+        if tuner_out is not None:  # for benchmarks: the tuner and its timings
+            tuner_out.append(tuner_obj)
+        _recover(tuner_obj, exp_id, parent, role)
+        if role == "chief":
+            print(f"chief: serving the oracle on {os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+                  f" for sweep {key!r} (parent run {parent}); start workers with `make sweep-worker`", flush=True)
+        status = "FAILED"
+        with signals.stop_on_signals():  # Ctrl-C / SIGTERM close the runs as KILLED, even inside TensorFlow
+            try:
+                with (workers.WorkerMonitor(tuner_obj.oracle, exp_id, parent, timeout) if timeout
+                      else contextlib.nullcontext()):  # the chief requeues the trials of workers that died
+                    tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
+                if staged:
+                    for stage2 in stage2_tuners(tuner_obj, config, dataset, directory, exp_id, parent, split, verbose,
+                                                feature_cache):
+                        tuners.append(stage2)
+                        _recover(stage2, exp_id, parent, role)
+                        stage2.search(verbose=1 if verbose else 0)
+                status = "FINISHED"
+            except BaseException as e:
+                if (stop := signals.interruption(e)) is not None:
+                    status = "KILLED"
+                    raise stop
+                if isinstance(e.__cause__, DataError):  # found while loading the data in a trial
+                    raise e.__cause__ from None
+                if not isinstance(e, RuntimeError) or "consecutive failures" not in str(e):
+                    raise
+                last = str(e).strip().splitlines()[-1].removeprefix("keras_tuner.src.errors.FailedTrialError: ")
+                search.stopped(config.max_consecutive_failed_trials, last)
+                raise UserError(
+                    f"sweep stopped: {config.max_consecutive_failed_trials} trials failed in a row; last error: "
+                    f"{last}. Each failed trial's run in MLflow has the error; fix the space in "
+                    f"{config.source or config.name} and run the same command again with ON_CHANGE=restart "
+                    "(--on-change restart)"
+                ) from e
+            finally:
+                for t in tuners:
+                    try:
+                        t.journal.close()  # finished trials reach MLflow before the sweep ends
+                    except Exception as e:  # the store failed: the entries stay journaled for the next start
+                        print(f"warning: finished trials could not all be written to MLflow ({type(e).__name__}: {e}); "
+                              f"they stay in {t.journal.folder} and are written when the sweep starts again",
+                              file=sys.stderr)
+                if role != "worker":  # workers leave the leaderboard and the parent to the chief
+                    try:
+                        summarize(experiment, parent)
+                    finally:  # the parent is closed even if the leaderboard cannot be written
+                        runs.end_parent(parent, status)
+        return parent
 
 
 def distributed_role() -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras_tuner as kt
 
 from pipeline.hparams import DEFAULTS, FINE_TUNE_ONLY
+
+if TYPE_CHECKING:
+    from sweeps.config import SweepConfig
 
 
 def define(hp: kt.HyperParameters, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -51,3 +54,75 @@ def _declare(hp: kt.HyperParameters, name: str, entry: dict[str, Any] | None) ->
     default = min(max(int(default), low), high)
     return hp.Int(name, int(low), int(high), step=entry.get("step", 1), sampling=entry.get("sampling", "linear"),
                   default=default)
+
+
+def values_of(entry: dict[str, Any] | None, name: str) -> list[Any]:
+    """The values an entry can take that bound what a trial may see: its choices, a range's ends, both booleans."""
+    if entry is None:
+        return [DEFAULTS[name]]
+    if "fixed" in entry:
+        return [entry["fixed"]]
+    if "choice" in entry:
+        return list(entry["choice"])
+    if "boolean" in entry:
+        return [False, True]
+    low, high = entry.get("float") or entry.get("int")
+    return [low, high]
+
+
+def check(space: dict[str, dict[str, Any]], where: str) -> None:
+    """Plan every configuration at the corners of ``space`` (``pipeline.recipe.plan``), so that a value no trial
+    can run with is one line before the first trial, not a failed trial (or a traceback) later. Values that
+    depend on each other (a backbone's depth and image sizes against ``fine_tune_at`` and ``image_size``) are
+    checked in every combination; the others one at a time on the default point."""
+    import itertools
+
+    from pipeline import recipe
+    from pipeline.errors import UserError
+    from pipeline.hparams import RunConfig
+
+    joint = ("backbone", "fine_tune_at", "image_size")
+    combos = itertools.product(*(values_of(space.get(n), n) for n in joint))
+    configs = [{**dict(zip(joint, combo)), "fine_tune": True} for combo in combos]
+    configs += [{name: value} for name in DEFAULTS if name not in joint
+                for value in values_of(space.get(name), name)]
+    for changes in configs:
+        try:
+            recipe.plan(RunConfig(**{**DEFAULTS, **changes}))
+        except UserError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in changes.items() if k != "fine_tune" or len(changes) == 1)
+            raise UserError(f"sweep {where}: no trial can run with {shown}: {e}") from None
+
+
+def fit_to_machine(config: "SweepConfig") -> "SweepConfig":
+    """Drop the backbones whose weights cannot be had here (no internet and no local copy), one line each saying
+    why and how to get them; a space left with no backbone is an error. No sweep fails trial after trial on
+    downloads."""
+    import dataclasses
+
+    from pipeline.backbones import get_spec, weights_unavailable
+    from pipeline.errors import UserError
+
+    entry = config.space.get("backbone")
+    names = values_of(entry, "backbone")
+    weights = values_of(config.space.get("weights"), "weights")
+    where = config.source or config.name
+    kept = []
+    for name in names:
+        reasons = [r for w in weights if (r := weights_unavailable(get_spec(name), w)) is not None]
+        if reasons:
+            print(f"[sweep] backbone {name} leaves the search: {reasons[0]}", flush=True)
+        else:
+            kept.append(name)
+    if not kept:
+        raise UserError(f"sweep {where}: no backbone of {names} has weights on this machine; "
+                        + "; ".join(f"{n}: {weights_unavailable(get_spec(n), weights[0])}" for n in names[:3]))
+    if len(kept) == len(names):
+        return config
+    if "choice" in entry and len(kept) > 1:
+        default = entry.get("default")
+        fitted = {**entry, "choice": kept, **({"default": default if default in kept else kept[0]}
+                                              if "default" in entry else {})}
+    else:
+        fitted = {"fixed": kept[0]}
+    return dataclasses.replace(config, space={**config.space, "backbone": fitted})

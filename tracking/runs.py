@@ -36,6 +36,14 @@ def start_parent(experiment_id: str, sweep_key: str, run_name: str) -> str:
     return run_id
 
 
+def retire_parent(experiment_id: str, sweep_key: str) -> str | None:
+    """A search started over: its old parent keeps its runs under ``<key>@replaced-<time>``, found no more."""
+    run_id = find_parent(experiment_id, sweep_key)
+    if run_id is not None:
+        MlflowClient().set_tag(run_id, SWEEP_KEY, f"{sweep_key}@replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    return run_id
+
+
 def wait_for_parent(experiment_id: str, sweep_key: str, timeout: float = 300.0) -> str:
     """A worker's parent run: the one its chief created (waits for the chief to create it)."""
     deadline = time.monotonic() + timeout

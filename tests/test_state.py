@@ -1,0 +1,107 @@
+"""A search belongs to one space, one data set, one store and one process: anything else is a clear error."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import make_class_folder
+from pipeline.errors import UserError
+from sweeps.config import parse_sweep
+from sweeps.run import run_sweep
+from sweeps.state import SweepState
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADS = {"tuner": "random", "max_trials": 1, "log_models": "best", "trial_process": "same",
+         "space": {"image_size": {"fixed": 32}, "epochs": {"fixed": 1}, "fine_tune": {"fixed": False},
+                   "batch_size": {"fixed": 8}, "dropout": {"float": [0.0, 0.5]}}}
+
+
+def _sweep(folder: Path, dataset: Path, config: dict, **kwargs) -> str:
+    path = folder / "s.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return run_sweep(str(dataset), sweep=str(path), experiment="exp", state_dir=str(folder / "state"), verbose=0,
+                     progress=False, **kwargs)
+
+
+def _runs() -> list:
+    exp = mlflow.get_experiment_by_name("exp")
+    return MlflowClient().search_runs([exp.experiment_id]) if exp else []
+
+
+def test_an_edited_space_is_refused_then_continued_or_restarted(tmp_path, tracking_store, class_folder):
+    first = _sweep(tmp_path, class_folder, HEADS)
+    edited = {**HEADS, "space": {**HEADS["space"], "dropout": {"float": [0.6, 0.9]}}}
+    before = len(_runs())
+    with pytest.raises(UserError, match=r"the sweep file .*s.yaml changed since this search started \(space.dropout."
+                                        r"float: \[0.0, 0.5\] -> \[0.6, 0.9\]\)\. Keras Tuner would silently run the "
+                                        r"saved search\. Choose: ON_CHANGE=continue"):
+        _sweep(tmp_path, class_folder, edited)
+    assert len(_runs()) == before, "refused before any run"
+    assert _sweep(tmp_path, class_folder, {**edited, "max_trials": 2}, on_change="continue") == first
+    dropouts = [float(r.data.params["dropout"]) for r in _runs() if "dropout" in r.data.params]
+    assert len(dropouts) == 2 and max(dropouts) <= 0.5, "continue runs the saved space"
+    second = _sweep(tmp_path, class_folder, edited, on_change="restart")
+    assert second != first
+    assert MlflowClient().get_run(first).data.tags["tlsweep.sweep"].startswith("exp:s@replaced-")
+    restarted = [float(r.data.params["dropout"]) for r in _runs() if r.data.tags.get("mlflow.parentRunId") == second]
+    assert len(restarted) == 1 and restarted[0] >= 0.6, "restart runs the new space"
+    assert list((tmp_path / "state" / "exp").glob("s.replaced-*"))
+
+
+def test_other_data_under_the_same_name_does_not_join_the_search(tmp_path, tracking_store, class_folder):
+    _sweep(tmp_path, class_folder, HEADS)
+    other = make_class_folder(tmp_path / "elsewhere" / class_folder.name, per_class=6, classes=("blue", "red"))
+    with pytest.raises(UserError, match=r"the data set is not the one this search ran on \(then .*: 36 files, identity "
+                                        r"\w+; now .*elsewhere.*: 12 files, identity \w+\).*Choose: ON_CHANGE=restart"):
+        _sweep(tmp_path, other, HEADS)
+    with pytest.raises(UserError, match="the data set is not the one"):  # continue is not for other data
+        _sweep(tmp_path, other, HEADS, on_change="continue")
+    moved = tmp_path / "moved"
+    shutil.copytree(class_folder, moved)  # the same files elsewhere are the same data
+    _sweep(tmp_path, moved, HEADS)
+
+
+def test_saved_state_without_its_store_is_refused(tmp_path, tracking_store, class_folder, monkeypatch):
+    _sweep(tmp_path, class_folder, HEADS)
+    wiped = f"sqlite:///{tmp_path / 'new.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", wiped)
+    with pytest.raises(UserError, match=r"the saved search in .* has 1 trial\(s\), but the MLflow store .*new.db has "
+                                        r"no run of sweep 'exp:s': the store is new or was wiped"):
+        _sweep(tmp_path, class_folder, HEADS, tracking_uri=wiped)
+    mlflow.set_tracking_uri(tracking_store)
+
+
+def test_a_second_process_on_the_same_search_is_refused(tmp_path, class_folder):
+    config = parse_sweep(HEADS, "s")
+    state = SweepState(tmp_path, config, str(class_folder), None)
+    with state.locked():
+        other = subprocess.run(
+            [sys.executable, "-c", "import sys; from sweeps.config import parse_sweep; from sweeps.state import "
+             "SweepState; s = SweepState(sys.argv[1], parse_sweep({}, 's'), sys.argv[2], None)\n"
+             "with s.locked(): pass", str(tmp_path), str(class_folder)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0
+    assert f"sweep 's' in {tmp_path} is already running (pid " in other.stderr
+    with state.locked():  # released: the same process takes it again
+        pass
+
+
+def test_a_search_stopped_by_failures_says_what_to_do_instead_of_failing_again(tmp_path, tracking_store, class_folder):
+    bad = {**HEADS, "max_trials": 4, "max_consecutive_failed_trials": 2,
+           "space": {**HEADS["space"], "learning_rate": {"fixed": 1.0e38}}}
+    with pytest.raises(UserError, match="sweep stopped: 2 trials failed in a row"):
+        _sweep(tmp_path, class_folder, bad)
+    before = len(_runs())
+    with pytest.raises(UserError, match=r"this search stopped after 2 trials failed in a row \(last error: .*loss "
+                                        r"became NaN.*\); run as it is, it would stop again at once"):
+        _sweep(tmp_path, class_folder, bad)
+    assert len(_runs()) == before, "no duplicate FAILED run"
+    fixed = {**bad, "space": {**bad["space"], "learning_rate": {"fixed": 0.01}}}
+    parent = _sweep(tmp_path, class_folder, fixed, on_change="restart")
+    assert MlflowClient().get_run(parent).info.status == "FINISHED"
