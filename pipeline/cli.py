@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from pipeline import features
     from pipeline.backbones import get_spec
-    from pipeline.data import load_data
+    from pipeline.data import load_data, skipped_lines
     from pipeline.export import export_model
     from pipeline.model import build_model, resolve_fine_tune_at
     from pipeline.training import train
@@ -71,8 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"sizes {data.sizes}, skipped files {data.skipped}",
         flush=True,
     )
-    for path in data.skipped_files[:10]:
-        print(f"  skipped (not a readable image): {path}")
+    for line in skipped_lines(data.skipped_files):
+        print(line)
     model = build_model(
         args.backbone, data.num_classes, image_size, dropout=args.dropout, augment=args.augment,
         weights=args.weights, seed=args.seed, mixed_precision=args.mixed_precision,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.data import check_dataset
+from pipeline.data import check_dataset, skipped_lines, unreadable_files
 from pipeline.errors import DataError, UserError
 from pipeline.hparams import FINE_TUNE_ONLY
 from sweeps import signals, workers
@@ -56,6 +56,8 @@ def run_sweep(
         raise UserError("a staged search (stage2: in the sweep file) runs in one process; remove stage2 to run it "
                         "with a chief and workers")
     check_dataset(dataset)  # these fail before any run exists
+    for line in skipped_lines(unreadable_files(dataset)):  # named here: trials only count them
+        print(line, flush=True)
     timeout = workers.worker_timeout() if role == "chief" else None
     heartbeat = workers.heartbeat_seconds() if role == "worker" else None
     experiment = experiment_name(dataset, experiment)

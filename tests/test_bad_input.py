@@ -61,9 +61,13 @@ def test_a_data_set_found_unusable_in_the_first_trial_stops_the_sweep(tmp_path, 
     import mlflow
 
     make_class_folder(tmp_path / "one", per_class=6, classes=("blue",))
+    good = (tmp_path / "one" / "blue" / "blue_000.jpg").read_bytes()
+    (tmp_path / "one" / "blue" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     assert sweeps_main(["sweep", "--dataset", str(tmp_path / "one"), "--sweep", "quick", "--state-dir",
                         str(tmp_path / "state")]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    # the sweep names the files it will skip before any trial (libjpeg's own message has no file name)
+    assert f"  skipped (not a readable image): {tmp_path / 'one' / 'blue' / 'truncated.jpg'}\n" in out
     assert err.endswith("error: folder {} has a single class ('blue'); classification needs at least two class "
                         "subfolders\n".format(tmp_path / "one"))
     exp = mlflow.get_experiment_by_name("one").experiment_id
