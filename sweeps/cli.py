@@ -11,7 +11,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one ba
 
 from pipeline.errors import UserError  # noqa: E402
 from sweeps import signals  # noqa: E402
-from sweeps.config import LOG_MODELS, TFLITE_MODES, TRIAL_PROCESSES  # noqa: E402
+from sweeps.config import LOG_MODELS, TFLITE_MODES, TRIAL_PROCESSES, check_experiment_name  # noqa: E402
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -26,7 +26,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         verbose=0 if args.quiet else 2, feature_cache=not args.no_feature_cache, log_models=args.log_models,
         trial_process=args.trial_process,
     )
-    return _print_board(args.experiment or _experiment(args.dataset), parent, top=10)
+    return _print_board(_experiment(args.dataset, args.experiment), parent, top=10)
 
 
 def _distributed_env(role: str, oracle: str, worker_id: str | None) -> None:
@@ -48,6 +48,7 @@ def cmd_best_export(args: argparse.Namespace) -> int:
     from sweeps.best import best_export
     from tracking import store
 
+    check_experiment_name(args.experiment)  # it names the export's folder
     store.configure(args.tracking_uri)
     info = best_export(args.experiment, export_dir=args.export_dir, overwrite=args.overwrite, tflite=args.tflite)
     print(f"best run {info['run_id']}: val_accuracy={info['val_accuracy']:.4f} test_accuracy={info['test_accuracy']:.4f}")
@@ -68,6 +69,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tracking import store
     from tracking.report import write_report
 
+    check_experiment_name(args.experiment)  # it names the report's folder
     store.configure(args.tracking_uri)
     _print_board(args.experiment, None, top=args.top)
     path = write_report(args.experiment, out_dir=args.out_dir, ui_url=args.ui_url)
@@ -75,10 +77,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment(dataset: str) -> str:
+def _experiment(dataset: str, experiment: str | None) -> str:
     from sweeps.run import experiment_name
 
-    return experiment_name(dataset, None)
+    return experiment_name(dataset, experiment)
 
 
 def _print_board(experiment: str, parent: str | None, top: int) -> int:

@@ -34,6 +34,7 @@ TFLITE_MODES = ("float16", "dynamic")  # best-export's TFLite options
 KINDS = ("choice", "float", "int", "boolean", "fixed")
 ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
 OBJECTIVES = ("val_accuracy",)
+NAME_PUNCTUATION = "-_. "  # experiment names: letters, digits and these (they name folders)
 # Local copies of tfds data sets use their tfds sweep.
 DATASET_ALIASES = {"flower_photos": "tf_flowers", "cats_and_dogs_filtered": "cats_vs_dogs", "PetImages": "cats_vs_dogs"}
 
@@ -181,3 +182,20 @@ def _check_entry(hp: str, entry: Any, where: str) -> None:
         raise UserError(f"'{kind}' of {hp!r} in sweep {where} must be [low, high] with low <= high, got {value!r}")
     if "default" in entry and kind == "choice" and entry["default"] not in value:
         raise UserError(f"default {entry['default']!r} of {hp!r} in sweep {where} is not one of its choices {value}")
+
+
+def check_experiment_name(name: str) -> str:
+    """An experiment's name names folders (``sweeps_state/<name>``, ``exports/<name>``, ``reports/<name>``):
+    a path such as ``../../x`` would write outside the project, so only plain names are accepted."""
+    if name and not name.startswith(".") and all(c.isalnum() or c in NAME_PUNCTUATION for c in name):
+        return name
+    raise UserError(
+        f"experiment name {name!r} is not a plain name: use letters, digits, '-', '_', '.' and spaces, not starting "
+        f"with a dot (it names folders under sweeps_state/, exports/ and reports/), e.g. {safe_experiment_name(name)!r}"
+    )
+
+
+def safe_experiment_name(text: str) -> str:
+    """``text`` (a data folder's name, a tfds name) made a plain experiment name: other characters become ``_``."""
+    name = "".join(c if c.isalnum() or c in NAME_PUNCTUATION else "_" for c in text).lstrip(". ")
+    return name or "experiment"
