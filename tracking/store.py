@@ -45,10 +45,35 @@ def configure(uri: str | None = None) -> str:
                 f"MLflow tracking server {uri} does not answer ({e}); start it (make server) or unset "
                 "MLFLOW_TRACKING_URI to use the local SQLite store"
             ) from e
+        check_credentials(uri)
     elif scheme == "sqlite":
         check_sqlite(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def check_credentials(uri: str) -> None:
+    """A server with basic auth (``make server`` on another address than 127.0.0.1) refuses a client
+    without MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: say so before any work."""
+    import base64
+
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT).read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            given = (f"the user name and password of MLFLOW_TRACKING_USERNAME ({user!r}) / MLFLOW_TRACKING_PASSWORD "
+                     "were refused" if user and password else
+                     "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD are not both set")
+            raise UserError(f"MLflow tracking server {uri} requires authentication (HTTP {e.code}) and {given}; "
+                            "set them to a user of the server (its admin is the one `make server` was started "
+                            "with)") from e
+    except (urllib.error.URLError, OSError):
+        pass  # the health check answered; let MLflow report anything else
 
 
 def check_sqlite(uri: str) -> None:
