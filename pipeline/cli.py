@@ -7,9 +7,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+from pipeline import tfstart  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+
+tfstart.quiet_environment()
 from pipeline.hparams import DEFAULTS as D  # noqa: E402
 
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tfstart.start_tensorflow()  # both commands need it; its start-up lines held back
     try:
         return args.func(args)
     except UserError as e:

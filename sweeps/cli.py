@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as pipeline.tfstart.quiet_environment
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per logged model drowns the trial lines
 
 from pipeline.errors import UserError  # noqa: E402
@@ -16,6 +16,9 @@ from sweeps.config import LOG_MODELS, TFLITE_MODES, TRIAL_PROCESSES, check_exper
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a Keras-Tuner search for a data set; every trial lands in MLflow. Rerun to continue it."""
+    from pipeline.tfstart import start_tensorflow
+
+    start_tensorflow()  # before anything imports it: its start-up lines held back
     from sweeps.run import run_sweep
 
     if args.role:
@@ -45,6 +48,9 @@ def _distributed_env(role: str, oracle: str, worker_id: str | None) -> None:
 
 def cmd_best_export(args: argparse.Namespace) -> int:
     """Export the best finished trial (by validation accuracy), register it as 'champion', check parity."""
+    from pipeline.tfstart import start_tensorflow
+
+    start_tensorflow()
     from sweeps.best import best_export
     from tracking import store
 
