@@ -204,3 +204,11 @@ def test_an_image_size_whose_decoded_cache_exceeds_memory_is_refused_before_deco
                                         r"use an image size of 1336 px or less"):
         check_memory(100, 5000, available=2**30)
     check_memory(100, 224, available=2**30)
+
+
+def test_an_empty_tfds_split_is_refused():
+    # mock_data serves the same number of examples to every split: 0 empties them all, train first.
+    with pytest.raises(UserError, match=r"the train split of tf_flowers is empty \(split train\[:75%\],.*\); it needs "
+                                        r"more images per class"):
+        with tfds.testing.mock_data(num_examples=0):
+            load_data("tf_flowers", 16)
