@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-export TF_CPP_MIN_LOG_LEVEL ?= 2
+export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 # Pass a CLI flag only when its Make variable is set.
 opt = $(if $($(1)),--$(2) $($(1)))
@@ -26,6 +26,8 @@ EXPORT_DIR ?= exports
 UI_PORT ?= 5000
 ORACLE ?= 127.0.0.1:8000
 SERVER_PORT ?= 5000
+# Loopback only by default: MLflow's server has no authentication unless started with basic auth.
+SERVER_HOST ?= 127.0.0.1
 SERVER_STORE ?= sqlite:///$(CURDIR)/mlflow-server.db
 SERVER_ARTIFACTS ?= $(CURDIR)/mlartifacts-server
 # The tracking store: MLFLOW_TRACKING_URI when set, else SQLite mlflow.db here.
@@ -75,9 +77,9 @@ sweep-worker: ## distributed sweep, worker: runs trials from the chief's oracle:
 	@test -n "$(DATASET)" -a -n "$(WORKER)" || { echo "usage: make sweep-worker DATASET=... WORKER=w1 MLFLOW_TRACKING_URI=http://<server>:5000"; exit 2; }
 	$(PY) -m sweeps.cli sweep $(SWEEP_FLAGS) --role worker --oracle "$(ORACLE)" --worker-id "$(WORKER)"
 
-server: ## MLflow tracking server for distributed sweeps: SQL store SERVER_STORE=, artifacts SERVER_ARTIFACTS=, SERVER_PORT=
-	$(VENV)/bin/mlflow server --backend-store-uri "$(SERVER_STORE)" --artifacts-destination "$(SERVER_ARTIFACTS)" \
-		--host 0.0.0.0 --port $(SERVER_PORT)
+server: ## MLflow tracking server: SERVER_HOST=127.0.0.1 (another address needs MLFLOW_TRACKING_USERNAME/PASSWORD: basic auth) SERVER_PORT= SERVER_STORE= SERVER_ARTIFACTS= [SERVER_AUTH=1]
+	$(PY) -m tracking.server --host "$(SERVER_HOST)" --port $(SERVER_PORT) --store "$(SERVER_STORE)" \
+		--artifacts "$(SERVER_ARTIFACTS)" $(if $(SERVER_AUTH),--auth)
 
 best-export: ## export the best trial by val_accuracy: EXPERIMENT= [EXPORT_DIR=exports/] [OVERWRITE=1] [TFLITE=float16|dynamic]
 	@test -n "$(EXPERIMENT)" || { echo "usage: make best-export EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }

@@ -7,9 +7,10 @@ import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+from pipeline import tfstart  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
+
+tfstart.quiet_environment()
 from pipeline.hparams import DEFAULTS as D  # noqa: E402
 from pipeline.hparams import RunConfig  # noqa: E402
 
@@ -65,6 +66,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one configuration (the recipe a sweep's trial uses), print its scores, export it."""
     from pipeline import recipe
+    from pipeline.data import skipped_lines
     from pipeline.export import export_model
 
     plan = recipe.plan(run_config(args))
@@ -75,8 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"sizes {data.sizes}, skipped files {data.skipped}",
         flush=True,
     )
-    for path in data.skipped_files[:10]:
-        print(f"  skipped (not a readable image): {path}")
+    for line in skipped_lines(data.skipped_files):
+        print(line)
     outcome = recipe.train_run(plan, data)
     result = outcome.result
     if result.used_feature_cache:
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tfstart.start_tensorflow()  # both commands need it; its start-up lines held back
     try:
         return args.func(args)
     except UserError as e:

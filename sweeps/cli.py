@@ -6,17 +6,20 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as pipeline.tfstart.quiet_environment
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per logged model drowns the trial lines
 
 from pipeline.errors import UserError  # noqa: E402
 from sweeps import signals  # noqa: E402
-from sweeps.config import LOG_MODELS, TFLITE_MODES, TRIAL_PROCESSES  # noqa: E402
+from sweeps.config import LOG_MODELS, TFLITE_MODES, TRIAL_PROCESSES, check_experiment_name  # noqa: E402
 from sweeps.state import ON_CHANGE  # noqa: E402
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a Keras-Tuner search for a data set; every trial lands in MLflow. Rerun to continue it."""
+    from pipeline.tfstart import start_tensorflow
+
+    start_tensorflow()  # before anything imports it: its start-up lines held back
     from sweeps.run import run_sweep
 
     if args.role:
@@ -27,7 +30,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         verbose=0 if args.quiet else 2, feature_cache=not args.no_feature_cache, log_models=args.log_models,
         trial_process=args.trial_process, on_change=args.on_change,
     )
-    return _print_board(args.experiment or _experiment(args.dataset), parent, top=10)
+    return _print_board(_experiment(args.dataset, args.experiment), parent, top=10)
 
 
 def _distributed_env(role: str, oracle: str, worker_id: str | None) -> None:
@@ -46,9 +49,13 @@ def _distributed_env(role: str, oracle: str, worker_id: str | None) -> None:
 
 def cmd_best_export(args: argparse.Namespace) -> int:
     """Export the best finished trial (by validation accuracy), register it as 'champion', check parity."""
+    from pipeline.tfstart import start_tensorflow
+
+    start_tensorflow()
     from sweeps.best import best_export
     from tracking import store
 
+    check_experiment_name(args.experiment)  # it names the export's folder
     store.configure(args.tracking_uri)
     info = best_export(args.experiment, export_dir=args.export_dir, overwrite=args.overwrite, tflite=args.tflite)
     print(f"best run {info['run_id']}: val_accuracy={info['val_accuracy']:.4f} test_accuracy={info['test_accuracy']:.4f}")
@@ -69,6 +76,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tracking import store
     from tracking.report import write_report
 
+    check_experiment_name(args.experiment)  # it names the report's folder
     store.configure(args.tracking_uri)
     _print_board(args.experiment, None, top=args.top)
     path = write_report(args.experiment, out_dir=args.out_dir, ui_url=args.ui_url)
@@ -76,10 +84,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment(dataset: str) -> str:
+def _experiment(dataset: str, experiment: str | None) -> str:
     from sweeps.run import experiment_name
 
-    return experiment_name(dataset, None)
+    return experiment_name(dataset, experiment)
 
 
 def _print_board(experiment: str, parent: str | None, top: int) -> int:

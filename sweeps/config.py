@@ -36,6 +36,7 @@ ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
 SAMPLINGS = ("linear", "log", "reverse_log")  # Keras Tuner's
 HYPERBAND_KEYS = ("max_epochs", "factor", "iterations")
 OBJECTIVES = ("val_accuracy",)
+NAME_PUNCTUATION = "-_. "  # experiment names: letters, digits and these (they name folders)
 # Local copies of tfds data sets use their tfds sweep.
 DATASET_ALIASES = {"flower_photos": "tf_flowers", "cats_and_dogs_filtered": "cats_vs_dogs", "PetImages": "cats_vs_dogs"}
 
@@ -214,3 +215,20 @@ def _check_entry(hp: str, entry: Any, where: str) -> None:
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0
                              or (kind == "int" and step != int(step))):
         raise UserError(f"step of {hp!r} in sweep {where} must be a number above 0 (whole for int), got {step!r}")
+
+
+def check_experiment_name(name: str) -> str:
+    """An experiment's name names folders (``sweeps_state/<name>``, ``exports/<name>``, ``reports/<name>``):
+    a path such as ``../../x`` would write outside the project, so only plain names are accepted."""
+    if name and not name.startswith(".") and all(c.isalnum() or c in NAME_PUNCTUATION for c in name):
+        return name
+    raise UserError(
+        f"experiment name {name!r} is not a plain name: use letters, digits, '-', '_', '.' and spaces, not starting "
+        f"with a dot (it names folders under sweeps_state/, exports/ and reports/), e.g. {safe_experiment_name(name)!r}"
+    )
+
+
+def safe_experiment_name(text: str) -> str:
+    """``text`` (a data folder's name, a tfds name) made a plain experiment name: other characters become ``_``."""
+    name = "".join(c if c.isalnum() or c in NAME_PUNCTUATION else "_" for c in text).lstrip(". ")
+    return name or "experiment"

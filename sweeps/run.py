@@ -10,12 +10,12 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.data import check_dataset
+from pipeline.data import check_dataset, skipped_lines, unreadable_files
 from pipeline.errors import DataError, UserError
 from pipeline.hparams import FINE_TUNE_ONLY
 from sweeps import signals, workers
 from sweeps import space as space_module
-from sweeps.config import SweepConfig, default_sweep_for, load_sweep
+from sweeps.config import SweepConfig, check_experiment_name, default_sweep_for, load_sweep, safe_experiment_name
 from sweeps.state import SweepState
 from sweeps.tuner import TransferTuner, sweep_dir
 from tracking import leaderboard as lb
@@ -24,7 +24,10 @@ from tracking import runs, store
 
 
 def experiment_name(dataset: str, experiment: str | None) -> str:
-    return experiment or Path(dataset.rstrip("/")).name or dataset
+    """``experiment`` checked to be a plain name, else one made from the data folder's (or tfds) name."""
+    if experiment is not None:
+        return check_experiment_name(experiment)
+    return safe_experiment_name(Path(os.path.abspath(os.path.expanduser(dataset))).name)
 
 
 def run_sweep(
@@ -62,10 +65,12 @@ def run_sweep(
     if role != "single" and config.stage2:
         raise UserError("a staged search (stage2: in the sweep file) runs in one process; remove stage2 to run it "
                         "with a chief and workers")
+    experiment = experiment_name(dataset, experiment)
     check_dataset(dataset)  # these fail before any run exists
+    for line in skipped_lines(unreadable_files(dataset)):  # named here: trials only count them
+        print(line, flush=True)
     timeout = workers.worker_timeout() if role == "chief" else None
     heartbeat = workers.heartbeat_seconds() if role == "worker" else None
-    experiment = experiment_name(dataset, experiment)
     directory = sweep_dir(state_dir, experiment)
     search = SweepState(directory, config, dataset, split)
     with search.locked() if role != "worker" else contextlib.nullcontext():

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -36,6 +35,7 @@ from pipeline.errors import DataError, UserError
 from pipeline.export import export_model
 from pipeline.hparams import RunConfig
 from pipeline.model import is_head
+from pipeline.tfstart import STARTUP_NOISE
 from pipeline.training import predictions
 from tracking import layout
 from tracking.entry import write_entry
@@ -170,10 +170,8 @@ def run_fresh(spec: TrialSpec) -> TrialOutput:
     raise kt.errors.FailedTrialError(f"the trial's process exited with code {code} and no result")
 
 
-# What TensorFlow prints whenever a process starts it on a machine without a GPU: said once by the sweep.
-_STARTUP_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} .*(cudart_stub|"
-                            r"cuda_platform|cuda_executor|cpu_feature_guard|cuda_fft|cuda_dnn|cuda_blas)"
-                            r"|To enable the following instructions|rebuild TensorFlow with the appropriate)")
+# What TensorFlow prints whenever a process starts it on a machine without a GPU.
+_STARTUP_NOISE = STARTUP_NOISE
 
 
 def _relay_stderr(stream: Any) -> None:

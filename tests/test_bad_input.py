@@ -61,9 +61,13 @@ def test_a_data_set_found_unusable_in_the_first_trial_stops_the_sweep(tmp_path, 
     import mlflow
 
     make_class_folder(tmp_path / "one", per_class=6, classes=("blue",))
+    good = (tmp_path / "one" / "blue" / "blue_000.jpg").read_bytes()
+    (tmp_path / "one" / "blue" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     assert sweeps_main(["sweep", "--dataset", str(tmp_path / "one"), "--sweep", "quick", "--state-dir",
                         str(tmp_path / "state")]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    # the sweep names the files it will skip before any trial (libjpeg's own message has no file name)
+    assert f"  skipped (not a readable image): {tmp_path / 'one' / 'blue' / 'truncated.jpg'}\n" in out
     assert err.endswith("error: folder {} has a single class ('blue'); classification needs at least two class "
                         "subfolders\n".format(tmp_path / "one"))
     exp = mlflow.get_experiment_by_name("one").experiment_id
@@ -157,3 +161,29 @@ def test_bad_distributed_options(class_folder, capsys, monkeypatch, args, messag
         monkeypatch.delenv(name, raising=False)
     assert sweeps_main(["sweep", "--dataset", str(class_folder), *args]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["sweep", "best-export", "report"])
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden", "a\\b", ""])
+def test_an_experiment_name_that_is_a_path_is_refused_before_anything_is_written(tmp_path, class_folder, capsys,
+                                                                                monkeypatch, command, name):
+    monkeypatch.chdir(tmp_path)
+    args = ["--dataset", str(class_folder), "--sweep", "quick"] if command == "sweep" else []
+    assert sweeps_main([command, *args, "--experiment", name, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: experiment name {name!r} is not a plain name: use letters, digits, '-', '_', '.' "
+                          "and spaces, not starting with a dot"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no tuner state
+
+
+def test_experiment_names_made_from_data_set_names_are_plain(tmp_path, monkeypatch):
+    from sweeps.run import experiment_name
+
+    monkeypatch.chdir(tmp_path)
+    assert experiment_name("data/flowers/", None) == "flowers"
+    assert experiment_name("~/my photos (2024)", None) == "my photos _2024_"
+    assert experiment_name(".", None) == tmp_path.name
+    assert experiment_name("..", None) == tmp_path.parent.name
+    assert experiment_name("tf_flowers", None) == "tf_flowers"
+    assert experiment_name("cats_vs_dogs:4.0.1", None) == "cats_vs_dogs_4.0.1"
+    assert experiment_name("x", "run 2 of flowers-v1.2") == "run 2 of flowers-v1.2"

@@ -5,7 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import make_class_folder, write_image
-from pipeline.data import load_data
+from pipeline.data import check_memory, load_data, skipped_lines, unreadable_files
 from pipeline.errors import UserError
 
 
@@ -34,9 +34,9 @@ def test_images_of_every_kind_come_out_rgb_uint8_at_image_size(class_folder):
 
 
 def test_grayscale_images_become_rgb(tmp_path):
-    make_class_folder(tmp_path, per_class=4, classes=("blue", "red"))
+    make_class_folder(tmp_path, per_class=8, classes=("blue", "red"))
     write_image(tmp_path / "red" / "gray.png", (200, 200, 200), mode="L")
-    data = load_data(str(tmp_path), 16, split="100/100/0")
+    data = load_data(str(tmp_path), 16, split="50/25/25")
     images = [x for x, _ in data.splits["train"].as_numpy_iterator()]
     assert all(x.shape == (16, 16, 3) for x in images)
 
@@ -89,8 +89,13 @@ def test_train_validation_test_folders_are_used_as_given(tmp_path):
         (lambda p: None, r"has no class subfolders; expected"),
         (lambda p: make_class_folder(p, 3, ("blue",)), r"has a single class \('blue'\); classification needs at least two"),
         (lambda p: [(p / "a").mkdir(), (p / "b").mkdir()], r"holds no images"),
+        (lambda p: [make_class_folder(p, 8, ("blue", "red")), (p / "green").mkdir(), (p / "green" / "x.txt").touch()],
+         r"class folder .*green holds no images \(.*\); add images to it or remove it"),
+        (lambda p: make_class_folder(p, 3, ("blue", "red")),
+         r"the test split of .* is empty \(split 75/15/10 \(seed 42\)\); add images \(10 or more per class\) or "
+         r"give another --split whose test share is above 0, e.g. 75/15/10"),
     ],
-    ids=["empty", "single-class", "no-images"],
+    ids=["empty", "single-class", "no-images", "empty-class", "empty-test-split"],
 )
 def test_bad_folders_are_clear_errors(tmp_path, setup, message):
     setup(tmp_path)
@@ -132,3 +137,78 @@ def test_tfds_split_option_and_cats_vs_dogs_default():
     with pytest.raises(UserError, match=r"must name three tfds splits"):
         with tfds.testing.mock_data(num_examples=20):
             load_data("tf_flowers", 16, split="train[:50%],train[50%:]")
+
+
+def test_a_zero_test_share_is_refused(class_folder):
+    with pytest.raises(UserError, match=r"split '75/25/0' for a folder must be .* \(each above zero\)"):
+        load_data(str(class_folder), 16, split="75/25/0")
+
+
+def test_train_and_test_folders_carve_validation_from_train(tmp_path):
+    # The layout of many public data sets: train/ and test/, no validation/.
+    for split, n in (("train", 20), ("test", 3)):
+        make_class_folder(tmp_path / split, per_class=n, classes=("blue", "red"))
+    data = load_data(str(tmp_path), 16, seed=5)
+    assert data.class_names == ["blue", "red"]
+    assert data.sizes == {"train": 34, "validation": 6, "test": 6}
+    assert data.split_spec == "train/ split 85/15 into train/validation (stratified, seed 5),test/"
+    assert _labels(data, "validation") == [0, 0, 0, 1, 1, 1] and _labels(data, "test") == [0, 0, 0, 1, 1, 1]
+    assert load_data(str(tmp_path), 16, seed=6).fingerprint != data.fingerprint
+    with pytest.raises(UserError, match=r"already has train/ and test/ subfolders .*--split '60/20/20' does not apply"):
+        load_data(str(tmp_path), 16, split="60/20/20")
+
+
+def test_a_folder_of_data_sets_is_refused_naming_them(tmp_path):
+    make_class_folder(tmp_path / "flowers", per_class=4, classes=("blue", "red"))
+    make_class_folder(tmp_path / "pets", per_class=4, classes=("green", "red"))
+    with pytest.raises(UserError, match=r"folder .* looks like a folder of data sets, not of classes: flowers, pets hold "
+                                        r"no images of their own, only subfolders \(flowers/blue, red\); pass one "
+                                        r"data set, e.g. .*flowers$"):
+        load_data(str(tmp_path), 16)
+
+
+def test_images_in_subfolders_of_a_class_belong_to_that_class(tmp_path):
+    make_class_folder(tmp_path, per_class=10, classes=("blue", "red"))
+    make_class_folder(tmp_path / "red" / "more", per_class=10, classes=("red",))
+    data = load_data(str(tmp_path), 16)
+    assert sum(data.sizes.values()) == 30
+    assert sum(1 for s in data.splits.values() for _, y in s.as_numpy_iterator() if y == 1) == 20
+
+
+def test_unreadable_files_are_found_before_any_trial_and_named(tmp_path):
+    make_class_folder(tmp_path, per_class=8, classes=("blue", "red"))
+    good = (tmp_path / "blue" / "blue_000.jpg").read_bytes()
+    (tmp_path / "blue" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "red" / "notes.txt").write_text("not an image")
+    found = unreadable_files(str(tmp_path))
+    assert [Path(p).name for p in found] == ["truncated.jpg", "notes.txt"]
+    assert sorted(found) == sorted(load_data(str(tmp_path), 16).skipped_files)  # the files the loader drops
+    assert skipped_lines(found) == [
+        "2 file(s) skipped, not readable images (libjpeg's messages above, if any, are about these):",
+        *(f"  skipped (not a readable image): {p}" for p in found)]
+    assert skipped_lines([]) == []
+    many = [f"f{i}.jpg" for i in range(12)]
+    assert skipped_lines(many, limit=10)[-1] == "  ... and 2 more skipped files (all counted in skipped_files)"
+    assert unreadable_files("tf_flowers") == []
+
+
+def test_an_image_size_whose_decoded_cache_exceeds_memory_is_refused_before_decoding(class_folder):
+    import psutil
+
+    available = psutil.virtual_memory().available
+    size = int((2 * available / (3 * 36)) ** 0.5)  # twice the memory available: refused whatever runs meanwhile
+    with pytest.raises(UserError, match=rf"36 images decoded at {size} px need about .* GiB in memory \(36 x {size} x "
+                                        rf"{size} x 3 bytes\), but .* GiB is available; use an image size of \d+ px"):
+        load_data(str(class_folder), size)
+    with pytest.raises(UserError, match=r"100 images decoded at 5000 px need about 7.0 GiB .* but 1.0 GiB is available; "
+                                        r"use an image size of 1336 px or less"):
+        check_memory(100, 5000, available=2**30)
+    check_memory(100, 224, available=2**30)
+
+
+def test_an_empty_tfds_split_is_refused():
+    # mock_data serves the same number of examples to every split: 0 empties them all, train first.
+    with pytest.raises(UserError, match=r"the train split of tf_flowers is empty \(split train\[:75%\],.*\); it needs "
+                                        r"more images per class"):
+        with tfds.testing.mock_data(num_examples=0):
+            load_data("tf_flowers", 16)

@@ -1,0 +1,62 @@
+"""Start TensorFlow without the lines it prints on every start on a CPU machine.
+
+TensorFlow writes them from C++ before its logging is configured, so ``TF_CPP_MIN_LOG_LEVEL`` does not
+stop them (measured with TF 2.21: ``WARNING: All log messages before absl::InitializeLog() …``,
+``oneDNN custom operations are on …``, ``Could not find cuda drivers …``, and at the first device
+query ``E0000 … failed call to cuInit``). The CLIs import TensorFlow through ``start_tensorflow``,
+which holds back those lines, and only those, and passes every other line through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from typing import Iterator
+
+# Said once here: nothing in them is actionable on a machine without a GPU.
+STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog"
+    r"|[IWE]\d{4} .*(port\.cc:\d+\] oneDNN custom operations|cudart_stub|cuda_platform|cuda_executor|cuda_diagnostics"
+    r"|cpu_feature_guard|cuda_fft|cuda_dnn|cuda_blas|cuInit)"
+    r"|To enable the following instructions|rebuild TensorFlow with the appropriate)"
+)
+
+
+def quiet_environment() -> None:
+    """Before TensorFlow is imported: C++ messages below FATAL off (errors reach Python as exceptions;
+    libjpeg's messages about a bad file are followed by our line naming it)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def start_tensorflow() -> None:
+    """Import TensorFlow and let it find its devices, holding back its start-up lines."""
+    if "tensorflow" in sys.modules:
+        return
+    quiet_environment()
+    with filtered_stderr(STARTUP_NOISE):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the cuInit attempt happens here, inside the filter
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise: re.Pattern) -> Iterator[None]:
+    """Everything written to file descriptor 2 (C++ included) in the block, minus lines matching ``noise``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not noise.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
