@@ -105,3 +105,22 @@ def test_a_search_stopped_by_failures_says_what_to_do_instead_of_failing_again(t
     fixed = {**bad, "space": {**bad["space"], "learning_rate": {"fixed": 0.01}}}
     parent = _sweep(tmp_path, class_folder, fixed, on_change="restart")
     assert MlflowClient().get_run(parent).info.status == "FINISHED"
+
+
+def test_best_export_refuses_a_best_trial_without_a_test_score(tmp_path, tracking_store):
+    from sweeps.best import best_export
+    from tracking import runs, store
+
+    exp = store.experiment_id("nan")
+    parent = runs.start_parent(exp, "nan:s", "sweep-s")
+    child = runs.create_child(exp, parent, "trial-0", {"kt.trial_id": "0"})
+    client = MlflowClient()
+    client.log_metric(child, "val_accuracy", 0.9)
+    client.log_metric(child, "test_accuracy", float("nan"))
+    client.set_tag(child, "tlsweep.model_uri", "runs:/x/model")
+    runs.end_run(child, "FINISHED")
+    runs.end_parent(parent)
+    with pytest.raises(UserError, match=rf"the best trial {child} of 'nan' has no test score \(test_accuracy nan\): "
+                                        r"its data set had no test images"):
+        best_export("nan", export_dir=str(tmp_path / "exports"))
+    assert not (tmp_path / "exports").exists() and not client.search_registered_models()
