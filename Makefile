@@ -35,7 +35,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export MLFLOW_TRACKING_URI
 SWEEP_FLAGS = --dataset "$(DATASET)" $(call opt,SWEEP,sweep) $(call opt,EXPERIMENT,experiment) \
 	$(call opt,MAX_TRIALS,max-trials) $(call opt,TUNER,tuner) $(call opt,SEED,seed) $(call opt,SPLIT,split) \
-	$(if $(QUIET),--quiet) $(if $(NO_FEATURE_CACHE),--no-feature-cache) $(call opt,LOG_MODELS,log-models) \
+	$(if $(QUIET),--quiet) $(if $(VERBOSE),--verbose) $(if $(NO_FEATURE_CACHE),--no-feature-cache) $(call opt,LOG_MODELS,log-models) \
 	$(call opt,TRIAL_PROCESS,trial-process) $(call opt,ON_CHANGE,on-change)
 
 help: ## list the targets

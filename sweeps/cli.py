@@ -24,6 +24,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.role:
         _distributed_env(args.role, args.oracle, args.worker_id)
+    if args.verbose:
+        os.environ["TLSWEEP_VERBOSE"] = "1"  # failed trials print their traceback (it is in MLflow's error.txt)
     parent = run_sweep(
         args.dataset, sweep=args.sweep, experiment=args.experiment, max_trials=args.max_trials, tuner=args.tuner,
         seed=args.seed, split=args.split, state_dir=args.state_dir, tracking_uri=args.tracking_uri,
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="as for `train`")
     p.add_argument("--state-dir", default="sweeps_state", help="Keras-Tuner state, one folder per experiment")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--verbose", action="store_true", help="a failed trial prints its traceback (always in its run's "
+                   "error.txt in MLflow); without it, one line with its reason")
     p.add_argument("--log-models", default=None, choices=LOG_MODELS,
                    help="log the SavedModel + pyfunc model of every trial; only of trials that beat the best so "
                    "far; or none, trials keeping a Keras checkpoint that best-export turns into the SavedModel of "

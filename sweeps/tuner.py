@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 import traceback
@@ -33,6 +34,7 @@ from tracking import layout
 from tracking.journal import TrialJournal
 
 ZERO_SEED = 2**31 - 1  # the oracle's seed for a sweep with seed 0
+VERBOSE_ENV = "TLSWEEP_VERBOSE"  # set by `sweep --verbose`: failed trials print their traceback
 
 
 class SpaceHyperModel(kt.HyperModel):
@@ -117,7 +119,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
             tags[layout.STAGE] = self.stage
         params = {**values, **tuner_values, layout.SEED: self.config.seed, layout.SPLIT: self.split or "default"}
         start = time.perf_counter()
-        output, in_process = None, True
+        output, in_process, failure = None, True, None
         run = self.journal.start(self.experiment_id, self.parent_run_id, f"trial-{key}", tags)
         try:
             spec = self._spec(trial, values, tuner_values, params, run)
@@ -138,13 +140,16 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
                 self.journal.fail(run, "KILLED", "interrupted (Ctrl-C or SIGTERM)", params=params)
                 raise stop
             self.journal.fail(run, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc(), params=params)
+            failure = one_line(e)
+            if os.environ.get(VERBOSE_ENV):  # --verbose: the traceback here too, not only in MLflow
+                traceback.print_exc()
             if not isinstance(e, (kt.errors.FailedTrialError, kt.errors.FatalError)):
                 print(f"[sweep] trial {key} failed on an internal error, not on its configuration (a bug in tlsweep: "
                       f"please report it): {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                       f"; its traceback is in the run's {layout.ERROR_FILE} in MLflow", file=sys.stderr, flush=True)
             raise
         finally:
-            self._progress(key, time.perf_counter() - start, output.val_accuracy if output else None)
+            self._progress(key, time.perf_counter() - start, output.val_accuracy if output else None, failure)
             if in_process:  # free the trial's memory; a garbage collection pass (~0.25 s) only after a network
                 keras.backend.clear_session(free_memory=not (output and output.head_only))
             self.memory.append((key, resident_mb()))
@@ -179,7 +184,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         self._durations: list[float] = []
         super().on_search_begin()
 
-    def _progress(self, key: str, seconds: float, value: float | None) -> None:
+    def _progress(self, key: str, seconds: float, value: float | None, failure: str | None = None) -> None:
         """One line per trial: where the sweep is, how long it has left, the best so far."""
         self._durations.append(seconds)
         if not self.progress:
@@ -193,7 +198,8 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         elapsed = time.perf_counter() - self._search_start
         best = [t for t in self.oracle.get_best_trials(1) if t.score is not None]
         parts = [f"trial {key} ({done}/{total if total else '?'})",
-                 f"{'val_accuracy ' + format(value, '.4f') if value is not None else 'FAILED'} in {_clock(seconds)}"]
+                 f"{'val_accuracy ' + format(value, '.4f') if value is not None else 'FAILED'} in {_clock(seconds)}"
+                 + (f" ({failure})" if failure and value is None else "")]
         if best or value is not None:
             top = max([b.score for b in best] + ([value] if value is not None else []))
             parts.append(f"best {top:.4f}")
@@ -214,6 +220,12 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
     def checkpoint(self, trial_id: str) -> str:
         """The trial's saved model: ``head.keras`` (a head trained on features) or ``model.keras``."""
         return str(recipe.checkpoint_in(self.get_trial_dir(trial_id)))
+
+
+def one_line(error: BaseException) -> str:
+    """An error's reason on one line (its traceback goes to MLflow's error.txt, and to the screen with --verbose)."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 def _clock(seconds: float) -> str:

@@ -22,11 +22,11 @@ HEADS = {"tuner": "random", "max_trials": 1, "log_models": "best", "trial_proces
                    "batch_size": {"fixed": 8}, "dropout": {"float": [0.0, 0.5]}}}
 
 
-def _sweep(folder: Path, dataset: Path, config: dict, **kwargs) -> str:
+def _sweep(folder: Path, dataset: Path, config: dict, progress: bool = False, **kwargs) -> str:
     path = folder / "s.yaml"
     path.write_text(yaml.safe_dump(config))
     return run_sweep(str(dataset), sweep=str(path), experiment="exp", state_dir=str(folder / "state"), verbose=0,
-                     progress=False, **kwargs)
+                     progress=progress, **kwargs)
 
 
 def _runs() -> list:
@@ -92,11 +92,17 @@ def test_a_second_process_on_the_same_search_is_refused(tmp_path, class_folder):
         pass
 
 
-def test_a_search_stopped_by_failures_says_what_to_do_instead_of_failing_again(tmp_path, tracking_store, class_folder):
+def test_a_search_stopped_by_failures_says_what_to_do_instead_of_failing_again(tmp_path, tracking_store, class_folder,
+                                                                               capsys):
     bad = {**HEADS, "max_trials": 4, "max_consecutive_failed_trials": 2,
            "space": {**HEADS["space"], "learning_rate": {"fixed": 1.0e38}}}
     with pytest.raises(UserError, match="sweep stopped: 2 trials failed in a row"):
-        _sweep(tmp_path, class_folder, bad)
+        _sweep(tmp_path, class_folder, bad, progress=True)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("[sweep] trial 0 ")]
+    assert len(lines) == 1 and "| FAILED in 0:" in lines[0], captured.out
+    assert "(loss became NaN/inf; lower the learning rate)" in lines[0], "a failed trial shows one line, its reason"
+    assert "Traceback" not in captured.out + captured.err, "the traceback goes to MLflow (and --verbose) only"
     before = len(_runs())
     with pytest.raises(UserError, match=r"this search stopped after 2 trials failed in a row \(last error: .*loss "
                                         r"became NaN.*\); run as it is, it would stop again at once"):
