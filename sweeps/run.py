@@ -77,7 +77,7 @@ def run_sweep(
         note, config = search.check(on_change) if role != "worker" else (None, config)
         if note:
             print(note, flush=True)
-        space_module.check(config.space, config.source or config.name)
+        space_module.check({**config.space, **(config.stage2.get("space") or {})}, config.source or config.name)
         config = space_module.fit_to_machine(config)  # the saved search's identity stays the sweep file's space
         store.configure(tracking_uri)
         exp_id = store.experiment_id(experiment)
