@@ -39,6 +39,7 @@ def run_sweep(
     feature_cache: bool = True,
     log_models: str | None = None,
     trial_process: str | None = None,
+    mixed_precision: str | None = None,
     tuner_out: list | None = None,
     progress: bool = True,
 ) -> str:
@@ -50,7 +51,8 @@ def run_sweep(
     parent. Point all of them at one ``mlflow server``.
     """
     config = load_sweep(sweep or default_sweep_for(dataset)).with_overrides(
-        max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models, trial_process=trial_process)
+        max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models, trial_process=trial_process,
+        mixed_precision=mixed_precision)
     role = distributed_role()
     if role != "single" and config.stage2:
         raise UserError("a staged search (stage2: in the sweep file) runs in one process; remove stage2 to run it "
