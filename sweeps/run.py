@@ -89,6 +89,8 @@ def run_sweep(
             with (workers.WorkerMonitor(tuner_obj.oracle, exp_id, parent, timeout) if timeout
                   else contextlib.nullcontext()):  # the chief requeues the trials of workers that died
                 tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
+            if role == "chief":  # Keras Tuner's chief saves its oracle before it drops the last trial from the
+                tuner_obj.oracle.save()  # ongoing ones; without this save, the same command again reran that trial
             if staged:
                 for stage2 in stage2_tuners(tuner_obj, config, dataset, directory, exp_id, parent, split, verbose,
                                             feature_cache):
