@@ -36,7 +36,8 @@ export MLFLOW_TRACKING_URI
 SWEEP_FLAGS = --dataset "$(DATASET)" $(call opt,SWEEP,sweep) $(call opt,EXPERIMENT,experiment) \
 	$(call opt,MAX_TRIALS,max-trials) $(call opt,TUNER,tuner) $(call opt,SEED,seed) $(call opt,SPLIT,split) \
 	$(if $(QUIET),--quiet) $(if $(VERBOSE),--verbose) $(if $(NO_FEATURE_CACHE),--no-feature-cache) $(call opt,LOG_MODELS,log-models) \
-	$(call opt,TRIAL_PROCESS,trial-process) $(call opt,ON_CHANGE,on-change)
+	$(call opt,TRIAL_PROCESS,trial-process) $(call opt,ON_CHANGE,on-change) $(call opt,MIXED_PRECISION,mixed-precision) \
+	$(call opt,GPUS,gpus)
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -65,7 +66,7 @@ predict: ## top-k classes per image from an export: MODEL=<export dir> IMAGES=<f
 	@test -n "$(MODEL)" -a -n "$(IMAGES)" || { echo "usage: make predict MODEL=<export dir> IMAGES=<file or folder>"; exit 2; }
 	$(PY) -m pipeline.cli predict --model "$(MODEL)" --images "$(IMAGES)" $(call opt,TOP_K,top-k)
 
-sweep: ## Keras-Tuner search, every trial in MLflow: DATASET= [SWEEP=quick|<yaml>] [MAX_TRIALS= TUNER= EXPERIMENT= SEED=]
+sweep: ## Keras-Tuner search, every trial in MLflow: DATASET= [SWEEP=quick|<yaml>] [MAX_TRIALS= TUNER= EXPERIMENT= SEED= GPUS=all|0,1]
 	@test -n "$(DATASET)" || { echo "usage: make sweep DATASET=<tfds name or folder> [SWEEP=quick]"; exit 2; }
 	$(PY) -m sweeps.cli sweep $(SWEEP_FLAGS)
 

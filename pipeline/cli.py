@@ -7,6 +7,9 @@ import os
 import sys
 import time
 
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # read when TensorFlow first touches a GPU
+
+from pipeline import precision  # noqa: E402
 from pipeline import tfstart  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 
@@ -35,7 +38,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=RunConfig.seed)
     p.add_argument("--split", default=None, help="tfds: 'train[:75%%],train[75%%:90%%],train[90%%:]'; folder: 75/15/10")
     p.add_argument("--data-dir", default=None, help="tfds data directory")
-    p.add_argument("--mixed-precision", type=_bool, default=False, help="float16 compute (for GPUs; slow on CPU)")
+    p.add_argument("--mixed-precision", default="auto",
+                   help="auto (default): bfloat16 compute on GPUs of compute capability >= 8.0, float16 with loss "
+                   "scaling below, float32 on CPU; or float32, mixed_float16, mixed_bfloat16 (true = mixed_float16)")
     p.add_argument("--xla", type=_bool, default=False, help="compile training steps with XLA (for GPUs)")
     p.add_argument(
         "--feature-cache", type=_bool, default=True,
@@ -58,7 +63,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         backbone=args.backbone, weights=args.weights, image_size=args.image_size or 0, epochs=args.epochs,
         fine_tune=True, fine_tune_at=args.fine_tune_at, fine_tune_epochs=args.fine_tune_epochs,
         fine_tune_learning_rate=args.fine_tune_learning_rate, dropout=args.dropout, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, augment=args.augment, seed=args.seed, mixed_precision=args.mixed_precision,
+        learning_rate=args.learning_rate, augment=args.augment, seed=args.seed,
+        mixed_precision=precision.setting(args.mixed_precision),
         xla=args.xla, feature_cache=args.feature_cache,
     )
 

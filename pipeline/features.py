@@ -68,21 +68,20 @@ def head(model: keras.Model) -> keras.Model:
 
 
 def key_for(spec: BackboneSpec, weights: str | None, image_size: int, data: DataSplits,
-            mixed_precision: bool = False) -> str | None:
+            precision: str = "float32") -> str | None:
     """The cache key of a classifier's frozen features, or None when random weights make them unshareable."""
     identity = weights_identity(weights, spec.weight_source)
     if identity is None:
         return None
-    dtype = "float16" if mixed_precision else "float32"  # float16 features differ from float32 ones
-    return feature_key(spec.name, identity, image_size, spec.preprocessing, data, dtype)
+    # Features computed in 16 bits differ from float32 ones: the key holds the policy (float32 keys as before).
+    return feature_key(spec.name, identity, image_size, spec.preprocessing, data, precision)
 
 
 def for_model(model: keras.Model, data: DataSplits, spec: BackboneSpec, weights: str | None, image_size: int,
               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]] | None, float]:
     """Cached features for this classifier and data, or ``(None, 0)`` when they cannot stand in
     (augmentation before the head, or random backbone weights that no other run shares)."""
-    mixed = model.get_layer("preprocess").compute_dtype == "float16"
-    key = key_for(spec, weights, image_size, data, mixed)
+    key = key_for(spec, weights, image_size, data, model.get_layer("preprocess").dtype_policy.name)
     if key is None or not can_cache(model):
         return None, 0.0
     return load_or_compute(model, data, key)

@@ -32,7 +32,9 @@ class RunConfig:
     augment: bool = False
     # -- run settings (not searched) --
     seed: int = 42
-    mixed_precision: bool = False  # float16 compute, for GPUs
+    # auto: bfloat16 on GPUs of compute capability >= 8.0, float16 below, float32 on CPU (pipeline/precision.py);
+    # or float32, mixed_float16, mixed_bfloat16 (true/false: mixed_float16/float32, as before)
+    mixed_precision: str | bool = "auto"
     xla: bool = False  # XLA-compiled training steps, for GPUs
     feature_cache: bool = True  # heads train on cached frozen-backbone features (same model, far faster)
 

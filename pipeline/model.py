@@ -17,6 +17,8 @@ import keras
 
 from pipeline.backbones import BackboneSpec, build_backbone, get_spec
 from pipeline.errors import UserError
+from pipeline.precision import AUTO
+from pipeline.precision import setting as _setting
 from pipeline.preprocessing import Preprocess
 
 HEAD_ONLY = (None, "none", "None", "", 0, "0")
@@ -30,16 +32,17 @@ def build_model(
     augment: bool = False,
     weights: str | None = "imagenet",
     seed: int | None = None,
-    mixed_precision: bool = False,
+    precision: str = "float32",
     head: keras.Model | None = None,
 ) -> keras.Model:
     """Raw pixels -> [augmentation] -> preprocessing -> frozen backbone -> pool -> dropout -> softmax.
 
-    ``mixed_precision`` computes in float16 with float32 weights (for GPUs; slow on CPU); the
-    softmax output stays float32. ``head``: a head trained on cached features (``build_head``),
+    ``precision``: the Keras dtype policy (``pipeline.precision``: ``float32``, ``mixed_float16`` or
+    ``mixed_bfloat16``, which compute in 16 bits with float32 weights, for GPUs); the softmax output
+    stays float32. ``head``: a head trained on cached features (``build_head``),
     whose weights the classifier takes.
     """
-    with _policy(mixed_precision):
+    with _policy(precision):
         model = _build(backbone, num_classes, image_size, dropout, augment, weights, seed)
     if head is not None:
         model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
@@ -47,7 +50,7 @@ def build_model(
 
 
 def build_head(feature_dim: int, num_classes: int, dropout: float = 0.2, seed: int | None = None,
-               mixed_precision: bool = False) -> keras.Model:
+               precision: str = "float32") -> keras.Model:
     """Pooled backbone features -> dropout -> softmax: the classifier's head on its own.
 
     Its layers are the classifier's head layers (same names, initializers and seed), so a head
@@ -55,7 +58,7 @@ def build_head(feature_dim: int, num_classes: int, dropout: float = 0.2, seed: i
     ``build_model(..., head=head)`` puts it on the full model. It builds in milliseconds, the full
     model in seconds.
     """
-    with _policy(mixed_precision):
+    with _policy(precision):
         _check_head(num_classes, dropout)
         inputs = keras.Input(shape=(feature_dim,), name="features")
         return keras.Model(inputs, _head(inputs, num_classes, dropout, seed), name="head")
@@ -67,13 +70,23 @@ def is_head(model: keras.Model) -> bool:
 
 
 @contextlib.contextmanager
-def _policy(mixed_precision: bool) -> Iterator[None]:
+def _policy(precision: str) -> Iterator[None]:
+    """Layers built inside take this dtype policy (and the model keeps it: ``compile`` then wraps the
+    optimizer in a ``LossScaleOptimizer`` under ``mixed_float16``); the global policy is restored after."""
     previous = keras.mixed_precision.dtype_policy()
-    keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
+    keras.mixed_precision.set_dtype_policy(precision_setting(precision))
     try:
         yield
     finally:
         keras.mixed_precision.set_dtype_policy(previous)
+
+
+def precision_setting(precision: str | bool) -> str:
+    """A policy name (``true``/``false`` accepted as before); ``auto`` must be resolved first (``pipeline.recipe``)."""
+    chosen = _setting(precision)
+    if chosen == AUTO:
+        raise ValueError("resolve mixed_precision 'auto' to a policy (pipeline.precision.policy_for) before building")
+    return chosen
 
 
 def _check_head(num_classes: int, dropout: float) -> None:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import keras
 
-from pipeline import features
+from pipeline import features, precision
 from pipeline.backbones import BackboneSpec, check_image_size, get_spec
 from pipeline.data import DataSplits, load_data
 from pipeline.errors import UserError
@@ -44,6 +44,7 @@ class Plan:
     unfreeze_from: int | None  # first backbone layer to unfreeze; None: head only
     fine_tune_epochs: int
     fine_tune_learning_rate: float
+    precision: str = "float32"  # the Keras dtype policy, mixed_precision resolved on this process's device
 
     @property
     def fine_tunes(self) -> bool:
@@ -54,7 +55,7 @@ class Plan:
         before the backbone, random weights no other run shares)."""
         if not self.config.feature_cache or self.config.augment:
             return None
-        return features.key_for(self.spec, self.config.weights, self.image_size, data, self.config.mixed_precision)
+        return features.key_for(self.spec, self.config.weights, self.image_size, data, self.precision)
 
 
 def validate(config: RunConfig) -> None:
@@ -78,7 +79,7 @@ def validate(config: RunConfig) -> None:
     number("dropout", float, 0, 1)
     number("image_size", int, 0)
     number("seed", int, 0)
-    for name in ("fine_tune", "augment", "mixed_precision", "xla", "feature_cache"):
+    for name in ("fine_tune", "augment", "xla", "feature_cache"):
         if not isinstance(getattr(config, name), bool):
             raise UserError(f"{name} must be true or false, got {getattr(config, name)!r}")
     if not isinstance(config.backbone, str) or not isinstance(config.weights, str):
@@ -98,7 +99,8 @@ def plan(config: RunConfig) -> Plan:
     fine_tune_epochs = int(config.fine_tune_epochs or 0) if config.fine_tune else 0
     lr = config.fine_tune_learning_rate
     return Plan(config, spec, image_size, unfreeze_from, fine_tune_epochs,
-                float(lr if lr is not None else DEFAULTS["fine_tune_learning_rate"]))
+                float(lr if lr is not None else DEFAULTS["fine_tune_learning_rate"]),
+                precision.policy_for(config.mixed_precision))
 
 
 def load_data_for(plan: Plan, dataset: str, split: str | None, cache: dict[int, DataSplits] | None = None,
@@ -150,7 +152,7 @@ def train_run(
     elif cached is not None and not plan.fine_tunes:
         # Head only, on cached features: the full model is built only if something needs it (export).
         model = build_head(cached["train"][0].shape[1], data.num_classes, float(config.dropout), seed=config.seed,
-                           mixed_precision=config.mixed_precision)
+                           precision=plan.precision)
     else:
         model = full_model(plan, data.num_classes)
     if key and cached is None and not is_head(model):
@@ -177,7 +179,7 @@ def full_model(plan: Plan, num_classes: int, trained: keras.Model | None = None)
     config = plan.config
     return build_model(
         config.backbone, num_classes, plan.image_size, dropout=float(config.dropout), augment=bool(config.augment),
-        weights=config.weights, seed=config.seed, mixed_precision=config.mixed_precision, head=trained,
+        weights=config.weights, seed=config.seed, precision=plan.precision, head=trained,
     )
 
 

@@ -7,12 +7,14 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as pipeline.tfstart.quiet_environment
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # read when TensorFlow first touches a GPU
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per logged model drowns the trial lines
 
 from pipeline.errors import UserError  # noqa: E402
 from sweeps import signals  # noqa: E402
 from sweeps.config import LOG_MODELS, TFLITE_MODES, TRIAL_PROCESSES, check_experiment_name  # noqa: E402
 from sweeps.state import ON_CHANGE  # noqa: E402
+from sweeps.gpus import LAUNCHER  # noqa: E402
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -22,6 +24,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     start_tensorflow()  # before anything imports it: its start-up lines held back
     from sweeps.run import run_sweep
 
+    if args.gpus:
+        return _sweep_on_gpus(args)
     if args.role:
         _distributed_env(args.role, args.oracle, args.worker_id)
     if args.verbose:
@@ -30,9 +34,46 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.dataset, sweep=args.sweep, experiment=args.experiment, max_trials=args.max_trials, tuner=args.tuner,
         seed=args.seed, split=args.split, state_dir=args.state_dir, tracking_uri=args.tracking_uri,
         verbose=0 if args.quiet else 2, feature_cache=not args.no_feature_cache, log_models=args.log_models,
-        trial_process=args.trial_process, on_change=args.on_change,
+        trial_process=args.trial_process, on_change=args.on_change, mixed_precision=args.mixed_precision,
     )
+    if args.role and os.environ.get(LAUNCHER):  # started by --gpus (sweeps/gpus.py), which prints the board once
+        return 0
     return _print_board(_experiment(args.dataset, args.experiment), parent, top=10)
+
+
+def _sweep_on_gpus(args: argparse.Namespace) -> int:
+    """``--gpus``: the same sweep, one worker per GPU behind a chief and an MLflow server (sweeps/gpus.py)."""
+    from pathlib import Path
+
+    from sweeps import gpus
+    from sweeps.config import default_sweep_for, load_sweep
+    from tracking import runs, store
+
+    if args.role:
+        raise UserError("--gpus (GPUS=) starts its own chief and workers; drop --role (sweep-chief / sweep-worker)")
+    config = load_sweep(args.sweep or default_sweep_for(args.dataset))
+    if config.stage2:
+        raise UserError(f"a staged search (stage2: in {config.source or config.name}) runs in one process; run it "
+                        "without GPUS= (CUDA_VISIBLE_DEVICES=<id> picks its GPU), or remove stage2 to spread it over GPUs")
+    found = gpus.available_gpus()
+    ids = gpus.parse_gpus(args.gpus, found)  # before any work
+    experiment = args.experiment or _experiment(args.dataset)
+    uri = store.configure(args.tracking_uri)
+    if not uri.startswith(("http://", "https://")):
+        store.experiment_id(experiment)  # created by the local rules (artifacts beside a SQLite file) before the server
+    forwarded = ["--dataset", args.dataset, "--experiment", experiment, "--state-dir", args.state_dir]
+    for flag, value in (("--sweep", args.sweep), ("--max-trials", args.max_trials), ("--tuner", args.tuner),
+                        ("--seed", args.seed), ("--split", args.split), ("--log-models", args.log_models),
+                        ("--trial-process", args.trial_process), ("--mixed-precision", args.mixed_precision)):
+        if value is not None:
+            forwarded += [flag, str(value)]
+    forwarded += ["--quiet"] * args.quiet + ["--no-feature-cache"] * args.no_feature_cache
+    code = gpus.run_on_gpus(ids, bool(found), forwarded, uri, Path(args.state_dir) / experiment)
+    if code != 0:
+        return code
+    store.configure(uri)
+    return _print_board(experiment, runs.find_parent(store.experiment_id(experiment), f"{experiment}:{config.name}"),
+                        top=10)
 
 
 def _distributed_env(role: str, oracle: str, worker_id: str | None) -> None:
@@ -138,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the sweep file or the data set changed since this experiment's search started: error "
                    "(default: say what changed), continue (run the saved search as it was; not for other data), or "
                    "restart (a new search in the same experiment; the old runs stay in MLflow)")
+    p.add_argument("--mixed-precision", default=None,
+                   help="auto, float32, mixed_float16 or mixed_bfloat16 (true = mixed_float16); overrides the YAML "
+                   "(default auto: bfloat16 on GPUs of compute capability >= 8.0, float16 below, float32 on CPU)")
+    p.add_argument("--gpus", default=None,
+                   help="'all' or GPU ids like 0,1,3: one worker per GPU (CUDA_VISIBLE_DEVICES pinned), trials run "
+                   "concurrently through a chief and an MLflow server on 127.0.0.1 over the same store; the same "
+                   "command again resumes")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="run the frozen backbone every epoch instead of training heads on cached features")
     p.add_argument("--role", choices=("chief", "worker"), default=None,

@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from pipeline import precision
 from pipeline.errors import UserError
 from pipeline.hparams import DEFAULTS, FINE_TUNE_ONLY
+from pipeline.precision import AUTO
 
 SWEEPS_DIR = Path(__file__).resolve().parent
 TUNERS = ("random", "bayesian", "hyperband", "grid")
@@ -52,7 +54,7 @@ class SweepConfig:
     hyperband: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_consecutive_failed_trials: int = 3
     log_models: str = "all"
-    mixed_precision: bool = False  # float16 compute, for GPUs
+    mixed_precision: str = "auto"  # pipeline.precision.SETTINGS; resolved by each trial on its device
     xla: bool = False  # XLA-compiled training steps, for GPUs
     # Staged search: stage 1 sweeps heads only; stage 2 fine-tunes the top_k stage-1 trials from their
     # trained heads, trials_per_config trials each over its own space (fine_tune_at, learning rate, ...).
@@ -69,6 +71,8 @@ class SweepConfig:
             raise UserError(f"log_models {given['log_models']!r} is not one of {', '.join(LOG_MODELS)}")
         if "trial_process" in given:
             _check_trial_process(given["trial_process"], "the command line")
+        if "mixed_precision" in given:
+            given["mixed_precision"] = precision.setting(given["mixed_precision"], "the command line")
         if "max_trials" in given and int(given["max_trials"]) < 1:
             raise UserError(f"MAX_TRIALS must be at least 1, got {given['max_trials']}")
         return dataclasses.replace(self, **given)
@@ -149,7 +153,7 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
     for key in ("top_k", "trials_per_config"):
         _whole(stage2, key, 1, 1, f"{where} (stage2)")
     flags = {}
-    for key in ("mixed_precision", "xla"):
+    for key in ("xla",):
         flags[key] = raw.get(key, False)
         if not isinstance(flags[key], bool):
             raise UserError(f"{key} in sweep {where} must be true or false, got {flags[key]!r}")
@@ -157,7 +161,8 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         name=name, tuner=tuner, max_trials=max_trials, objective=objective, seed=_whole(raw, "seed", 42, 0, where),
         space=space, hyperband=dict(hyperband),
         max_consecutive_failed_trials=_whole(raw, "max_consecutive_failed_trials", 3, 1, where), log_models=log_models,
-        stage2=stage2, trial_process=trial_process, source=source, **flags,
+        mixed_precision=precision.setting(raw.get("mixed_precision", AUTO), where), stage2=stage2,
+        trial_process=trial_process, source=source, **flags,
     )
 
 

@@ -44,6 +44,7 @@ def run_sweep(
     feature_cache: bool = True,
     log_models: str | None = None,
     trial_process: str | None = None,
+    mixed_precision: str | None = None,
     tuner_out: list | None = None,
     progress: bool = True,
     on_change: str = "error",
@@ -60,7 +61,8 @@ def run_sweep(
     (``sweeps.state``; ``on_change``: ``error``, ``continue`` or ``restart``).
     """
     config = load_sweep(sweep or default_sweep_for(dataset)).with_overrides(
-        max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models, trial_process=trial_process)
+        max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models, trial_process=trial_process,
+        mixed_precision=mixed_precision)
     role = distributed_role()
     if role != "single" and config.stage2:
         raise UserError("a staged search (stage2: in the sweep file) runs in one process; remove stage2 to run it "
@@ -113,6 +115,8 @@ def run_sweep(
                 with (workers.WorkerMonitor(tuner_obj.oracle, exp_id, parent, timeout) if timeout
                       else contextlib.nullcontext()):  # the chief requeues the trials of workers that died
                     tuner_obj.search(verbose=1 if verbose else 0)  # also sets Keras Tuner's own trial display
+                if role == "chief":  # Keras Tuner's chief saves its oracle before it drops the last trial from the
+                    tuner_obj.oracle.save()  # ongoing ones; without this save, the same command again reran that trial
                 if staged:
                     for stage2 in stage2_tuners(tuner_obj, config, dataset, directory, exp_id, parent, split, verbose,
                                                 feature_cache):

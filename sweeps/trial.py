@@ -29,7 +29,7 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from pipeline import recipe
+from pipeline import precision, recipe
 from pipeline.data import DataSplits
 from pipeline.errors import DataError, UserError
 from pipeline.export import export_model
@@ -40,6 +40,7 @@ from pipeline.training import predictions
 from tracking import layout
 from tracking.entry import write_entry
 
+GPU_FAILURE = re.compile(r"CUDA|cuDNN|CUDNN|cuBLAS|CUBLAS|GPU|NCCL|ECC|device ordinal")  # in TensorFlow's errors
 GRID_SIZE = 16  # test images in each trial's prediction grid
 REQUEST, ANSWER = "request.json", "answer.json"  # a fresh process's input and output, in the trial's folder
 
@@ -116,6 +117,12 @@ def trial_errors() -> Iterator[None]:
         raise kt.errors.FailedTrialError(f"impossible configuration: {e}") from e
     except tf.errors.ResourceExhaustedError as e:
         raise kt.errors.FailedTrialError(f"out of memory: {e.message[:500]}") from e
+    except (tf.errors.InternalError, tf.errors.UnknownError, tf.errors.UnavailableError) as e:
+        if not GPU_FAILURE.search(e.message or ""):
+            raise
+        # A GPU that fails (Xid, ECC, illegal address, lost device) fails this trial, not the sweep or the worker.
+        first = (e.message or "").strip().splitlines()[0][:300]
+        raise kt.errors.FailedTrialError(f"the GPU failed ({precision.this_device()}): {first}") from e
 
 
 def trains_network(spec: TrialSpec, data_cache: dict[int, DataSplits]) -> bool:
@@ -219,7 +226,8 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
     """Journal the finished trial: metrics, plot data, and its model or checkpoint as ``log_models`` says."""
     result, model, data, plan = outcome.result, outcome.model, outcome.data, outcome.plan
     params = {**spec.params, **data.lineage(), layout.RESOLVED_IMAGE_SIZE: plan.image_size,
-              layout.FEATURE_CACHE: result.used_feature_cache, layout.RUN_CONFIG: spec.run.to_json()}
+              layout.FEATURE_CACHE: result.used_feature_cache, layout.RUN_CONFIG: spec.run.to_json(),
+              layout.DEVICE: precision.this_device(), layout.PRECISION: plan.precision}
     metrics = [(k, v, result.first_epoch + i) for k, vs in result.history.items() for i, v in enumerate(vs)]
     metrics += [(k, v, 0) for k, v in {
         layout.TEST_ACCURACY: result.test_accuracy, layout.TEST_LOSS: result.test_loss,

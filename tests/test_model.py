@@ -111,7 +111,7 @@ def test_head_initialisation_depends_on_the_seed_only(tmp_path, monkeypatch):
 
 def test_mixed_precision_computes_in_float16_and_outputs_float32_probabilities():
     before = keras.mixed_precision.dtype_policy().name
-    model = build_model("efficientnet_lite0", 3, 32, seed=0, mixed_precision=True)
+    model = build_model("efficientnet_lite0", 3, 32, seed=0, precision="mixed_float16")
     assert keras.mixed_precision.dtype_policy().name == before, "the global policy is restored"
     assert backbone_of(model).get_layer("top_conv").compute_dtype == "float16"
     reference = build_model("efficientnet_lite0", 3, 32, seed=0)

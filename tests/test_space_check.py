@@ -43,7 +43,9 @@ BAD_SPACES = [
      "error: 'int' of 'epochs' in sweep {yaml} must be [low, high] with low <= high, got [1, 'ten']"),
     ({"max_consecutive_failed_trials": 0},
      "error: max_consecutive_failed_trials in sweep {yaml} must be a whole number >= 1, got 0"),
-    ({"mixed_precision": "yes"}, "error: mixed_precision in sweep {yaml} must be true or false, got 'yes'"),
+    ({"mixed_precision": "yes"}, "error: mixed_precision 'yes' in {yaml} is not one of auto, float32, mixed_float16, "
+                                 "mixed_bfloat16, true, false"),
+    ({"xla": "yes"}, "error: xla in sweep {yaml} must be true or false, got 'yes'"),
     ({"space": {"fine_tune": {"boolean": True}, "fine_tune_epochs": {"int": [-1, 2]}}},
      "error: sweep {yaml}: no trial can run with fine_tune_epochs=-1: fine_tune_epochs must be a whole number >= 0"),
 ]

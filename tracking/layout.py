@@ -40,7 +40,10 @@ FEATURE_CACHE = "feature_cache"  # whether the head trained on cached frozen-bac
 RUN_CONFIG = "run_config"  # the trial's RunConfig as JSON: best-export rebuilds the model from it
 LINEAGE_PARAMS = ("data_name", "data_source", "split_spec", "class_names", "num_classes", "train_size",
                   "validation_size", "test_size", "skipped_files", "data_fingerprint")  # DataSplits.lineage()
-TRIAL_PARAMS = (*HYPERPARAMETERS, SEED, SPLIT, RESOLVED_IMAGE_SIZE, FEATURE_CACHE, RUN_CONFIG, *LINEAGE_PARAMS)
+DEVICE = "device"  # what the trial computed on: "GPU:0 <name> (CUDA_VISIBLE_DEVICES=1)", "CPU (...)"
+PRECISION = "precision"  # the Keras dtype policy it used: mixed_precision resolved on that device
+TRIAL_PARAMS = (*HYPERPARAMETERS, SEED, SPLIT, RESOLVED_IMAGE_SIZE, FEATURE_CACHE, RUN_CONFIG, *LINEAGE_PARAMS,
+                DEVICE, PRECISION)
 # the parent's: the sweep settings
 SWEEP_PARAMS = ("dataset", "sweep", "tuner", "max_trials", "objective", "seed", "split", "log_models", "trial_process",
                 "mixed_precision", "xla")
