@@ -36,6 +36,7 @@ from pipeline.errors import DataError, UserError
 from pipeline.export import export_model
 from pipeline.hparams import RunConfig
 from pipeline.model import is_head
+from pipeline.pruning import PruneCallback
 from pipeline.training import predictions
 from tracking import layout
 from tracking.entry import write_entry
@@ -65,6 +66,7 @@ class TrialSpec:
     start_from: str | None = None  # stage 2: the stage-1 checkpoint whose trained head it starts from
     best: float | None = None  # the best objective before this trial (log_models: improving)
     checkpoint: bool = False  # keep the trained model in trial_dir (Hyperband, stage 1, log_models: best)
+    prune: dict[int, float] | None = None  # pruning thresholds by epoch (pipeline.pruning; None: never stop early)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -85,20 +87,24 @@ class TrialOutput:
     head_only: bool  # trained a head on cached features (no network built, nothing to free)
     export_seconds: float
     journal_seconds: float  # writing the journal entry (tracking time on the trial's path)
+    curve: list[float] = dataclasses.field(default_factory=list)  # val_accuracy per epoch (from first_epoch)
+    first_epoch: int = 0
+    pruned_at: int | None = None  # the epoch at which the trial stopped, behind the earlier trials
 
 
 def run(spec: TrialSpec, data_cache: dict[int, DataSplits], run_id: Callable[[], str] | None = None) -> TrialOutput:
     """Train the trial (``pipeline.recipe``) and journal it. Failures raise Keras Tuner's errors:
     ``FailedTrialError`` (the sweep goes on) or ``FatalError`` (the data set is unusable: the sweep stops)."""
     start = time.perf_counter()
+    pruner = PruneCallback(spec.prune) if spec.prune else None
     with trial_errors():
         plan = spec.plan()
         data = recipe.load_data_for(plan, spec.dataset, spec.split, data_cache)
         outcome = recipe.train_run(
             plan, data, verbose=spec.verbose, previous=spec.previous, start_from=spec.start_from,
             initial_epoch=spec.initial_epoch, stop_epoch=spec.stop_epoch,
-            checkpoint_dir=spec.trial_dir if spec.checkpoint else None)
-    return _finish(spec, outcome, start, run_id or (lambda: spec.run_id))
+            checkpoint_dir=spec.trial_dir if spec.checkpoint else None, callbacks=[pruner] if pruner else ())
+    return _finish(spec, outcome, start, run_id or (lambda: spec.run_id), pruner.pruned_at if pruner else None)
 
 
 @contextlib.contextmanager
@@ -217,7 +223,8 @@ def _exit_with(parent: int) -> None:
 # -- journaling ------------------------------------------------------------------------------------
 
 
-def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Callable[[], str | None]) -> TrialOutput:
+def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Callable[[], str | None],
+            pruned_at: int | None = None) -> TrialOutput:
     """Journal the finished trial: metrics, plot data, and its model or checkpoint as ``log_models`` says."""
     result, model, data, plan = outcome.result, outcome.model, outcome.data, outcome.plan
     params = {**spec.params, **data.lineage(), layout.RESOLVED_IMAGE_SIZE: plan.image_size,
@@ -259,10 +266,12 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
     metrics += [(layout.TRAIN_SECONDS, outcome.trained_at - start, 0),
                 (layout.WALL_SECONDS, time.perf_counter() - start, 0)]
     journaling = time.perf_counter()
-    entry = write_entry(spec.journal, spec.run_id, spec.run_spec, params, metrics, plot_data, files, exported)
+    tags = {layout.PRUNED: str(pruned_at)} if pruned_at is not None else {}
+    entry = write_entry(spec.journal, spec.run_id, spec.run_spec, params, metrics, plot_data, files, exported,
+                        tags=tags)
     shutil.rmtree(staging, ignore_errors=True)
     return TrialOutput(result.val_accuracy, str(entry), is_head(model), export_seconds,
-                       time.perf_counter() - journaling)
+                       time.perf_counter() - journaling, result.history["val_accuracy"], result.first_epoch, pruned_at)
 
 
 def resident_mb() -> float:
