@@ -26,11 +26,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import keras
 import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from pipeline import recipe
+from pipeline import cost, recipe
 from pipeline.data import DataSplits
 from pipeline.errors import DataError, UserError
 from pipeline.export import export_model
@@ -258,20 +259,35 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
         sample = grid[:2]
         exported = (export, sample, full.predict(sample, verbose=0))
         export_seconds = time.perf_counter() - exporting
-    elif spec.log_models == "best":  # best-export builds the SavedModel from this checkpoint and its recipe
+        cost_ = cost.savedmodel_cost(export, full.count_params())
+    else:  # no export: the model in memory (a head: its full classifier, once per architecture)
+        cost_ = model_cost(plan, model, data.num_classes)
+    if spec.log_models == "best":  # best-export builds the SavedModel from this checkpoint and its recipe
         name = recipe.checkpoint_name(model)
         shutil.copy(Path(spec.trial_dir) / name, staging / name)
         files[f"{layout.CHECKPOINT_DIR}/{name}"] = staging / name
+    metrics += [(layout.SIZE_MB, cost_.size_mb, 0), (layout.TOTAL_PARAMS, cost_.total_params, 0),
+                (layout.LATENCY_MS, cost_.latency_ms, 0)]
     # train: data, features and training; wall: the whole trial as the sweep waits for it
     metrics += [(layout.TRAIN_SECONDS, outcome.trained_at - start, 0),
                 (layout.WALL_SECONDS, time.perf_counter() - start, 0)]
     journaling = time.perf_counter()
-    tags = {layout.PRUNED: str(pruned_at)} if pruned_at is not None else {}
+    tags = {layout.COST_OF: cost_.of, **({layout.PRUNED: str(pruned_at)} if pruned_at is not None else {})}
     entry = write_entry(spec.journal, spec.run_id, spec.run_spec, params, metrics, plot_data, files, exported,
                         tags=tags)
     shutil.rmtree(staging, ignore_errors=True)
     return TrialOutput(result.val_accuracy, str(entry), is_head(model), export_seconds,
                        time.perf_counter() - journaling, result.history["val_accuracy"], result.first_epoch, pruned_at)
+
+
+def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int) -> cost.Cost:
+    """The cost of a trial's classifier without an export: measured on the model in memory, or for a head on
+    the full classifier assembled from it (once per architecture in this process)."""
+    if not is_head(model):
+        return cost.keras_cost(model)
+    c = plan.config
+    key = (c.backbone, plan.image_size, num_classes, c.augment, c.mixed_precision)
+    return cost.cost_of_head(key, lambda: recipe.full_model(plan, num_classes, model))
 
 
 def resident_mb() -> float:
