@@ -90,7 +90,7 @@ PRUNING_SWEEP = {
 
 @pytest.mark.slow  # 40-45 s ("same") on the shared 2 cores, more with fresh processes
 @pytest.mark.parametrize("trial_process", ["same", "fresh"])
-def test_a_sweep_prunes_the_trial_that_cannot_learn_and_not_the_others(tmp_path, tracking_store, class_folder,
+def test_a_sweep_prunes_the_trial_that_cannot_learn_and_not_the_others(tmp_path, tracking_store, class_folder, capsys,
                                                                       trial_process):
     import mlflow
 
@@ -121,3 +121,24 @@ def test_a_sweep_prunes_the_trial_that_cannot_learn_and_not_the_others(tmp_path,
     assert scores[1e-7] == pytest.approx(curve[-1])
     assert bad.data.metrics[layout.VAL_ACCURACY] == pytest.approx(curve[-1])
     assert max(scores.values()) > scores[1e-7]
+    # every trial measured its cost (log_models: best exports nothing: the Keras model, its head's full classifier)
+    for r in kids.values():
+        assert r.data.tags[layout.COST_OF] == "keras"
+        assert r.data.metrics[layout.TOTAL_PARAMS] > 3_000_000 and r.data.metrics[layout.SIZE_MB] > 10
+        assert 0 < r.data.metrics[layout.LATENCY_MS] < 5000
+    if trial_process != "same":
+        return
+    from sweeps.cli import main as sweeps_main
+
+    assert sweeps_main(["best-export", "--experiment", "prune", "--export-dir", str(tmp_path / "exports"),
+                        "--max-latency-ms", "0.001"]) == 2
+    assert "error: no finished trial of 'prune' fits latency_ms <= 0.001 (4 measured; smallest latency_ms" in \
+        capsys.readouterr().err
+    assert sweeps_main(["best-export", "--experiment", "prune", "--export-dir", str(tmp_path / "exports"),
+                        "--max-latency-ms", "100000", "--max-size-mb", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "within latency_ms <= 100000 and size_mb <= 1000: trial" in out and "also the unconstrained best" in out
+    best = max(kids.values(), key=lambda r: r.data.metrics[layout.VAL_ACCURACY])
+    exported = client.get_run(best.info.run_id)  # best-export measured the SavedModel it built
+    assert exported.data.tags[layout.COST_OF] == "savedmodel"
+    assert exported.data.metrics[layout.SIZE_MB] > best.data.metrics[layout.SIZE_MB]
