@@ -20,8 +20,11 @@ from tracking import layout
 class Curves:
     """The sweep's finished, unpruned trials' ``val_accuracy`` by epoch, keyed by trial id."""
 
-    def __init__(self, experiment_id: str, parent_id: str, settings: Mapping[str, Any]):
+    def __init__(self, experiment_id: str, parent_id: str, settings: Mapping[str, Any], stage: str = ""):
         self.experiment_id, self.parent_id = experiment_id, parent_id
+        # A staged search compares stage-2 trials (fine-tuning from trained heads) only with each other, not with
+        # stage 1's heads, whose epochs reach onto the same axis.
+        self.stage = stage
         self.min_trials = int(settings["min_trials"])
         self.warmup_epochs = int(settings["warmup_epochs"])
         self.curves: dict[str, dict[int, float]] = {}
@@ -47,6 +50,8 @@ class Curves:
             if run_id in self._read:
                 continue
             self._read.add(run_id)
+            if tags.get(layout.STAGE, "") != self.stage:
+                continue
             if layout.PRUNED in tags:
                 self.pruned.add(trial)
                 self.curves.pop(trial, None)

@@ -106,7 +106,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         # MLflow writes happen on a background thread, through a journal kept beside the tuner's state.
         self.journal = TrialJournal(Path(self.project_dir) / f"journal-{self.tuner_id}")
         # Pruning: thresholds from the sweep's finished trials, given to each trial before it starts.
-        self.curves = pruning.Curves(experiment_id, parent_run_id, config.prune) if config.prune else None
+        self.curves = pruning.Curves(experiment_id, parent_run_id, config.prune, stage) if config.prune else None
 
     # -- one trial -----------------------------------------------------------------------------
 

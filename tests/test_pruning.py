@@ -142,3 +142,35 @@ def test_a_sweep_prunes_the_trial_that_cannot_learn_and_not_the_others(tmp_path,
     exported = client.get_run(best.info.run_id)  # best-export measured the SavedModel it built
     assert exported.data.tags[layout.COST_OF] == "savedmodel"
     assert exported.data.metrics[layout.SIZE_MB] > best.data.metrics[layout.SIZE_MB]
+
+
+def test_curves_come_from_finished_unpruned_siblings_of_the_same_stage_in_mlflow(tracking_store):
+    import mlflow
+    from mlflow.entities import Metric
+
+    from sweeps.prune import Curves
+
+    client = MlflowClient()
+    exp = mlflow.create_experiment("curves")
+    parent = client.create_run(exp).info.run_id
+
+    def child(trial, values, status="FINISHED", **tags):
+        run = client.create_run(exp, tags={layout.PARENT_RUN_ID: parent, layout.TRIAL_ID: trial, **tags}).info.run_id
+        client.log_batch(run, metrics=[Metric(layout.VAL_ACCURACY, v, 0, s) for s, v in enumerate(values)])
+        client.set_terminated(run, status)
+
+    child("0", [0.5, 0.6, 0.7])
+    child("1", [0.7, 0.8, 0.9])
+    child("2", [0.1, 0.1], **{layout.PRUNED: "1"})  # pruned: not a reference
+    child("3", [0.0, 0.0, 0.0], status="KILLED")  # not finished
+    child("4", [0.0, 0.0, 0.0], **{layout.STAGE: "2"})  # another stage
+    curves = Curves(exp, parent, {"min_trials": 2, "warmup_epochs": 1})
+    assert curves.limits() == {1: pytest.approx(0.7), 2: pytest.approx(0.8)}
+    curves.add("5", [0.9, 0.95, 0.99], 0, None)  # this process's own trial, before MLflow has it
+    assert curves.limits()[2] == pytest.approx(0.9)
+    curves.add("6", [0.0, 0.0], 0, 1)
+    assert curves.limits()[2] == pytest.approx(0.9), "a pruned trial of its own is no reference either"
+    assert Curves(exp, parent, {"min_trials": 3, "warmup_epochs": 0}).limits() == {}
+    for r in client.search_runs([exp]):
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id)
