@@ -36,7 +36,8 @@ class TrialJournal:
     """One background writer per tuner process; ``flush()`` waits for everything queued so far."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+        # absolute: the plot helper process runs in the project root, not necessarily the sweep's working directory
+        self.folder = Path(folder).absolute()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-mlflow")
         self._pending: list[Future] = []
         self._lock = threading.Lock()
