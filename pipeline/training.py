@@ -138,8 +138,8 @@ def train(
         run("fine_tune", max(initial_epoch, epochs), stop)
 
     result = TrainResult(
-        merged, epochs if fine_tunes and stop > epochs and stopped != ["head"] else None, seconds["head"], seconds["fine_tune"],
-        trainable_params(model), first_epoch=initial_epoch, features=features,
+        merged, epochs if fine_tunes and stop > epochs and "head" not in stopped else None, seconds["head"],
+        seconds["fine_tune"], trainable_params(model), first_epoch=initial_epoch, features=features,
     )
     if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
         result.test_predictions = predictions(model, data, "test", batch_size, features)
