@@ -82,9 +82,10 @@ server: ## MLflow tracking server: SERVER_HOST=127.0.0.1 (another address needs 
 	$(PY) -m tracking.server --host "$(SERVER_HOST)" --port $(SERVER_PORT) --store "$(SERVER_STORE)" \
 		--artifacts "$(SERVER_ARTIFACTS)" $(if $(SERVER_AUTH),--auth)
 
-best-export: ## export the best trial by val_accuracy: EXPERIMENT= [EXPORT_DIR=exports/] [OVERWRITE=1] [TFLITE=float16|dynamic]
+best-export: ## export the best trial by val_accuracy: EXPERIMENT= [EXPORT_DIR=exports/] [OVERWRITE=1] [TFLITE=float16|dynamic] [MAX_LATENCY_MS= MAX_SIZE_MB=]
 	@test -n "$(EXPERIMENT)" || { echo "usage: make best-export EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }
-	$(PY) -m sweeps.cli best-export --experiment "$(EXPERIMENT)" --export-dir "$(EXPORT_DIR)" $(if $(OVERWRITE),--overwrite) $(call opt,TFLITE,tflite)
+	$(PY) -m sweeps.cli best-export --experiment "$(EXPERIMENT)" --export-dir "$(EXPORT_DIR)" $(if $(OVERWRITE),--overwrite) $(call opt,TFLITE,tflite) \
+		$(call opt,MAX_LATENCY_MS,max-latency-ms) $(call opt,MAX_SIZE_MB,max-size-mb)
 
 report: ## leaderboard + self-contained HTML/markdown report of an experiment: EXPERIMENT= [REPORT_DIR=reports/]
 	@test -n "$(EXPERIMENT)" || { echo "usage: make report EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }

@@ -104,6 +104,7 @@ def train(
     merged: dict[str, list[float]] = {k: [] for k in METRICS}
     seconds = {"head": 0.0, "fine_tune": 0.0}
     head_test_accuracy = None
+    stopped = []  # a callback stopped training (pruning): the run ends there, no further phase
 
     def run(phase: str, first: int, last: int) -> None:
         start = time.perf_counter()
@@ -117,6 +118,8 @@ def train(
             callbacks=list(callbacks), verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
         )
         seconds[phase] += time.perf_counter() - start
+        if getattr(net, "stop_training", False):
+            stopped.append(phase)
         for k in METRICS:
             merged[k] += map(float, history.history.get(k, []))
 
@@ -126,7 +129,7 @@ def train(
                 set_trainable(model, None)
             compile_model(model, learning_rate, jit_compile=jit_compile)
         run("head", initial_epoch, min(epochs, stop))
-    if fine_tunes and max(initial_epoch, epochs) < stop:
+    if fine_tunes and max(initial_epoch, epochs) < stop and not stopped:
         if initial_epoch <= epochs or not _compiled(model):
             if evaluate_test:
                 head_test_accuracy = evaluate(model, data, "test", batch_size, features)[1]
@@ -135,8 +138,8 @@ def train(
         run("fine_tune", max(initial_epoch, epochs), stop)
 
     result = TrainResult(
-        merged, epochs if fine_tunes and stop > epochs else None, seconds["head"], seconds["fine_tune"],
-        trainable_params(model), first_epoch=initial_epoch, features=features,
+        merged, epochs if fine_tunes and stop > epochs and "head" not in stopped else None, seconds["head"],
+        seconds["fine_tune"], trainable_params(model), first_epoch=initial_epoch, features=features,
     )
     if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
         result.test_predictions = predictions(model, data, "test", batch_size, features)

@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from pipeline import recipe
+from pipeline import cost, recipe
 from pipeline.data import load_data
 from pipeline.errors import UserError
 from pipeline.export import ExportedModel
@@ -24,12 +24,60 @@ from tracking.layout import CHECKPOINT_DIR, MODEL_URI
 ALIAS = "champion"
 
 
-def best_run(experiment: str) -> mlflow.entities.Run:
+BUDGETS = {layout.LATENCY_MS: "MAX_LATENCY_MS", layout.SIZE_MB: "MAX_SIZE_MB"}  # metric -> make variable
+
+
+def within_budget(done: lb.pd.DataFrame, experiment: str, max_latency_ms: float | None = None,
+                  max_size_mb: float | None = None) -> tuple[lb.pd.Series, str]:
+    """The best finished trial (``done``: the leaderboard's finished rows, best first) whose cost fits the budget,
+    and one line saying what it costs against the unconstrained best. A ``UserError`` when no trial fits."""
+    limits = {m: v for m, v in ((layout.LATENCY_MS, max_latency_ms), (layout.SIZE_MB, max_size_mb)) if v is not None}
+    best = done.iloc[0]
+    if not limits:
+        return best, ""
+    for metric, value in limits.items():
+        if value <= 0:
+            raise UserError(f"{BUDGETS[metric]}={value:g} is not a budget; give a number above 0 (in "
+                            f"{metric.split('_')[-1]})")
+    cols = [m for m in limits if m in done]
+    measured = done.dropna(subset=list(limits)) if len(cols) == len(limits) else done.iloc[:0]
+    unmeasured = len(done) - len(measured)
+    note = (f"; {unmeasured} finished trial(s) have no {'/'.join(limits)} (logged before tlsweep measured costs) "
+            "and were not considered" if unmeasured else "")
+    fits = measured
+    for metric, value in limits.items():
+        fits = fits[fits[metric].astype(float) <= value]
+    wanted = " and ".join(f"{m} <= {v:g}" for m, v in limits.items())
+    if fits.empty:
+        cheapest = ", ".join(f"smallest {m} {measured[m].astype(float).min():g}" for m in limits) if len(measured) \
+            else "no trial has cost metrics"
+        raise UserError(f"no finished trial of {experiment!r} fits {wanted} ({len(measured)} measured; {cheapest}){note}; "
+                        f"raise {' or '.join(BUDGETS[m] for m in limits)}")
+    chosen = fits.iloc[0]
+
+    def describe(row: lb.pd.Series) -> str:
+        costs = ", ".join(f"{m} {float(row[m]):.4g}" for m in (layout.LATENCY_MS, layout.SIZE_MB) if m in row
+                          and not lb.pd.isna(row[m]))
+        return f"trial {row['trial_id']} (val_accuracy {float(row[layout.OBJECTIVE]):.4f}{', ' + costs if costs else ''})"
+
+    if chosen["run_id"] == best["run_id"]:
+        line = f"within {wanted}: {describe(chosen)}, also the unconstrained best{note}"
+    else:
+        line = f"within {wanted}: {describe(chosen)}; the unconstrained best is {describe(best)}{note}"
+    return chosen, line
+
+
+def best_run(experiment: str, max_latency_ms: float | None = None, max_size_mb: float | None = None,
+             said: list[str] | None = None) -> mlflow.entities.Run:
+    """The best finished trial, within a latency and size budget if given (``said`` gets the line saying so)."""
     table = lb.leaderboard(lb.trial_runs(experiment))
     done = table[table["status"] == "FINISHED"]
     if done.empty:
         raise UserError(f"experiment {experiment!r} has no finished trials yet; run `make sweep` first")
-    run = MlflowClient().get_run(done.iloc[0]["run_id"])
+    chosen, line = within_budget(done, experiment, max_latency_ms, max_size_mb)
+    if said is not None and line:
+        said.append(line)
+    run = MlflowClient().get_run(chosen["run_id"])
     if MODEL_URI not in run.data.tags and not _has_checkpoint(run.info.run_id):
         raise UserError(f"the best trial {run.info.run_id} of {experiment!r} logged no model or checkpoint; "
                         "sweep with log_models: all, improving or best")
@@ -60,7 +108,16 @@ def export_checkpoint(run: mlflow.entities.Run) -> str:
         export = export_model(model, Path(tmp) / layout.SAVEDMODEL_DIR, classes,
                               metadata={"run_id": run.info.run_id, **p})
         sample = np.zeros((1, *model.input_shape[1:]), np.float32)
+        _log_cost(run.info.run_id, cost.savedmodel_cost(export, model.count_params()))
         return pyfunc.log_export(run.info.run_id, str(export), sample, model.predict(sample, verbose=0))
+
+
+def _log_cost(run_id: str, measured: cost.Cost) -> None:
+    """The SavedModel's cost replaces the in-memory one the trial logged (``tlsweep.cost_of`` says which)."""
+    client = MlflowClient()
+    for name in layout.COST_METRICS:
+        client.log_metric(run_id, name, float(getattr(measured, name)))
+    client.set_tag(run_id, layout.COST_OF, measured.of)
 
 
 def model_classes(run: mlflow.entities.Run) -> list[str]:
@@ -70,12 +127,15 @@ def model_classes(run: mlflow.entities.Run) -> list[str]:
     return list(ast.literal_eval(run.data.params["class_names"]))
 
 
-def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = False, tflite: str | None = None) -> dict:
+def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = False, tflite: str | None = None,
+                max_latency_ms: float | None = None, max_size_mb: float | None = None) -> dict:
     """Export the champion to ``export_dir/<experiment>/``, register it, check it reproduces its test accuracy.
 
-    ``tflite`` ("float16" or "dynamic") also writes ``model.tflite``, checked against the SavedModel
-    and logged to the trial's run with its size."""
-    run = best_run(experiment)
+    ``max_latency_ms`` / ``max_size_mb``: the best trial within that budget (``info["budget"]`` says which and what
+    it costs against the unconstrained best). ``tflite`` ("float16" or "dynamic") also writes ``model.tflite``,
+    checked against the SavedModel and logged to the trial's run with its size and latency."""
+    said: list[str] = []
+    run = best_run(experiment, max_latency_ms, max_size_mb, said)
     test = run.data.metrics.get(layout.TEST_ACCURACY)
     if test is None or test != test:
         raise UserError(f"the best trial {run.info.run_id} of {experiment!r} has no test score (test_accuracy "
@@ -111,7 +171,8 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
             f"export at {target} gives test accuracy {reproduced:.4f} but run {run.info.run_id} logged {logged:.4f}")
     info = {"run_id": run.info.run_id, "path": str(target), "model_name": name, "version": version.version,
             "test_size": data.sizes["test"],
-            "val_accuracy": metrics.get(layout.OBJECTIVE), "test_accuracy": logged, "reproduced_test_accuracy": reproduced}
+            "val_accuracy": metrics.get(layout.OBJECTIVE), "test_accuracy": logged, "reproduced_test_accuracy": reproduced,
+            "budget": said[0] if said else None}
     if tflite:
         info["tflite"] = tflite_parity(exported, data, tflite, run.info.run_id)
     return info
@@ -132,9 +193,12 @@ def tflite_parity(exported: ExportedModel, data, mode: str, run_id: str, split: 
         total += len(y)
         max_diff = max(max_diff, float(np.abs(ref - got).max()))
     variables = sum(f.stat().st_size for f in (exported.path / "variables").glob("*"))
+    shape = (exported.image_size, exported.image_size, 3)
+    latency = cost.latency_ms(lambda x: lite.predict(x), shape)  # CPU, batch 1, as for the SavedModel
     result = {"mode": mode, "path": str(path), "size_bytes": path.stat().st_size, "savedmodel_bytes": variables,
               "agreement": agree / total if total else float("nan"),
-              "test_accuracy": correct / total if total else float("nan"), "max_abs_diff": max_diff}
+              "test_accuracy": correct / total if total else float("nan"), "max_abs_diff": max_diff,
+              "latency_ms": latency}
     client = MlflowClient()
     client.log_artifact(run_id, str(path), layout.TFLITE_DIR.format(mode=mode))
     for name in layout.TFLITE_METRICS:

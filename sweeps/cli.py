@@ -100,7 +100,10 @@ def cmd_best_export(args: argparse.Namespace) -> int:
 
     check_experiment_name(args.experiment)  # it names the export's folder
     store.configure(args.tracking_uri)
-    info = best_export(args.experiment, export_dir=args.export_dir, overwrite=args.overwrite, tflite=args.tflite)
+    info = best_export(args.experiment, export_dir=args.export_dir, overwrite=args.overwrite, tflite=args.tflite,
+                       max_latency_ms=args.max_latency_ms, max_size_mb=args.max_size_mb)
+    if info.get("budget"):
+        print(info["budget"])
     print(f"best run {info['run_id']}: val_accuracy={info['val_accuracy']:.4f} test_accuracy={info['test_accuracy']:.4f}")
     print(f"exported to {info['path']} (SavedModel + labels.txt + MODEL_CARD.md)")
     print(f"registered as model {info['model_name']!r} version {info['version']} with alias 'champion'")
@@ -110,7 +113,7 @@ def cmd_best_export(args: argparse.Namespace) -> int:
         print(f"TFLite ({t['mode']}): {t['path']}, {t['size_bytes'] / 1e6:.2f} MB (SavedModel variables "
               f"{t['savedmodel_bytes'] / 1e6:.2f} MB); test_accuracy={t['test_accuracy']:.4f}, same top-1 class as "
               f"the SavedModel on {t['agreement']:.1%} of {info['test_size']} test images, largest probability "
-              f"difference {t['max_abs_diff']:.4f}")
+              f"difference {t['max_abs_diff']:.4f}; latency {t['latency_ms']:.2f} ms (CPU, batch 1, median)")
     return 0
 
 
@@ -138,7 +141,7 @@ def _print_board(experiment: str, parent: str | None, top: int) -> int:
 
     table = lb.leaderboard(lb.trial_runs(experiment, parent))
     cols = ["trial_id", "status", "backbone", "fine_tune_at", "dropout", "batch_size", "learning_rate",
-            "val_accuracy", "test_accuracy", "wall_seconds", "run_id"]
+            "val_accuracy", "test_accuracy", "latency_ms", "size_mb", "pruned", "wall_seconds", "run_id"]
     print(f"\nleaderboard of {experiment!r} ({len(table)} trials, best first by val_accuracy):")
     print(lb.to_markdown(table[[c for c in cols if c in table]].head(top)))
     best = lb.best_per_backbone(table)
@@ -203,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tflite", choices=TFLITE_MODES, default=None,
                    help="also write model.tflite (float16 or dynamic-range quantized), logged with its size and a "
                    "parity check against the SavedModel on the trial's test split")
+    p.add_argument("--max-latency-ms", type=float, default=None,
+                   help="export the best trial whose latency_ms (CPU, batch 1) is at most this")
+    p.add_argument("--max-size-mb", type=float, default=None, help="export the best trial whose size_mb is at most this")
     p.add_argument("--tracking-uri", **uri)
     p.set_defaults(func=cmd_best_export)
 

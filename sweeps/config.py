@@ -22,7 +22,7 @@ from pipeline.precision import AUTO
 SWEEPS_DIR = Path(__file__).resolve().parent
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 TOP_KEYS = ("tuner", "max_trials", "objective", "seed", "space", "hyperband", "description",
-            "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla", "stage2", "trial_process")
+            "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla", "stage2", "trial_process", "prune")
 STAGE2_KEYS = ("top_k", "trials_per_config", "space")
 # Which trials log a SavedModel + pyfunc model: every trial; a trial that beats those before it; or
 # none ("best": trials log their Keras checkpoint, a few KB for a head, and best-export exports the winner).
@@ -32,6 +32,10 @@ LOG_MODELS = ("all", "improving", "best")
 # "auto" = a fresh process for trials that train the whole network (fine-tuning, augmentation, features
 # not cached yet), the sweep's process for heads on cached features.
 TRIAL_PROCESSES = ("auto", "fresh", "same")
+# Stop trials clearly behind the earlier ones (pipeline.pruning): `prune: false`, `prune: true` (these defaults)
+# or a mapping of PRUNE_KEYS.
+PRUNE_DEFAULTS = {"rule": "median", "min_trials": 3, "warmup_epochs": 2}
+PRUNE_KEYS = tuple(PRUNE_DEFAULTS)
 TFLITE_MODES = ("float16", "dynamic")  # best-export's TFLite options
 KINDS = ("choice", "float", "int", "boolean", "fixed")
 ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
@@ -60,6 +64,7 @@ class SweepConfig:
     # trained heads, trials_per_config trials each over its own space (fine_tune_at, learning rate, ...).
     stage2: dict[str, Any] = dataclasses.field(default_factory=dict)
     trial_process: str = "auto"  # see TRIAL_PROCESSES
+    prune: dict[str, Any] | None = None  # PRUNE_KEYS, or None: no pruning
     source: str = ""
 
     def with_overrides(self, **overrides: Any) -> "SweepConfig":
@@ -75,6 +80,8 @@ class SweepConfig:
             given["mixed_precision"] = precision.setting(given["mixed_precision"], "the command line")
         if "max_trials" in given and int(given["max_trials"]) < 1:
             raise UserError(f"MAX_TRIALS must be at least 1, got {given['max_trials']}")
+        if given.get("tuner") == "hyperband":  # Hyperband stops trials itself, by its brackets
+            given["prune"] = None
         return dataclasses.replace(self, **given)
 
 
@@ -152,6 +159,10 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         _whole(hyperband, key, low, low, f"{where} (hyperband)")
     for key in ("top_k", "trials_per_config"):
         _whole(stage2, key, 1, 1, f"{where} (stage2)")
+    prune = check_prune(raw.get("prune", False), where)
+    if prune and tuner == "hyperband":
+        raise UserError(f"prune in sweep {where} does not apply to tuner: hyperband, which stops trials itself; "
+                        "set prune: false")
     flags = {}
     for key in ("xla",):
         flags[key] = raw.get(key, False)
@@ -162,7 +173,7 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         space=space, hyperband=dict(hyperband),
         max_consecutive_failed_trials=_whole(raw, "max_consecutive_failed_trials", 3, 1, where), log_models=log_models,
         mixed_precision=precision.setting(raw.get("mixed_precision", AUTO), where), stage2=stage2,
-        trial_process=trial_process, source=source, **flags,
+        trial_process=trial_process, prune=prune, source=source, **flags,
     )
 
 
@@ -172,6 +183,30 @@ def _whole(raw: dict, key: str, default: int, low: int, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise UserError(f"{key} in sweep {where} must be a whole number >= {low}, got {value!r}")
     return value
+
+
+def check_prune(value: Any, where: str) -> dict[str, Any] | None:
+    """``prune:`` of a sweep as its settings (None: off), or a one-line error saying what it takes."""
+    example = "{rule: median, min_trials: 3, warmup_epochs: 2}"
+    if value is False or value is None:
+        return None
+    if value is True:
+        return dict(PRUNE_DEFAULTS)
+    if not isinstance(value, dict):
+        raise UserError(f"prune in sweep {where} must be false, true or a mapping such as {example}; got {value!r}")
+    bad = sorted(set(value) - set(PRUNE_KEYS))
+    if bad:
+        raise UserError(f"unknown key(s) {bad} in prune of sweep {where}; known keys: {', '.join(PRUNE_KEYS)}")
+    settings = {**PRUNE_DEFAULTS, **value}
+    from pipeline.pruning import RULES
+
+    if settings["rule"] not in RULES:
+        raise UserError(f"prune rule {settings['rule']!r} in sweep {where} is not one of {', '.join(RULES)}")
+    for key, low in (("min_trials", 1), ("warmup_epochs", 0)):
+        v = settings[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise UserError(f"prune {key} in sweep {where} must be a whole number >= {low}, got {v!r}")
+    return settings
 
 
 def _check_tuner(tuner: str, where: str) -> None:

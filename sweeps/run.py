@@ -202,7 +202,7 @@ def _log_settings(parent: str, config: SweepConfig, dataset: str, split: str | N
         client.set_tag(parent, layout.RESUMED, "true")
         return
     settings = (dataset, config.name, config.tuner, config.max_trials, config.objective, config.seed, split or "default",
-                config.log_models, config.trial_process, config.mixed_precision, config.xla)
+                config.log_models, config.trial_process, config.mixed_precision, config.xla, config.prune or False)
     runs.log_params(parent, {**dict(zip(layout.SWEEP_PARAMS, settings, strict=True)),
                              **{f"hyperband.{k}": v for k, v in config.hyperband.items()}})
     client.log_dict(parent, {"space": config.space, "source": config.source}, layout.SEARCH_SPACE)

@@ -26,16 +26,18 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import keras
 import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from pipeline import precision, recipe
+from pipeline import cost, precision, recipe
 from pipeline.data import DataSplits
 from pipeline.errors import DataError, UserError
 from pipeline.export import export_model
 from pipeline.hparams import RunConfig
 from pipeline.model import is_head
+from pipeline.pruning import PruneCallback
 from pipeline.tfstart import STARTUP_NOISE
 from pipeline.training import predictions
 from tracking import layout
@@ -67,6 +69,7 @@ class TrialSpec:
     start_from: str | None = None  # stage 2: the stage-1 checkpoint whose trained head it starts from
     best: float | None = None  # the best objective before this trial (log_models: improving)
     checkpoint: bool = False  # keep the trained model in trial_dir (Hyperband, stage 1, log_models: best)
+    prune: dict[int, float] | None = None  # pruning thresholds by epoch (pipeline.pruning; None: never stop early)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -87,20 +90,24 @@ class TrialOutput:
     head_only: bool  # trained a head on cached features (no network built, nothing to free)
     export_seconds: float
     journal_seconds: float  # writing the journal entry (tracking time on the trial's path)
+    curve: list[float] = dataclasses.field(default_factory=list)  # val_accuracy per epoch (from first_epoch)
+    first_epoch: int = 0
+    pruned_at: int | None = None  # the epoch at which the trial stopped, behind the earlier trials
 
 
 def run(spec: TrialSpec, data_cache: dict[int, DataSplits], run_id: Callable[[], str] | None = None) -> TrialOutput:
     """Train the trial (``pipeline.recipe``) and journal it. Failures raise Keras Tuner's errors:
     ``FailedTrialError`` (the sweep goes on) or ``FatalError`` (the data set is unusable: the sweep stops)."""
     start = time.perf_counter()
+    pruner = PruneCallback(spec.prune) if spec.prune else None
     with trial_errors():
         plan = spec.plan()
         data = recipe.load_data_for(plan, spec.dataset, spec.split, data_cache)
         outcome = recipe.train_run(
             plan, data, verbose=spec.verbose, previous=spec.previous, start_from=spec.start_from,
             initial_epoch=spec.initial_epoch, stop_epoch=spec.stop_epoch,
-            checkpoint_dir=spec.trial_dir if spec.checkpoint else None)
-    return _finish(spec, outcome, start, run_id or (lambda: spec.run_id))
+            checkpoint_dir=spec.trial_dir if spec.checkpoint else None, callbacks=[pruner] if pruner else ())
+    return _finish(spec, outcome, start, run_id or (lambda: spec.run_id), pruner.pruned_at if pruner else None)
 
 
 @contextlib.contextmanager
@@ -223,7 +230,8 @@ def _exit_with(parent: int) -> None:
 # -- journaling ------------------------------------------------------------------------------------
 
 
-def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Callable[[], str | None]) -> TrialOutput:
+def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Callable[[], str | None],
+            pruned_at: int | None = None) -> TrialOutput:
     """Journal the finished trial: metrics, plot data, and its model or checkpoint as ``log_models`` says."""
     result, model, data, plan = outcome.result, outcome.model, outcome.data, outcome.plan
     params = {**spec.params, **data.lineage(), layout.RESOLVED_IMAGE_SIZE: plan.image_size,
@@ -258,18 +266,35 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
         sample = grid[:2]
         exported = (export, sample, full.predict(sample, verbose=0))
         export_seconds = time.perf_counter() - exporting
-    elif spec.log_models == "best":  # best-export builds the SavedModel from this checkpoint and its recipe
+        cost_ = cost.savedmodel_cost(export, full.count_params())
+    else:  # no export: the model in memory (a head: its full classifier, once per architecture)
+        cost_ = model_cost(plan, model, data.num_classes)
+    if spec.log_models == "best":  # best-export builds the SavedModel from this checkpoint and its recipe
         name = recipe.checkpoint_name(model)
         shutil.copy(Path(spec.trial_dir) / name, staging / name)
         files[f"{layout.CHECKPOINT_DIR}/{name}"] = staging / name
+    metrics += [(layout.SIZE_MB, cost_.size_mb, 0), (layout.TOTAL_PARAMS, cost_.total_params, 0),
+                (layout.LATENCY_MS, cost_.latency_ms, 0)]
     # train: data, features and training; wall: the whole trial as the sweep waits for it
     metrics += [(layout.TRAIN_SECONDS, outcome.trained_at - start, 0),
                 (layout.WALL_SECONDS, time.perf_counter() - start, 0)]
     journaling = time.perf_counter()
-    entry = write_entry(spec.journal, spec.run_id, spec.run_spec, params, metrics, plot_data, files, exported)
+    tags = {layout.COST_OF: cost_.of, **({layout.PRUNED: str(pruned_at)} if pruned_at is not None else {})}
+    entry = write_entry(spec.journal, spec.run_id, spec.run_spec, params, metrics, plot_data, files, exported,
+                        tags=tags)
     shutil.rmtree(staging, ignore_errors=True)
     return TrialOutput(result.val_accuracy, str(entry), is_head(model), export_seconds,
-                       time.perf_counter() - journaling)
+                       time.perf_counter() - journaling, result.history["val_accuracy"], result.first_epoch, pruned_at)
+
+
+def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int) -> cost.Cost:
+    """The cost of a trial's classifier without an export: measured on the model in memory, or for a head on
+    the full classifier assembled from it (once per architecture in this process)."""
+    if not is_head(model):
+        return cost.keras_cost(model)
+    c = plan.config
+    key = (c.backbone, plan.image_size, num_classes, c.augment, c.mixed_precision)
+    return cost.cost_of_head(key, lambda: recipe.full_model(plan, num_classes, model))
 
 
 def resident_mb() -> float:

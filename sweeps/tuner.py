@@ -24,6 +24,7 @@ import keras_tuner as kt
 from pipeline import recipe
 from pipeline.data import DataSplits
 from pipeline.hparams import RunConfig
+from sweeps import prune as pruning
 from sweeps import signals
 from sweeps import space as space_module
 from sweeps import trial as trials
@@ -106,6 +107,8 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         self.memory: list[tuple[str, float]] = []  # (trial, resident MB after it was cleaned up)
         # MLflow writes happen on a background thread, through a journal kept beside the tuner's state.
         self.journal = TrialJournal(Path(self.project_dir) / f"journal-{self.tuner_id}")
+        # Pruning: thresholds from the sweep's finished trials, given to each trial before it starts.
+        self.curves = pruning.Curves(experiment_id, parent_run_id, config.prune, stage) if config.prune else None
 
     # -- one trial -----------------------------------------------------------------------------
 
@@ -134,6 +137,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
                     output = trials.run_fresh(spec)
             self.journal.blocked += output.journal_seconds
             self.journal.submit(Path(output.entry), run)
+            self._pruned(key, output)
         except BaseException as e:
             # A signal inside TensorFlow may surface as another error: it still stops the sweep.
             if (stop := signals.interruption(e)) is not None:
@@ -171,7 +175,17 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
             initial_epoch=int(tuner_values.get("tuner/initial_epoch", 0)), stop_epoch=tuner_values.get("tuner/epochs"),
             previous=self.checkpoint(previous) if previous else None, start_from=self.start_from, best=self._best,
             checkpoint=config.tuner == "hyperband" or self.stage == "1" or config.log_models == "best",
+            prune=self.curves.limits() if self.curves else None,
         )
+
+    def _pruned(self, key: str, output: trials.TrialOutput) -> None:
+        """Remember the trial's curve for the next trials' thresholds; say when it was pruned."""
+        if self.curves is None:
+            return
+        self.curves.add(key, output.curve, output.first_epoch, output.pruned_at)
+        if output.pruned_at is not None and self.progress:
+            print(f"[sweep] trial {key} pruned after epoch {output.pruned_at + 1}: behind the median of the earlier "
+                  f"trials there; it counts with the val_accuracy it reached", flush=True)
 
     def _fresh(self, spec: trials.TrialSpec) -> bool:
         """Whether the trial runs in its own process (``trial_process`` of the sweep)."""

@@ -85,3 +85,15 @@ def test_a_failed_trial_is_closed_at_once_with_its_error(tracking_store, tmp_pat
     assert got.info.status == "FAILED" and got.data.tags["error"] == "ValueError: bad"
     assert got.data.params == {"dropout": "0.9"}
     journal.close()
+
+
+def test_a_relative_journal_folder_works_from_any_working_directory(tracking_store, tmp_path, monkeypatch):
+    # The plot helper process runs in the project root; a sweep run elsewhere with a relative state dir
+    # (`--state-dir sweeps_state`, the default) once lost every trial's plots and left its runs RUNNING.
+    monkeypatch.chdir(tmp_path)
+    exp, parent = _experiment()
+    journal = TrialJournal("relative/journal")
+    run = journal.start(exp, parent, "trial-0", {"kt.trial_id": "0"})
+    _finish(journal, run)
+    journal.close()
+    _check_written(run.result())

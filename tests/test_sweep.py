@@ -126,6 +126,9 @@ def test_sweep_tracks_every_trial(swept, class_folder):
     m = run.data.metrics
     assert 0 <= m["test_accuracy"] <= 1 and m["test_loss"] > 0 and m["trainable_params"] > 0
     assert m["wall_seconds"] > m["train_seconds"] > 0, "the whole trial includes its plots and export"
+    # its cost, measured on the SavedModel it exported (log_models: all)
+    assert run.data.tags["tlsweep.cost_of"] == "savedmodel" and m["total_params"] > m["trainable_params"]
+    assert m["size_mb"] > m["total_params"] * 4 / 1e6 and 0 < m["latency_ms"] < 5000
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"plots", "savedmodel"} <= artifacts
@@ -178,6 +181,7 @@ def test_best_export_registers_and_reproduces(swept, capsys):
     assert lite["agreement"] >= 5 / 6 and lite["max_abs_diff"] < 0.05, "float16 weights barely move probabilities"
     assert 0 < lite["size_bytes"] < lite["savedmodel_bytes"]
     assert MlflowClient().get_run(info["run_id"]).data.metrics["tflite_size_bytes"] == lite["size_bytes"]
+    assert MlflowClient().get_run(info["run_id"]).data.metrics["tflite_latency_ms"] == lite["latency_ms"] > 0
     assert (Path(info["path"]) / "model.tflite").is_file()
     target = Path(info["path"])
     assert {"saved_model.pb", "labels.txt", "MODEL_CARD.md"} <= {p.name for p in target.iterdir()}
@@ -230,14 +234,17 @@ def test_report_is_self_contained_html_and_markdown(swept, capsys):
     page = page_path.read_text()
     for kid in children("tiny", parent):
         assert f"/#/experiments/{kid.info.experiment_id}/runs/{kid.info.run_id}" in page, "every trial links to mlflow ui"
-    # 2 sweep charts (by backbone, parallel coordinates) + the best trial's curves, confusion matrix, predictions
-    assert page.count('src="data:image/png;base64,') == 5 and 'src="http' not in page
+    # 4 sweep charts (by backbone, parallel coordinates, Pareto fronts against latency and size) + the best
+    # trial's curves, confusion matrix, predictions
+    assert page.count('src="data:image/png;base64,') == 7 and 'src="http' not in page
+    assert "latency_ms" in page and "size_mb" in page
     assert "loss became NaN/inf; lower the learning rate" in page, "failed trials are listed with their error"
     md = (page_path.parent / "report.md").read_text()
     assert "## Leaderboard" in md and "![predictions.png](predictions.png)" in md
     assert (page_path.parent / "predictions.png").is_file()
     parent_plots = {a.path for a in MlflowClient().list_artifacts(parent, "plots")}
-    assert parent_plots == {"plots/val_accuracy_by_backbone.png", "plots/parallel_coordinates.png"}
+    assert parent_plots == {"plots/val_accuracy_by_backbone.png", "plots/parallel_coordinates.png",
+                            "plots/pareto_latency.png", "plots/pareto_size.png"}
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt install chromium) for a "

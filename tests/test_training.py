@@ -103,3 +103,15 @@ def test_sliced_training_as_hyperband_promotes_keeps_phases_and_optimizer_state(
     assert int(model.optimizer.iterations) == iterations + steps, "optimizer state continued, not reset"
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-4)
     assert _backbone_flags(model) == flags
+
+
+def test_a_callback_that_stops_the_head_phase_ends_the_run_without_fine_tuning(class_folder):
+    from pipeline.pruning import PruneCallback
+
+    pruner = PruneCallback({1: 2.0})  # no accuracy reaches 2.0: pruned at epoch 1 (0-based)
+    _, result = _run(class_folder, epochs=3, fine_tune_epochs=2, unfreeze_from=100, learning_rate=1e-2,
+                     callbacks=[pruner])
+    assert pruner.pruned_at == 1
+    assert all(len(result.history[k]) == 2 for k in METRICS), "no further head epoch, no fine-tuning"
+    assert result.fine_tune_start is None and result.fine_tune_seconds == 0
+    assert result.val_accuracy == result.history["val_accuracy"][-1] and 0 <= result.test_accuracy <= 1

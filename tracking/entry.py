@@ -25,13 +25,15 @@ MAX_PARAM = 6000  # MLflow's limit on a parameter value's length
 def write_entry(folder: str | Path, run_id: str | None, run_spec: Mapping[str, Any], params: Mapping[str, object],
                 metrics: list[tuple[str, float, int]], plot_data: Mapping[str, Any] | None = None,
                 files: Mapping[str, str | Path] | None = None,
-                model: tuple[str | Path, np.ndarray, np.ndarray] | None = None) -> Path:
+                model: tuple[str | Path, np.ndarray, np.ndarray] | None = None,
+                tags: Mapping[str, str] | None = None) -> Path:
     """Write a finished trial to the journal folder, whole or not at all; returns the entry's folder.
 
     ``run_id`` may be None while the run is still being created (``run_spec`` lets a replay create it);
     ``plot_data``: see ``tracking.plots.trial_plots`` (``grid_images`` may be an array);
     ``files`` maps artifact paths to local files or folders (moved into the journal);
-    ``model`` is ``(export dir, sample input, its output)`` to log as the run's model.
+    ``model`` is ``(export dir, sample input, its output)`` to log as the run's model;
+    ``tags`` are set on the run when it is written (e.g. ``tlsweep.pruned``).
     Needs no MLflow connection: a trial's own process can write it.
     """
     folder = Path(folder)
@@ -46,7 +48,8 @@ def write_entry(folder: str | Path, run_id: str | None, run_spec: Mapping[str, A
         plot_data["grid_images"] = GRID_IMAGES
     record = {"run_id": run_id, "run": dict(run_spec), "params": {k: str(v)[: MAX_PARAM] for k, v in params.items()},
               "metrics": [[k, float(v), int(s)] for k, v, s in metrics if v is not None],
-              "timestamp": int(time.time() * 1000), "plots": _jsonable(plot_data), "files": {}}
+              "timestamp": int(time.time() * 1000), "plots": _jsonable(plot_data), "files": {},
+              "tags": {k: str(v) for k, v in (tags or {}).items()}}
     for i, (artifact_path, local) in enumerate((files or {}).items()):
         (tmp / f"file{i}").mkdir()
         shutil.move(str(local), tmp / f"file{i}" / Path(artifact_path).name)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from tracking import runs
@@ -36,7 +36,8 @@ class TrialJournal:
     """One background writer per tuner process; ``flush()`` waits for everything queued so far."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+        # absolute: the plot helper process runs in the project root, not necessarily the sweep's working directory
+        self.folder = Path(folder).absolute()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlsweep-mlflow")
         self._pending: list[Future] = []
         self._lock = threading.Lock()
@@ -164,6 +165,8 @@ class TrialJournal:
         metrics = [Metric(k, v, record["timestamp"], s) for k, v, s in record["metrics"]]
         for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's limit: 100 params per batch
             client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
+        if record.get("tags"):
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(record["tags"].items())])
         for name, artifact_path in record["files"].items():
             local = entry / name / Path(artifact_path).name
             if local.is_dir():

@@ -28,8 +28,11 @@ BEST_RUN_ID = "tlsweep.best_run_id"  # on the parent
 RESUMED = "tlsweep.resumed"  # on the parent, when a sweep was started again
 MODEL_URI = "tlsweep.model_uri"  # the trial's logged pyfunc model
 ERROR = "error"  # why a trial failed (its traceback is ERROR_FILE)
+PRUNED = "tlsweep.pruned"  # the epoch at which a trial behind the earlier trials stopped (the run is FINISHED)
+COST_OF = "tlsweep.cost_of"  # what SIZE_MB and LATENCY_MS measured: COST_SAVEDMODEL or COST_KERAS
+COST_SAVEDMODEL, COST_KERAS = "savedmodel", "keras"
 TAGS = (KIND, SWEEP_KEY, TRIAL_ID, WORKER, TUNER, STAGE, HEARTBEAT, CLOSED_BY, BEST, BEST_RUN_ID, RESUMED, MODEL_URI,
-        ERROR)
+        ERROR, PRUNED, COST_OF)
 
 # -- params --------------------------------------------------------------------------------------
 HYPERPARAMETERS = tuple(DEFAULTS)  # each under its own name
@@ -46,7 +49,7 @@ TRIAL_PARAMS = (*HYPERPARAMETERS, SEED, SPLIT, RESOLVED_IMAGE_SIZE, FEATURE_CACH
                 DEVICE, PRECISION)
 # the parent's: the sweep settings
 SWEEP_PARAMS = ("dataset", "sweep", "tuner", "max_trials", "objective", "seed", "split", "log_models", "trial_process",
-                "mixed_precision", "xla")
+                "mixed_precision", "xla", "prune")
 
 # -- metrics -------------------------------------------------------------------------------------
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # per epoch, both phases on one step axis
@@ -63,9 +66,14 @@ FINE_TUNE_SECONDS = "fine_tune_seconds"
 FEATURE_SECONDS = "feature_seconds"
 RSS_MB = "rss_mb"  # the trial process's resident memory at its end
 BEST_VAL_ACCURACY = "best_val_accuracy"  # on the parent
-TFLITE_METRICS = ("tflite_size_bytes", "tflite_agreement", "tflite_test_accuracy", "tflite_max_abs_diff")
+TFLITE_METRICS = ("tflite_size_bytes", "tflite_agreement", "tflite_test_accuracy", "tflite_max_abs_diff",
+                  "tflite_latency_ms")
+SIZE_MB = "size_mb"  # the model's size (the SavedModel export, or its weights: see COST_OF)
+TOTAL_PARAMS = "total_params"  # parameters of the whole classifier (backbone and head)
+LATENCY_MS = "latency_ms"  # CPU, batch 1, median of repeated calls after warm-up (see COST_OF)
+COST_METRICS = (SIZE_MB, TOTAL_PARAMS, LATENCY_MS)
 TRIAL_METRICS = (*EPOCH_METRICS, TEST_ACCURACY, TEST_LOSS, HEAD_TEST_ACCURACY, TRAINABLE_PARAMS, TRAIN_SECONDS,
-                 WALL_SECONDS, HEAD_SECONDS, FINE_TUNE_SECONDS, FEATURE_SECONDS, RSS_MB)
+                 WALL_SECONDS, HEAD_SECONDS, FINE_TUNE_SECONDS, FEATURE_SECONDS, RSS_MB, *COST_METRICS)
 
 # -- artifacts -----------------------------------------------------------------------------------
 PLOTS_DIR = "plots"
@@ -75,7 +83,9 @@ PREDICTIONS = "predictions.png"
 TRIAL_PLOTS = (LEARNING_CURVES, CONFUSION_MATRIX, PREDICTIONS)  # under PLOTS_DIR
 BY_BACKBONE = "val_accuracy_by_backbone.png"
 PARALLEL_COORDINATES = "parallel_coordinates.png"
-SWEEP_PLOTS = (BY_BACKBONE, PARALLEL_COORDINATES)  # the parent's, under PLOTS_DIR
+PARETO_LATENCY = "pareto_latency.png"  # val_accuracy against latency_ms, Pareto front drawn
+PARETO_SIZE = "pareto_size.png"  # val_accuracy against size_mb
+SWEEP_PLOTS = (BY_BACKBONE, PARALLEL_COORDINATES, PARETO_LATENCY, PARETO_SIZE)  # the parent's, under PLOTS_DIR
 ERROR_FILE = "error.txt"
 SAVEDMODEL_DIR = "savedmodel"  # the trial's export (log_models: all / improving, or after best-export)
 MODEL_DIR = "model"  # the pyfunc model

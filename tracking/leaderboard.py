@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import mlflow
 import pandas as pd
 
@@ -12,7 +14,8 @@ from tracking.layout import KIND, OBJECTIVE, PARENT_RUN_ID, TRIAL, TRIAL_ID
 PARAMS = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
           "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
 METRICS = (OBJECTIVE, layout.TEST_ACCURACY, layout.TEST_LOSS, layout.TRAIN_SECONDS, layout.WALL_SECONDS,
-           layout.TRAINABLE_PARAMS)
+           layout.TRAINABLE_PARAMS, *layout.COST_METRICS)
+PRUNED = "pruned"  # column: the epoch a pruned trial stopped at (empty for the others)
 
 
 def trial_runs(experiment: str, parent_id: str | None = None) -> pd.DataFrame:
@@ -28,7 +31,7 @@ def trial_runs(experiment: str, parent_id: str | None = None) -> pd.DataFrame:
 def leaderboard(runs: pd.DataFrame, objective: str = OBJECTIVE) -> pd.DataFrame:
     """Finished trials first, sorted by the objective (best first), with the columns people compare."""
     if runs.empty:
-        return pd.DataFrame(columns=["run_id", "trial_id", "status", *PARAMS, *METRICS])
+        return pd.DataFrame(columns=["run_id", "trial_id", "status", *PARAMS, *METRICS, PRUNED])
     table = pd.DataFrame({
         "run_id": runs["run_id"],
         "trial_id": runs.get(f"tags.{TRIAL_ID}"),
@@ -38,9 +41,22 @@ def leaderboard(runs: pd.DataFrame, objective: str = OBJECTIVE) -> pd.DataFrame:
         table[p] = runs.get(f"params.{p}")
     for m in dict.fromkeys((objective, *METRICS)):
         table[m] = runs.get(f"metrics.{m}")
+    table[PRUNED] = runs.get(f"tags.{layout.PRUNED}")
     table["finished"] = table["status"] == "FINISHED"
     table = table.sort_values(["finished", objective], ascending=[False, False], na_position="last")
     return table.drop(columns="finished").reset_index(drop=True)
+
+
+def pareto_front(costs: Sequence[float], values: Sequence[float]) -> list[int]:
+    """Indices of the points no other point beats on both (lower cost, higher value), by increasing cost.
+    Points with a missing (NaN) cost or value are left out."""
+    points = sorted((c, -v, i) for i, (c, v) in enumerate(zip(costs, values)) if not (pd.isna(c) or pd.isna(v)))
+    front, best = [], float("-inf")
+    for c, neg, i in points:
+        if -neg > best:
+            front.append(i)
+            best = -neg
+    return front
 
 
 def best_per_backbone(table: pd.DataFrame, objective: str = OBJECTIVE) -> pd.DataFrame:

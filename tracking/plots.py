@@ -158,6 +158,27 @@ def parallel_coordinates(columns: dict[str, Sequence[object]], objective: Sequen
     return path
 
 
+def pareto(costs: Sequence[float], values: Sequence[float], labels: Sequence[str], front: Sequence[int], path: Path,
+           cost_name: str = "latency_ms", objective: str = "val_accuracy") -> Path:
+    """Each finished trial's objective against one cost; the Pareto front (no other trial is both cheaper and
+    better) joined by a line and labelled with its trials."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    ax.scatter(costs, values, color="lightgray", edgecolor="gray", label="trials")
+    fx, fy = [costs[i] for i in front], [values[i] for i in front]
+    ax.step(fx, fy, where="post", color="tab:blue")
+    ax.scatter(fx, fy, color="tab:blue", zorder=3, label="Pareto front")
+    for i in front:
+        ax.annotate(str(labels[i]), (costs[i], values[i]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xlabel(cost_name + " (lower is better)")
+    ax.set_ylabel(objective)
+    ax.set_title(f"{objective} against {cost_name}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, pil_kwargs=FAST_PNG)
+    return path
+
+
 def trial_plots(data: dict, folder: str | Path) -> None:
     """A trial's learning curves and, if given, confusion matrix and prediction grid (see tracking.journal)."""
     folder = Path(folder)

@@ -21,12 +21,13 @@ from mlflow.tracking import MlflowClient
 
 from tracking import leaderboard as lb
 from tracking import plots
-from tracking.layout import ERROR, PLOTS_DIR, SWEEP_PLOTS, TRIAL_PLOTS
+from tracking.layout import (ERROR, LATENCY_MS, PARETO_LATENCY, PARETO_SIZE, PLOTS_DIR, SIZE_MB, SWEEP_PLOTS,
+                             TRIAL_PLOTS)
 SEARCHED = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
             "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
 BOARD_COLUMNS = ("trial", "status", "backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
                  "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "val_accuracy", "test_accuracy",
-                 "wall_seconds", "run_id")
+                 "latency_ms", "size_mb", "total_params", "pruned", "wall_seconds", "run_id")
 
 
 def sweep_charts(table: pd.DataFrame, folder: Path) -> list[Path]:
@@ -41,6 +42,12 @@ def sweep_charts(table: pd.DataFrame, folder: Path) -> list[Path]:
     if varied:
         columns = {c: done[c].fillna("-").tolist() for c in varied}
         out.append(plots.parallel_coordinates(columns, done[lb.OBJECTIVE].tolist(), folder / SWEEP_PLOTS[1]))
+    for cost, name in ((LATENCY_MS, PARETO_LATENCY), (SIZE_MB, PARETO_SIZE)):
+        measured = done.dropna(subset=[cost]) if cost in done else done.iloc[:0]
+        if not measured.empty:  # trials logged before cost metrics existed have none
+            costs, values = measured[cost].astype(float).tolist(), measured[lb.OBJECTIVE].astype(float).tolist()
+            out.append(plots.pareto(costs, values, measured["trial_id"].astype(str).tolist(),
+                                    lb.pareto_front(costs, values), folder / name, cost_name=cost))
     return out
 
 
