@@ -132,13 +132,13 @@ class TrialJournal:
             root = str(Path(__file__).resolve().parents[1])
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
             self._renderer = subprocess.Popen([sys.executable, "-m", "tracking.plots"], stdin=subprocess.PIPE,
-                                              stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+                                              stdout=subprocess.PIPE, text=True, env=env)
 
     def _render(self, data: Mapping[str, Any], folder: Path) -> None:
         """Start drawing the plots in a helper process (drawing never holds this process's GIL while it
         trains); ``_rendered`` waits for them."""
         self._start_renderer()
-        self._renderer.stdin.write(json.dumps({"data": data, "folder": str(folder)}) + "\n")
+        self._renderer.stdin.write(json.dumps({"data": data, "folder": str(Path(folder).resolve())}) + "\n")
         self._renderer.stdin.flush()
 
     def _rendered(self, folder: Path) -> None:
@@ -157,7 +157,7 @@ class TrialJournal:
             folder.mkdir(exist_ok=True)
             data = record["plots"]
             if data.get("grid_images"):
-                data["grid_images"] = str(entry / data["grid_images"])
+                data["grid_images"] = str((entry / data["grid_images"]).resolve())
             self._render(data, folder)
         client = MlflowClient()
         params = [Param(k, v) for k, v in sorted(record["params"].items())]
