@@ -45,8 +45,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-install: $(PY) ## create .venv/ and install the project with its pinned dependency ranges
+install: $(PY) ## create .venv/ and install the project with its pinned dependency ranges (+ Chromium for the tests)
 	$(PY) -m pip install --quiet -e ".[test]"
+	@# The headless-browser tests need Chromium; CI fails (not skips) without it. Installed where apt-get is.
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "installing chromium (apt-get) for the headless-browser tests"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq >/dev/null && \
+		  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }; \
+	else echo "note: no chromium and no apt-get: install Chromium for the headless-browser tests"; fi
 
 test: ## fast tests (a few minutes; no network; real-data tests skip without ../shared/data)
 	$(PY) -m pytest -q

@@ -7,7 +7,6 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per logged model drowns the trial lines
 
 from pipeline.errors import UserError  # noqa: E402
 from sweeps import signals  # noqa: E402

@@ -240,21 +240,16 @@ def test_report_is_self_contained_html_and_markdown(swept, capsys):
     assert parent_plots == {"plots/val_accuracy_by_backbone.png", "plots/parallel_coordinates.png"}
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt install chromium) for a "
-                    "headless screenshot")
-def test_report_renders_in_headless_chromium(swept):
-    import subprocess
-
+def test_report_renders_in_headless_chromium(swept, chromium):
     from PIL import Image
+
+    from conftest import headless
 
     tmp_path, _ = swept
     sweeps_main(["report", "--experiment", "tiny", "--out-dir", str(tmp_path / "reports")])
     shot = tmp_path / "report.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
-                    "--window-size=1200,2400", f"--screenshot={shot}",
-                    (tmp_path / "reports" / "tiny" / "report.html").as_uri()], check=True, timeout=120,
-                   capture_output=True)
+    headless(chromium, tmp_path / "chrome", "--window-size=1200,2400", f"--screenshot={shot}",
+             (tmp_path / "reports" / "tiny" / "report.html").as_uri())
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("L"))
     assert pixels.shape == (2400, 1200)
