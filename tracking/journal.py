@@ -27,7 +27,7 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from tracking import runs
+from tracking import datasets, runs
 from tracking.entry import ENTRY, MODEL_DIR, write_entry
 from tracking.layout import PLOTS_DIR
 
@@ -164,6 +164,8 @@ class TrialJournal:
         metrics = [Metric(k, v, record["timestamp"], s) for k, v, s in record["metrics"]]
         for i in range(0, max(len(params), len(metrics)), 100):  # MLflow's limit: 100 params per batch
             client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
+        if inputs := datasets.dataset_inputs(record["params"]):  # the splits as MLflow 3 datasets
+            client.log_inputs(run_id, datasets=inputs)
         for name, artifact_path in record["files"].items():
             local = entry / name / Path(artifact_path).name
             if local.is_dir():
