@@ -94,8 +94,10 @@ def cmd_ui(argv: list[str]) -> int:
     if not links:
         print("  no runs yet: run `tlsweep sweep --dataset ...` first")
     sys.stdout.flush()
+    # One person's UI: one worker, and none of MLflow 3's GenAI job consumers (7 processes otherwise)
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return _run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-                 "--port", str(args.port)])
+                 "--port", str(args.port), "--workers", "1"])
 
 
 def cmd_server(argv: list[str]) -> int:
@@ -111,13 +113,12 @@ def cmd_server(argv: list[str]) -> int:
 
 
 def _run(command: list[str]) -> int:
-    proc = subprocess.Popen(command)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
-        return 0
+    """Become MLflow's process (signals such as Ctrl-C and SIGTERM then reach it directly)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if hasattr(os, "execv"):
+        os.execv(command[0], command)
+    return subprocess.call(command)  # pragma: no cover - platforms without exec
 
 
 def main(argv: list[str] | None = None) -> int:
