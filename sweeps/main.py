@@ -108,6 +108,7 @@ def cmd_server(argv: list[str]) -> int:
     artifacts = args.artifacts_destination or str(Path.cwd() / "mlartifacts-server")
     print(f"MLflow tracking server on http://{args.host}:{args.port} (store {store_uri}, artifacts {artifacts})",
           flush=True)
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no GenAI job consumers (7 processes)
     return _run([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri,
                  "--artifacts-destination", artifacts, "--host", args.host, "--port", str(args.port)])
 
