@@ -108,3 +108,4 @@ def test_an_installed_sweep_runs_outside_the_checkout(installed, class_folder, t
     assert {f.path for f in client.list_artifacts(trial.info.run_id, layout.PLOTS_DIR)} == {
         f"{layout.PLOTS_DIR}/{name}" for name in layout.TRIAL_PLOTS}
     assert layout.MODEL_URI in trial.data.tags
+    assert "system/cpu_utilization_percentage" in trial.data.metrics and len(trial.inputs.dataset_inputs) == 3

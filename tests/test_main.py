@@ -49,3 +49,21 @@ def test_system_metrics_interval_is_checked(monkeypatch):
     monkeypatch.setenv("TLSWEEP_SYSTEM_METRICS_SECONDS", "0")
     with system_metrics.monitored("no-such-run"):  # off: nothing is sampled or written
         pass
+
+
+def test_a_trial_shorter_than_one_interval_still_gets_its_system_metrics(tracking_store):
+    """MLflow's monitor drops the samples since its last write when it stops; ours writes them, after the block
+    (leaving it does not wait for the store), by ``drain``."""
+    import time
+
+    from tracking import system_metrics
+
+    client = mlflow.tracking.MlflowClient()
+    run = client.create_run(client.create_experiment("s")).info.run_id
+    with system_metrics.monitored(run):
+        time.sleep(0.5)
+    system_metrics.drain()
+    client.set_terminated(run)
+    metrics = client.get_run(run).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    assert len(client.get_metric_history(run, "system/cpu_utilization_percentage")) == 1

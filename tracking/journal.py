@@ -27,7 +27,7 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from tracking import datasets, runs
+from tracking import datasets, runs, system_metrics
 from tracking.entry import ENTRY, MODEL_DIR, write_entry
 from tracking.layout import PLOTS_DIR
 
@@ -87,6 +87,7 @@ class TrialJournal:
         with self._lock:
             pending, self._pending = self._pending, []
         try:
+            system_metrics.drain()  # the trials' last samples too
             for future in pending:
                 future.result()
         finally:

@@ -36,15 +36,18 @@ def sampling_seconds() -> float:
     return seconds
 
 
+_finishing: list[threading.Thread] = []  # monitors being stopped off the training thread
+_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def monitored(run: Future | str) -> Iterator[None]:
-    """Sample system metrics into ``run`` (a run id, or the future of one) while the block runs."""
+    """Sample system metrics into ``run`` (a run id, or the future of one) while the block runs. Leaving
+    the block does not wait for the last write (``drain`` does): the next trial starts at once."""
     seconds = sampling_seconds()
     if not seconds:
         yield
         return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
     stop, started = threading.Event(), []
 
     def begin() -> None:
@@ -53,9 +56,14 @@ def monitored(run: Future | str) -> Iterator[None]:
         except Exception:  # noqa: BLE001 - the run could not be created: the trial reports that itself
             return
         if not stop.is_set():
-            monitor = SystemMetricsMonitor(run_id, sampling_interval=seconds, samples_before_logging=1)
+            monitor = _monitor_class()(run_id, sampling_interval=seconds, samples_before_logging=1)
             monitor.start()
             started.append(monitor)
+
+    def finish() -> None:
+        starter.join(60)
+        for monitor in started:
+            monitor.finish()
 
     starter = threading.Thread(target=begin, daemon=True, name="tlsweep-system-metrics")
     starter.start()
@@ -63,6 +71,34 @@ def monitored(run: Future | str) -> Iterator[None]:
         yield
     finally:
         stop.set()
-        starter.join(60)
-        for monitor in started:
-            monitor.finish()  # one last sample, flushed before the trial's run is closed
+        finisher = threading.Thread(target=finish, daemon=True, name="tlsweep-system-metrics-finish")
+        finisher.start()
+        with _lock:
+            _finishing[:] = [t for t in _finishing if t.is_alive()] + [finisher]
+
+
+def drain(timeout: float = 60.0) -> None:
+    """Wait until every trial's last system-metrics sample is written (before a sweep reports or exits)."""
+    with _lock:
+        pending, _finishing[:] = list(_finishing), []
+    for thread in pending:
+        thread.join(timeout)
+
+
+def _monitor_class() -> type:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class TrialMonitor(SystemMetricsMonitor):
+        """MLflow's monitor, which drops the samples taken since its last write when it stops: a trial
+        shorter than one interval would have none. This one writes them."""
+
+        def finish(self) -> None:
+            super().finish()
+            try:
+                if metrics := self.aggregate_metrics():
+                    self.publish_metrics(metrics)
+                    self.mlflow_logger.flush()
+            except Exception:  # noqa: BLE001 - system metrics are never worth failing a trial
+                pass
+
+    return TrialMonitor
