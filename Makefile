@@ -4,6 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+TLSWEEP := $(PY) -m sweeps.main  # the `tlsweep` command (console script of `pip install .`)
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 # Pass a CLI flag only when its Make variable is set.
@@ -46,8 +47,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-install: $(PY) ## create .venv/ and install the project with its pinned dependency ranges
+install: $(PY) ## create .venv/ and install the project with its pinned dependency ranges (+ Chromium for the tests)
 	$(PY) -m pip install --quiet -e ".[test]"
+	@# The headless-browser tests need Chromium; CI fails (not skips) without it. Installed where apt-get is.
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "installing chromium (apt-get) for the headless-browser tests"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq >/dev/null && \
+		  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq chromium >/dev/null; }; \
+	else echo "note: no chromium and no apt-get: install Chromium for the headless-browser tests"; fi
 
 test: ## fast tests (a few minutes; no network; real-data tests skip without ../shared/data)
 	$(PY) -m pytest -q
@@ -60,39 +69,39 @@ test-all: ## every test, fast and slow
 
 train: ## train one configuration: DATASET= BACKBONE= [EPOCHS= FINE_TUNE_AT= ... OUTPUT=]
 	@test -n "$(DATASET)" || { echo "usage: make train DATASET=<tfds name or folder> [BACKBONE=...]"; exit 2; }
-	$(PY) -m pipeline.cli train $(TRAIN_FLAGS)
+	$(TLSWEEP) train $(TRAIN_FLAGS)
 
 predict: ## top-k classes per image from an export: MODEL=<export dir> IMAGES=<file or folder> [TOP_K=3]
 	@test -n "$(MODEL)" -a -n "$(IMAGES)" || { echo "usage: make predict MODEL=<export dir> IMAGES=<file or folder>"; exit 2; }
-	$(PY) -m pipeline.cli predict --model "$(MODEL)" --images "$(IMAGES)" $(call opt,TOP_K,top-k)
+	$(TLSWEEP) predict --model "$(MODEL)" --images "$(IMAGES)" $(call opt,TOP_K,top-k)
 
 sweep: ## Keras-Tuner search, every trial in MLflow: DATASET= [SWEEP=quick|<yaml>] [MAX_TRIALS= TUNER= EXPERIMENT= SEED= GPUS=all|0,1]
 	@test -n "$(DATASET)" || { echo "usage: make sweep DATASET=<tfds name or folder> [SWEEP=quick]"; exit 2; }
-	$(PY) -m sweeps.cli sweep $(SWEEP_FLAGS)
+	$(TLSWEEP) sweep $(SWEEP_FLAGS)
 
 sweep-chief: ## distributed sweep, chief: serves the Keras Tuner oracle on ORACLE=host:port; same variables as sweep
 	@test -n "$(DATASET)" || { echo "usage: make sweep-chief DATASET=... MLFLOW_TRACKING_URI=http://<server>:5000"; exit 2; }
-	$(PY) -m sweeps.cli sweep $(SWEEP_FLAGS) --role chief --oracle "$(ORACLE)"
+	$(TLSWEEP) sweep $(SWEEP_FLAGS) --role chief --oracle "$(ORACLE)"
 
 sweep-worker: ## distributed sweep, worker: runs trials from the chief's oracle: WORKER=<unique id> + sweep's variables
 	@test -n "$(DATASET)" -a -n "$(WORKER)" || { echo "usage: make sweep-worker DATASET=... WORKER=w1 MLFLOW_TRACKING_URI=http://<server>:5000"; exit 2; }
-	$(PY) -m sweeps.cli sweep $(SWEEP_FLAGS) --role worker --oracle "$(ORACLE)" --worker-id "$(WORKER)"
+	$(TLSWEEP) sweep $(SWEEP_FLAGS) --role worker --oracle "$(ORACLE)" --worker-id "$(WORKER)"
 
 server: ## MLflow tracking server: SERVER_HOST=127.0.0.1 (another address needs MLFLOW_TRACKING_USERNAME/PASSWORD: basic auth) SERVER_PORT= SERVER_STORE= SERVER_ARTIFACTS= [SERVER_AUTH=1]
-	$(PY) -m tracking.server --host "$(SERVER_HOST)" --port $(SERVER_PORT) --store "$(SERVER_STORE)" \
+	$(TLSWEEP) server --host "$(SERVER_HOST)" --port $(SERVER_PORT) --store "$(SERVER_STORE)" \
 		--artifacts "$(SERVER_ARTIFACTS)" $(if $(SERVER_AUTH),--auth)
 
 best-export: ## export the best trial by val_accuracy: EXPERIMENT= [EXPORT_DIR=exports/] [OVERWRITE=1] [TFLITE=float16|dynamic] [MAX_LATENCY_MS= MAX_SIZE_MB=]
 	@test -n "$(EXPERIMENT)" || { echo "usage: make best-export EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }
-	$(PY) -m sweeps.cli best-export --experiment "$(EXPERIMENT)" --export-dir "$(EXPORT_DIR)" $(if $(OVERWRITE),--overwrite) $(call opt,TFLITE,tflite) \
+	$(TLSWEEP) best-export --experiment "$(EXPERIMENT)" --export-dir "$(EXPORT_DIR)" $(if $(OVERWRITE),--overwrite) $(call opt,TFLITE,tflite) \
 		$(call opt,MAX_LATENCY_MS,max-latency-ms) $(call opt,MAX_SIZE_MB,max-size-mb)
 
 report: ## leaderboard + self-contained HTML/markdown report of an experiment: EXPERIMENT= [REPORT_DIR=reports/]
 	@test -n "$(EXPERIMENT)" || { echo "usage: make report EXPERIMENT=<name, e.g. tf_flowers>"; exit 2; }
-	$(PY) -m sweeps.cli report --experiment "$(EXPERIMENT)" $(call opt,REPORT_DIR,out-dir)
+	$(TLSWEEP) report --experiment "$(EXPERIMENT)" $(call opt,REPORT_DIR,out-dir)
 
-ui: ## open MLflow's UI on the tracking store at http://127.0.0.1:5000 [UI_PORT=]
-	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)
+ui: ## MLflow's UI on the tracking store at http://127.0.0.1:5000; prints each sweep's runs link [UI_PORT= EXPERIMENT=]
+	$(TLSWEEP) ui --tracking-uri "$(MLFLOW_TRACKING_URI)" --port $(UI_PORT) $(call opt,EXPERIMENT,experiment)
 
 clean: ## remove sweep state, exports and the local tracking store (asks first)
 	@read -p "delete sweeps_state/ exports/ mlflow.db mlartifacts/? [y/N] " ok && [ "$$ok" = y ] && \

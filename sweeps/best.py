@@ -150,7 +150,7 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
         raise UserError(f"export directory {target} already exists and is not empty; pass OVERWRITE=1 to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=layout.SAVEDMODEL_DIR, dst_path=tmp)
+        local = pyfunc.download_export(run, tmp)  # the SavedModel inside the trial's pyfunc model
         Path(local, "MODEL_CARD.md").write_text(model_card(experiment, run))
         if target.exists():
             shutil.rmtree(target)

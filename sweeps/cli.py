@@ -152,7 +152,7 @@ def _print_board(experiment: str, parent: str | None, top: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tlsweep-sweeps", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tlsweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     uri = dict(default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
 

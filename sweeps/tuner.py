@@ -31,7 +31,7 @@ from sweeps import trial as trials
 from sweeps.config import SweepConfig
 from sweeps.trial import resident_mb
 from sweeps.workers import Heartbeat, WaitsWhenIdle
-from tracking import layout
+from tracking import layout, system_metrics
 from tracking.journal import TrialJournal
 
 ZERO_SEED = 2**31 - 1  # the oracle's seed for a sweep with seed 0
@@ -130,7 +130,8 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
                 in_process = not self._fresh(spec)
             # A fresh process needs the run id; in this process a run not created yet is resolved when written.
             spec = dataclasses.replace(spec, run_id=run.result() if run.done() or not in_process else None)
-            with Heartbeat(run, self.heartbeat) if self.heartbeat else contextlib.nullcontext():
+            with Heartbeat(run, self.heartbeat) if self.heartbeat else contextlib.nullcontext(), \
+                    system_metrics.monitored(run):  # CPU, memory (GPU) samples on the trial's run while it trains
                 if in_process:
                     output = trials.run(spec, self.data_cache, run_id=run.result)
                 else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -15,10 +16,47 @@ FLOWERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flow
 COLORS = {"blue": (30, 40, 210), "green": (30, 200, 40), "red": (210, 30, 40)}
 
 
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")  # CI runs with CI=true
+
+
+def missing(reason: str) -> None:
+    """A test that cannot run here: skipped on a developer's machine, FAILED in CI (where a skip would hide it)."""
+    if IN_CI:
+        pytest.fail(f"{reason}; CI (CI={os.environ['CI']}) must provide it: run `make install` (it installs Chromium "
+                    "where apt-get exists) and put the data set at ../shared/data", pytrace=False)
+    pytest.skip(reason)
+
+
 def needs_flowers():
-    return pytest.mark.skipif(
-        not FLOWERS.is_dir(), reason=f"real data not found at {FLOWERS} (the shared flower_photos data set)"
-    )
+    """Mark a test (or a module, in ``pytestmark``) that needs ../shared/data/flower_photos."""
+    return pytest.mark.usefixtures("_flowers_present")
+
+
+@pytest.fixture
+def _flowers_present() -> None:
+    if not FLOWERS.is_dir():
+        missing(f"real data not found at {FLOWERS} (the shared flower_photos data set)")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The headless browser's executable (Debian's chromium; `make install` installs it where apt-get exists)."""
+    if CHROMIUM is None:
+        missing("needs Chromium (`apt-get install chromium`, which `make install` runs) for a headless screenshot")
+    return CHROMIUM
+
+
+def headless(browser: str, profile: Path, *args: str, timeout: float = 120) -> str:
+    """Run headless Chromium (``--screenshot=…`` or ``--dump-dom``) and return its standard output."""
+    import subprocess
+
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}", *args],
+                         check=True, timeout=timeout, capture_output=True, text=True)
+    return out.stdout
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from PIL import Image
 
 from tracking import plots
@@ -35,3 +36,19 @@ def test_sweep_charts_by_backbone_and_parallel_coordinates(tmp_path):
     for path in (by, par):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_parallel_coordinates_axes_of_tied_scores_and_missing_values(tmp_path):
+    """Tied scores are one tick (not the same value at both ends); a head-only trial's missing fine_tune_at is
+    one ``n/a`` tick below the numbers, which keep their numeric axis (not categories with a "None")."""
+    scaled, (positions, labels) = plots._axis([0.9, 0.9, 0.9], label=lambda v: f"{v:.3f}")
+    assert labels == ["0.900"] and positions == [0.5] and list(scaled) == [0.5] * 3
+    scaled, (positions, labels) = plots._axis(["0.75", "None", "0.9", None])
+    assert labels == [plots.MISSING, "0.75", "0.9"] and "None" not in labels
+    assert scaled[1] == scaled[3] == 0.0 and 0.0 < scaled[0] < scaled[2] == pytest.approx(1.0)
+    scaled, (_, labels) = plots._axis(["a", "b", float("nan")])
+    assert labels == [plots.MISSING, "a", "b"]
+    path = plots.parallel_coordinates({"fine_tune_at": ["0.75", "None", "0.9"], "dropout": [0.1, 0.1, 0.2]},
+                                      [0.9, 0.9, 0.9], tmp_path / "par.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG"

@@ -4,6 +4,8 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
+import urllib.parse
 from pathlib import Path
 
 import mlflow
@@ -17,6 +19,7 @@ from sweeps.best import best_export
 from sweeps.cli import main as sweeps_main
 from sweeps.run import run_sweep
 from tracking.layout import TRIAL_ID
+from tracking.pyfunc import download_export
 
 WITHOUT_PROJECT = """
 import json, os, sys
@@ -131,10 +134,26 @@ def test_sweep_tracks_every_trial(swept, class_folder):
     assert m["size_mb"] > m["total_params"] * 4 / 1e6 and 0 < m["latency_ms"] < 5000
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"plots", "savedmodel"} <= artifacts
+    assert "plots" in artifacts and "savedmodel" not in artifacts, "the SavedModel is stored once, in the model"
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
         "plots/confusion_matrix.png", "plots/learning_curves.png", "plots/predictions.png"}
-    assert "savedmodel/saved_model.pb" in {a.path for a in client.list_artifacts(run.info.run_id, "savedmodel")}
+    # each trial's SavedModel variables are on disk exactly once: inside its pyfunc model, not in its run too
+    store = Path(urllib.parse.urlparse(mlflow.get_experiment_by_name("tiny").artifact_location).path)
+    with_model = [k for k in done if "tlsweep.model_uri" in k.data.tags]
+    variables = sorted(store.rglob("variables.data-*"))
+    assert len(variables) == len(with_model) == len(done), variables
+    assert not [v for v in variables for k in done if k.info.run_id in v.parts], "none in a run's own artifacts"
+    # MLflow 3: the splits as datasets (contexts training / validation / test) and system metrics while it trained
+    inputs = run.inputs.dataset_inputs
+    assert sorted(t.value for d in inputs for t in d.tags if t.key == "mlflow.data.context") == [
+        "test", "training", "validation"]
+    assert all(d.dataset.digest and str(class_folder) in d.dataset.source for d in inputs)
+    assert {k for k in run.data.metrics if k.startswith("system/")} >= {
+        "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+    with tempfile.TemporaryDirectory() as tmp:
+        export = download_export(run, tmp)
+        assert (export / "saved_model.pb").is_file() and (export / "labels.txt").read_text().split() == [
+            "blue", "green", "red"]
 
     model = mlflow.pyfunc.load_model(run.data.tags["tlsweep.model_uri"])
     probs = model.predict(np.full((2, 32, 32, 3), 128.0, np.float32))
@@ -223,7 +242,9 @@ def test_log_models_best_keeps_checkpoints_and_best_export_builds_the_winner(tmp
     assert abs(info["reproduced_test_accuracy"] - info["test_accuracy"]) <= 1 / 6 + 1e-6
     best = client.get_run(info["run_id"])
     assert "tlsweep.model_uri" in best.data.tags and best.info.status == "FINISHED"
-    assert "savedmodel/saved_model.pb" in {a.path for a in client.list_artifacts(best.info.run_id, "savedmodel")}
+    assert not client.list_artifacts(best.info.run_id, "savedmodel"), "the SavedModel is only in the pyfunc model"
+    champion = mlflow.pyfunc.load_model("models:/lean@champion")  # the registered model, by its alias
+    assert champion.predict(np.full((1, 32, 32, 3), 128.0, np.float32)).shape == (1, 3)
 
 
 def test_report_is_self_contained_html_and_markdown(swept, capsys):
@@ -247,21 +268,16 @@ def test_report_is_self_contained_html_and_markdown(swept, capsys):
                             "plots/pareto_latency.png", "plots/pareto_size.png"}
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt install chromium) for a "
-                    "headless screenshot")
-def test_report_renders_in_headless_chromium(swept):
-    import subprocess
-
+def test_report_renders_in_headless_chromium(swept, chromium):
     from PIL import Image
+
+    from conftest import headless
 
     tmp_path, _ = swept
     sweeps_main(["report", "--experiment", "tiny", "--out-dir", str(tmp_path / "reports")])
     shot = tmp_path / "report.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
-                    "--window-size=1200,2400", f"--screenshot={shot}",
-                    (tmp_path / "reports" / "tiny" / "report.html").as_uri()], check=True, timeout=120,
-                   capture_output=True)
+    headless(chromium, tmp_path / "chrome", "--window-size=1200,2400", f"--screenshot={shot}",
+             (tmp_path / "reports" / "tiny" / "report.html").as_uri())
     with Image.open(shot) as image:
         pixels = np.asarray(image.convert("L"))
     assert pixels.shape == (2400, 1200)

@@ -27,7 +27,7 @@ import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from tracking import runs
+from tracking import datasets, runs, system_metrics
 from tracking.entry import ENTRY, MODEL_DIR, write_entry
 from tracking.layout import PLOTS_DIR
 
@@ -88,6 +88,7 @@ class TrialJournal:
         with self._lock:
             pending, self._pending = self._pending, []
         try:
+            system_metrics.drain()  # the trials' last samples too
             for future in pending:
                 future.result()
         finally:
@@ -133,13 +134,13 @@ class TrialJournal:
             root = str(Path(__file__).resolve().parents[1])
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
             self._renderer = subprocess.Popen([sys.executable, "-m", "tracking.plots"], stdin=subprocess.PIPE,
-                                              stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+                                              stdout=subprocess.PIPE, text=True, env=env)
 
     def _render(self, data: Mapping[str, Any], folder: Path) -> None:
         """Start drawing the plots in a helper process (drawing never holds this process's GIL while it
         trains); ``_rendered`` waits for them."""
         self._start_renderer()
-        self._renderer.stdin.write(json.dumps({"data": data, "folder": str(folder)}) + "\n")
+        self._renderer.stdin.write(json.dumps({"data": data, "folder": str(Path(folder).resolve())}) + "\n")
         self._renderer.stdin.flush()
 
     def _rendered(self, folder: Path) -> None:
@@ -158,7 +159,7 @@ class TrialJournal:
             folder.mkdir(exist_ok=True)
             data = record["plots"]
             if data.get("grid_images"):
-                data["grid_images"] = str(entry / data["grid_images"])
+                data["grid_images"] = str((entry / data["grid_images"]).resolve())
             self._render(data, folder)
         client = MlflowClient()
         params = [Param(k, v) for k, v in sorted(record["params"].items())]
@@ -167,6 +168,8 @@ class TrialJournal:
             client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100])
         if record.get("tags"):
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(record["tags"].items())])
+        if inputs := datasets.dataset_inputs(record["params"]):  # the splits as MLflow 3 datasets
+            client.log_inputs(run_id, datasets=inputs)
         for name, artifact_path in record["files"].items():
             local = entry / name / Path(artifact_path).name
             if local.is_dir():

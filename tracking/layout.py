@@ -87,7 +87,7 @@ PARETO_LATENCY = "pareto_latency.png"  # val_accuracy against latency_ms, Pareto
 PARETO_SIZE = "pareto_size.png"  # val_accuracy against size_mb
 SWEEP_PLOTS = (BY_BACKBONE, PARALLEL_COORDINATES, PARETO_LATENCY, PARETO_SIZE)  # the parent's, under PLOTS_DIR
 ERROR_FILE = "error.txt"
-SAVEDMODEL_DIR = "savedmodel"  # the trial's export (log_models: all / improving, or after best-export)
+SAVEDMODEL_DIR = "savedmodel"  # the export's folder; a run's artifact only if logged before MODEL_EXPORT held it
 MODEL_DIR = "model"  # the pyfunc model
 CHECKPOINT_DIR = "checkpoint"  # log_models: best: the Keras checkpoint
 TFLITE_DIR = "tflite_{mode}"
@@ -95,5 +95,10 @@ SEARCH_SPACE = "search_space.json"  # the parent's
 SWEEP_FILE_DIR = "sweep"  # the parent's copy of the sweep YAML
 LEADERBOARD_CSV = "leaderboard.csv"
 LEADERBOARD_MD = "leaderboard.md"
+MODEL_EXPORT = "export"  # the pyfunc model's artifact holding the trial's SavedModel export (its only copy)
 ARTIFACTS = (PLOTS_DIR, *TRIAL_PLOTS, *SWEEP_PLOTS, ERROR_FILE, SAVEDMODEL_DIR, MODEL_DIR, CHECKPOINT_DIR,
-             SEARCH_SPACE, SWEEP_FILE_DIR, LEADERBOARD_CSV, LEADERBOARD_MD)
+             SEARCH_SPACE, SWEEP_FILE_DIR, LEADERBOARD_CSV, LEADERBOARD_MD, MODEL_EXPORT)
+
+# -- inputs (MLflow 3 datasets, one per split; tracking/datasets.py) -----------------------------
+DATASET_CONTEXT = "mlflow.data.context"  # MLflow's own input tag naming a dataset's role
+DATASET_CONTEXTS = ("training", "validation", "test")  # its values, for the train, validation and test splits

@@ -7,7 +7,7 @@ thread (see ``tracking.journal``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib.ticker
 import numpy as np
@@ -107,6 +107,46 @@ def by_backbone(values: dict[str, Sequence[float]], path: Path, objective: str =
     return path
 
 
+MISSING = "n/a"  # a hyperparameter a trial did not have (e.g. fine_tune_at of a head-only trial)
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or str(value) in ("None", "nan", "", "-")
+
+
+def _axis(raw: list, label: Callable[[float], str] | None = None) -> tuple[np.ndarray, tuple[list[float], list[str]]]:
+    """One parallel-coordinates axis: positions in [0, 1] and its ticks. Numbers are placed by value (log scale
+    when they span more than a factor 50), other values by category; a value shared by every trial (tied
+    scores) is one tick in the middle, and missing values get their own tick, ``n/a``, below the others."""
+    present = [v for v in raw if not _is_missing(v)]
+    try:
+        nums = np.asarray([float(v) for v in present])
+        numeric = len(nums) > 0
+    except (TypeError, ValueError):
+        numeric = False
+    has_missing = len(present) < len(raw)
+    top = 1.0
+    bottom = 0.15 if has_missing else 0.0  # n/a sits at 0
+    if numeric:
+        log = (nums > 0).all() and nums.max() / nums.min() > 50
+        shown = label or ((lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}"))
+        values = np.log10(nums) if log else nums
+        lo, hi = values.min(), values.max()
+        place = (lambda v: bottom + (top - bottom) * (v - lo) / (hi - lo)) if hi > lo else (lambda v: (bottom + top) / 2)
+        positions = iter([place(v) for v in values])
+        ticks = ([place(lo), place(hi)], [shown(lo), shown(hi)]) if hi > lo else ([place(lo)], [shown(lo)])
+    else:
+        categories = sorted({str(v) for v in present})
+        span = len(categories) - 1
+        pos = {c: (bottom + (top - bottom) * i / span if span else (bottom + top) / 2) for i, c in enumerate(categories)}
+        positions = iter([pos[str(v)] for v in present])
+        ticks = (list(pos.values()), list(pos))
+    scaled = np.asarray([0.0 if _is_missing(v) else next(positions) for v in raw])
+    if has_missing:
+        ticks = ([0.0, *ticks[0]], [MISSING, *ticks[1]])
+    return scaled, ticks
+
+
 def parallel_coordinates(columns: dict[str, Sequence[object]], objective: Sequence[float], path: Path,
                          objective_name: str = "val_accuracy") -> Path:
     """One line per trial across its hyperparameters (each axis scaled to its range), coloured by the objective.
@@ -117,28 +157,16 @@ def parallel_coordinates(columns: dict[str, Sequence[object]], objective: Sequen
 
     axes_values: list[np.ndarray] = []
     ticks: list[tuple[list[float], list[str]]] = []
-    for name, raw in columns.items():
-        try:
-            nums = np.asarray([float(v) for v in raw])
-            if (nums > 0).all() and nums.max() / nums.min() > 50:
-                nums = np.log10(nums)
-                label = lambda v: f"{10 ** v:.2g}"  # noqa: E731
-            else:
-                label = lambda v: f"{v:.3g}"  # noqa: E731
-            lo, hi = nums.min(), nums.max()
-            scaled = (nums - lo) / (hi - lo) if hi > lo else np.full(len(nums), 0.5)
-            ticks.append(([0.0, 1.0], [label(lo), label(hi)]) if hi > lo else ([0.5], [label(lo)]))
-        except (TypeError, ValueError):
-            categories = sorted({str(v) for v in raw})
-            pos = {c: (i / (len(categories) - 1) if len(categories) > 1 else 0.5) for i, c in enumerate(categories)}
-            scaled = np.asarray([pos[str(v)] for v in raw])
-            ticks.append((list(pos.values()), list(pos)))
+    for raw in columns.values():
+        scaled, axis_ticks = _axis(list(raw))
         axes_values.append(scaled)
+        ticks.append(axis_ticks)
     names = [*columns, objective_name]
     obj = np.asarray(objective, dtype=float)
     lo, hi = np.nanmin(obj), np.nanmax(obj)
-    axes_values.append((obj - lo) / (hi - lo) if hi > lo else np.full(len(obj), 0.5))
-    ticks.append(([0.0, 1.0], [f"{lo:.3f}", f"{hi:.3f}"]))
+    scaled, axis_ticks = _axis(list(obj), label=lambda v: f"{v:.3f}")
+    axes_values.append(scaled)
+    ticks.append(axis_ticks)
     fig = Figure(figsize=(1.5 * len(names) + 2, 4.5))
     ax = fig.subplots()
     cmap = matplotlib.colormaps["viridis"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from tracking.layout import MODEL_DIR, MODEL_URI, SAVEDMODEL_DIR
+from tracking.layout import MODEL_DIR, MODEL_EXPORT, MODEL_URI, SAVEDMODEL_DIR
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")  # copied into the model: it loads without this project
 
@@ -31,7 +31,7 @@ def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),
-        artifacts={"export": str(export_dir)},
+        artifacts={MODEL_EXPORT: str(export_dir)},
         signature=mlflow.models.infer_signature(sample.astype(np.float32), probs.astype(np.float32)),
         pip_requirements=[f"tensorflow=={tf.__version__}", f"mlflow=={mlflow.__version__}", "numpy"],
     )
@@ -39,12 +39,25 @@ def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str
 
 
 def log_export(run_id: str, export_dir: str, sample: np.ndarray, probs: np.ndarray) -> str:
-    """Log an export to ``run_id``: its files under ``savedmodel/`` and the pyfunc model (tagged with its URI).
+    """Log an export to ``run_id`` as its pyfunc model (tagged with its URI); returns the model URI.
 
+    The SavedModel is stored once, inside the model (its artifact ``export``; ``download_export`` gets it
+    back): at 224 px that is tens of MB a trial, which a second copy under ``savedmodel/`` doubled.
     Reopening the run marks it FINISHED; callers that close it with another status do so afterwards.
     """
-    mlflow.tracking.MlflowClient().log_artifacts(run_id, str(export_dir), SAVEDMODEL_DIR)
     with mlflow.start_run(run_id=run_id):  # the active run is per thread
         uri = log_pyfunc(str(export_dir), sample, probs)
         mlflow.set_tag(MODEL_URI, uri)
     return uri
+
+
+def download_export(run: mlflow.entities.Run, dst: str | Path) -> Path:
+    """The trial's SavedModel export folder (SavedModel + labels.txt + metadata), downloaded into ``dst``: from
+    inside its pyfunc model, or from ``savedmodel/`` for runs logged before the model held the only copy."""
+    client = mlflow.tracking.MlflowClient()
+    if client.list_artifacts(run.info.run_id, SAVEDMODEL_DIR):
+        return Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=SAVEDMODEL_DIR,
+                                                        dst_path=str(dst)))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=run.data.tags[MODEL_URI], dst_path=str(dst)))
+    flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]
+    return local / flavor["artifacts"][MODEL_EXPORT]["path"]

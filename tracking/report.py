@@ -66,6 +66,7 @@ def write_report(experiment: str, out_dir: str | Path = "reports", ui_url: str =
     link = lambda run_id: f"{ui_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"  # noqa: E731
     board = table.assign(trial=table["trial_id"])
     board = board[[c for c in BOARD_COLUMNS if c in board]]
+    shared = _shared_columns(board)  # one line above the table instead of a column each: it fits a screen
     errors = _errors(runs)
     facts = _facts(table, best)
 
@@ -84,7 +85,9 @@ def write_report(experiment: str, out_dir: str | Path = "reports", ui_url: str =
             "<ul>" + "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in facts.items()) + "</ul>",
             "<h2>Leaderboard</h2><p>Best first by val_accuracy. Run ids open the trial in <code>mlflow ui</code>"
             f" at {html.escape(ui_url)} (start it with <code>make ui</code>).</p>",
-            _html_table(board, link)]
+            *([f"<p>Same in every trial: {html.escape(', '.join(f'{k} {v}' for k, v in shared.items()))}</p>"]
+              if shared else []),
+            _html_table(board.drop(columns=list(shared)), link)]
     if not per_backbone.empty:
         page += ["<h2>Best per backbone</h2>",
                  _html_table(per_backbone[["backbone", "val_accuracy", "test_accuracy", "run_id"]], link)]
@@ -142,14 +145,37 @@ def _best_trial_plots(run_id: str, folder: Path) -> dict[str, Path]:
     return out
 
 
+def _shared_columns(board: pd.DataFrame) -> dict[str, object]:
+    """Hyperparameter columns with one value in every trial (shown once, not as a column)."""
+    if len(board) < 2:
+        return {}
+    return {c: board[c].iloc[0] for c in board.columns
+            if c in SEARCHED and board[c].nunique(dropna=False) == 1}
+
+
 def _html_table(table: pd.DataFrame, link) -> str:
+    """The leaderboard as HTML that fits a 1,400 px screen: short run ids (the full id in the link's title),
+    column names that wrap at their underscores, numbers to 4 significant digits."""
     shown = table.copy()
     for col in shown.columns:
         if pd.api.types.is_float_dtype(shown[col]):
             shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+        elif col != "run_id":  # params come back as text: 0.0012225031390095302 -> 0.001223
+            shown[col] = shown[col].map(_short_number)
     if "run_id" in shown:
-        shown["run_id"] = shown["run_id"].map(lambda r: f'<a href="{link(r)}">{r[:12]}</a>')
+        shown["run_id"] = shown["run_id"].map(lambda r: f'<a href="{link(r)}" title="{r}"><code>{r[:8]}</code></a>')
+    shown.columns = [html.escape(str(c)).replace("_", "_<wbr>") for c in shown.columns]
     return shown.to_html(index=False, escape=False, na_rep="", classes="board", border=0)
+
+
+def _short_number(value: object) -> object:
+    """A decimal number written as text, to 4 significant digits; anything else as it is."""
+    if isinstance(value, str) and any(c in value for c in ".eE"):
+        try:
+            return f"{float(value):.4g}"
+        except ValueError:
+            return value
+    return value
 
 
 def _img(path: Path) -> str:
@@ -160,7 +186,8 @@ def _img(path: Path) -> str:
 def _page(title: str, body: str) -> str:
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
              "table.board{border-collapse:collapse;font-size:13px}"
-             "table.board th,table.board td{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+             "table.board th,table.board td{padding:3px 6px;border-bottom:1px solid #ddd;text-align:right}"
+             "table.board th{vertical-align:bottom;max-width:7em}"
              "table.board tbody tr:first-child td{font-weight:bold}img{max-width:100%;border:1px solid #eee}"
              "figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
