@@ -81,7 +81,7 @@ def test_a_basic_auth_server_refuses_anonymous_requests_and_serves_its_admin(tmp
                              str(tmp_path / "artifacts"), "--workers", "1"], cwd=tmp_path, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while _get_health(uri) is False:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the server did not start: {log.read_text()[-3000:]}")
