@@ -83,7 +83,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         seconds = result.feature_seconds
         print(f"frozen backbone features: {f'computed in {seconds:.1f}s and cached' if seconds else 'from the cache'}")
     phase = f"fine-tuned from layer {plan.unfreeze_from}" if result.fine_tune_start is not None else "head only"
-    print(f"val_accuracy={result.val_accuracy:.4f} test_accuracy={result.test_accuracy:.4f} ({phase})")
+    print(f"val_accuracy={result.val_accuracy:.4f} {_interval(result.val_accuracy, data.sizes['validation'])} "
+          f"test_accuracy={result.test_accuracy:.4f} {_interval(result.test_accuracy, data.sizes['test'])} ({phase})")
+    print("  [low, high]: 95 % Wilson interval of each accuracy on its split's images")
     print(f"head-only test_accuracy={result.head_test_accuracy:.4f}")
     print(f"head phase {result.head_seconds:.1f}s, fine-tune phase {result.fine_tune_seconds:.1f}s")
     if args.output:
@@ -96,6 +98,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"exported to {out} (SavedModel + labels.txt + model.keras)")
     print(f"total {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def _interval(accuracy: float, n: int) -> str:
+    from pipeline.stats import accuracy_interval
+
+    low, high = accuracy_interval(accuracy, n)
+    return "" if low != low else f"[{low:.3f}, {high:.3f}]"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

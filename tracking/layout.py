@@ -61,8 +61,12 @@ FEATURE_SECONDS = "feature_seconds"
 RSS_MB = "rss_mb"  # the trial process's resident memory at its end
 BEST_VAL_ACCURACY = "best_val_accuracy"  # on the parent
 TFLITE_METRICS = ("tflite_size_bytes", "tflite_agreement", "tflite_test_accuracy", "tflite_max_abs_diff")
+# 95 % Wilson intervals of the final val/test accuracy, from validation_size/test_size (pipeline.stats)
+VAL_ACCURACY_LOW, VAL_ACCURACY_HIGH = "val_accuracy_low", "val_accuracy_high"
+TEST_ACCURACY_LOW, TEST_ACCURACY_HIGH = "test_accuracy_low", "test_accuracy_high"
+INTERVAL_METRICS = (VAL_ACCURACY_LOW, VAL_ACCURACY_HIGH, TEST_ACCURACY_LOW, TEST_ACCURACY_HIGH)
 TRIAL_METRICS = (*EPOCH_METRICS, TEST_ACCURACY, TEST_LOSS, HEAD_TEST_ACCURACY, TRAINABLE_PARAMS, TRAIN_SECONDS,
-                 WALL_SECONDS, HEAD_SECONDS, FINE_TUNE_SECONDS, FEATURE_SECONDS, RSS_MB)
+                 WALL_SECONDS, HEAD_SECONDS, FINE_TUNE_SECONDS, FEATURE_SECONDS, RSS_MB, *INTERVAL_METRICS)
 
 # -- artifacts -----------------------------------------------------------------------------------
 PLOTS_DIR = "plots"
