@@ -230,6 +230,8 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
         layout.HEAD_SECONDS: result.head_seconds, layout.FINE_TUNE_SECONDS: result.fine_tune_seconds,
         layout.FEATURE_SECONDS: result.feature_seconds, layout.RSS_MB: resident_mb(),
         **interval_metrics(result.val_accuracy, data.sizes["validation"], result.test_accuracy, data.sizes["test"]),
+        **({layout.CV_ACCURACY: outcome.cv.mean, layout.CV_ACCURACY_STD: outcome.cv.std,
+            layout.CV_SECONDS: outcome.cv.seconds} if outcome.cv else {}),
     }.items()]
     split = "test" if data.sizes["test"] else "validation"
     if split == "test" and result.test_predictions is not None:

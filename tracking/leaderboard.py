@@ -13,10 +13,10 @@ from tracking.layout import KIND, OBJECTIVE, PARENT_RUN_ID, TRIAL, TRIAL_ID
 PARAMS = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
           "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
 METRICS = (OBJECTIVE, layout.TEST_ACCURACY, layout.TEST_LOSS, layout.TRAIN_SECONDS, layout.WALL_SECONDS,
-           layout.TRAINABLE_PARAMS)
+           layout.TRAINABLE_PARAMS, layout.CV_ACCURACY, layout.CV_ACCURACY_STD)
 SIZES = ("validation_size", "test_size")  # data lineage params: the n behind each accuracy
 INTERVALS = (*layout.INTERVAL_METRICS, "tied")  # computed here from the accuracies and SIZES
-CV_COLUMNS: tuple[str, ...] = ()  # k-fold cross-validation scores of heads, where logged
+CV_COLUMNS = (layout.CV_ACCURACY, layout.CV_ACCURACY_STD)  # k-fold cross-validation of heads, where logged
 
 
 def trial_runs(experiment: str, parent_id: str | None = None) -> pd.DataFrame:
