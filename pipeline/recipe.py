@@ -66,6 +66,9 @@ def plan(config: RunConfig) -> Plan:
         crossval.check_folds(config.cv_folds, max(int(config.cv_folds), 2))
     unfreeze_from = resolve_fine_tune_at(config.fine_tune_at, spec) if config.fine_tune else None
     fine_tune_epochs = int(config.fine_tune_epochs or 0) if config.fine_tune else 0
+    if spec.is_ensemble and unfreeze_from is not None and fine_tune_epochs > 0:
+        raise UserError(f"backbone {spec.name!r} is an ensemble: it trains its head only and does not fine-tune; "
+                        "set fine_tune: false in the sweep's space (make train: FINE_TUNE_AT=none)")
     lr = config.fine_tune_learning_rate
     return Plan(config, spec, image_size, unfreeze_from, fine_tune_epochs,
                 float(lr if lr is not None else DEFAULTS["fine_tune_learning_rate"]))
