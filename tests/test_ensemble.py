@@ -72,3 +72,34 @@ def test_the_exported_ensemble_gives_the_predictions_of_its_head_on_cached_featu
     np.testing.assert_allclose(exported.predict(images), head_probs, atol=1e-4)
     lite = TFLiteModel(to_tflite(exported.path, "float16"))
     assert np.mean(lite.predict(images).argmax(1) == head_probs.argmax(1)) >= 0.8
+
+
+@pytest.mark.slow
+def test_an_ensemble_trial_is_logged_reported_best_exported_predicted_and_converted(tmp_path, tracking_store,
+                                                                                    class_folder, capsys):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import main as train_main
+    from sweeps.best import best_export
+    from sweeps.cli import main as sweeps_main
+    from sweeps.run import run_sweep
+
+    config = {"tuner": "grid", "max_trials": 1, "log_models": "best", "trial_process": "same", "space": {
+        "backbone": {"fixed": PAIR}, "fine_tune": {"fixed": False}, "image_size": {"fixed": 48},
+        "epochs": {"fixed": 3}, "batch_size": {"fixed": 8}, "learning_rate": {"fixed": 0.01}, "cv_folds": {"fixed": 3}}}
+    (tmp_path / "ens.yaml").write_text(yaml.safe_dump(config))
+    run_sweep(str(class_folder), sweep=str(tmp_path / "ens.yaml"), experiment="ens", split="60/20/20",
+              state_dir=str(tmp_path / "state"), verbose=0)
+    info = best_export("ens", export_dir=str(tmp_path / "exports"), tflite="float16")
+    run = MlflowClient().get_run(info["run_id"])
+    assert run.data.params["backbone"] == PAIR and run.data.params["feature_cache"] == "True"
+    assert {"cv_accuracy", "cv_accuracy_std", "val_accuracy_low", "test_accuracy_high"} <= set(run.data.metrics)
+    assert abs(info["reproduced_test_accuracy"] - info["test_accuracy"]) <= 1 / 6 + 1e-6
+    assert info["tflite"]["agreement"] >= 5 / 6
+    capsys.readouterr()
+    assert train_main(["predict", "--model", info["path"], "--images", str(class_folder / "red")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 12 and "red_000.jpg: " in printed, printed
+    assert sweeps_main(["report", "--experiment", "ens", "--out-dir", str(tmp_path / "reports")]) == 0
+    assert PAIR in (tmp_path / "reports" / "ens" / "report.html").read_text()
