@@ -16,7 +16,8 @@ TRAIN_FLAGS = --dataset "$(DATASET)" $(call opt,BACKBONE,backbone) $(call opt,WE
 	$(call opt,FINE_TUNE_LEARNING_RATE,fine-tune-learning-rate) $(call opt,IMAGE_SIZE,image-size) \
 	$(call opt,AUGMENT,augment) $(call opt,SEED,seed) $(call opt,SPLIT,split) $(call opt,OUTPUT,output) \
 	$(if $(OVERWRITE),--overwrite) $(call opt,FEATURE_CACHE,feature-cache) \
-	$(call opt,MIXED_PRECISION,mixed-precision) $(call opt,XLA,xla)
+	$(call opt,MIXED_PRECISION,mixed-precision) $(call opt,XLA,xla) \
+	$(call opt,EARLY_STOPPING_PATIENCE,early-stopping-patience) $(call opt,CV_FOLDS,cv-folds)
 
 .PHONY: help install test test-slow test-all train sweep sweep-chief sweep-worker server best-export report ui clean \
 	clean-cache bench bench-memory predict

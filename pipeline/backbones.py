@@ -43,6 +43,11 @@ class BackboneSpec:
     # "{size}" in it stands for the image size when it is one of keras_weights_sizes, else native_size.
     keras_weights_file: str | None = None
     keras_weights_sizes: tuple[int, ...] = ()
+    members: tuple[str, ...] = ()  # an ensemble's backbones (``ensemble_spec``); empty for a single backbone
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.members)
 
 
 def _keras_app(fn_name: str) -> Callable[..., keras.Model]:
@@ -249,7 +254,10 @@ def known_names() -> list[str]:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """Look a backbone up by name; unknown names get an error listing the known ones."""
+    """Look a backbone up by name; unknown names get an error listing the known ones. ``a+b[+c]`` is an
+    ensemble of registered backbones (``ensemble_spec``)."""
+    if ENSEMBLE_SEPARATOR in name and not name.startswith(HUB_PREFIX):
+        return ensemble_spec(name)
     if name in REGISTRY:
         return REGISTRY[name]
     if name in HUB_HANDLES:
@@ -257,6 +265,73 @@ def get_spec(name: str) -> BackboneSpec:
     if name.startswith(HUB_PREFIX):
         return hub_spec(name[len(HUB_PREFIX) :])
     raise UserError(f"unknown backbone {name!r}; known backbones: {', '.join(known_names())}")
+
+
+ENSEMBLE_SEPARATOR = "+"
+
+
+def ensemble_spec(name: str) -> BackboneSpec:
+    """An ensemble of backbones, ``efficientnet_lite0+efficientnet_lite2``: one backbone whose features are the
+    members' pooled features side by side, so a head over them is one head over two or three backbones.
+
+    It takes raw 0..255 pixels at one input size (default: the largest member's native size); inside, each
+    member resizes them to its own native size (bilinear) and applies its own preprocessing, so the exported
+    model is self-contained. Its frozen features are cached under its own key (name and input size). An
+    ensemble trains its head only: it does not fine-tune (``recipe.plan`` refuses).
+    """
+    parts = name.split(ENSEMBLE_SEPARATOR)
+    if len(parts) < 2 or not all(parts):
+        raise UserError(f"backbone {name!r} is not an ensemble of two or more backbones; write e.g. "
+                        "efficientnet_lite0+efficientnet_lite2")
+    if len(set(parts)) != len(parts):
+        raise UserError(f"ensemble {name!r} names a backbone twice; list each member once")
+    members = []
+    for part in parts:
+        if part.startswith(HUB_PREFIX):
+            raise UserError(f"ensemble {name!r}: TF-Hub backbones ({part!r}) cannot be ensemble members; use "
+                            f"registered backbones: {', '.join(sorted(REGISTRY))}")
+        try:
+            members.append(get_spec(part))
+        except UserError:
+            raise UserError(f"unknown backbone {part!r} in ensemble {name!r}; known backbones: "
+                            f"{', '.join(sorted(REGISTRY) + sorted(HUB_HANDLES))}") from None
+    return BackboneSpec(
+        name=name,
+        constructor=_ensemble(tuple(members)),
+        preprocessing=pp.IDENTITY,  # each member's own preprocessing is inside the ensemble
+        native_size=max(m.native_size for m in members),
+        weight_source=" + ".join(f"{m.name}: {m.weight_source}" for m in members),
+        layer_count=len(members) * 3 + 2,  # input, (resize, preprocess, backbone) per member, concatenation
+        min_size=min(m.min_size for m in members),
+        members=tuple(m.name for m in members),
+    )
+
+
+def _ensemble(members: tuple[BackboneSpec, ...]) -> Callable[..., keras.Model]:
+    def build(input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+        if weights not in (None, "imagenet"):
+            raise UserError(f"an ensemble takes weights 'imagenet' or 'none', not the file {weights!r}: one weights "
+                            "file cannot hold the weights of several backbones")
+        inputs = keras.Input(shape=input_shape, name="image")
+        pooled = []
+        for m in members:
+            tag = m.name.replace(":", "_").replace("/", "_")
+            x = inputs
+            if input_shape[0] != m.native_size or input_shape[1] != m.native_size:
+                x = keras.layers.Resizing(m.native_size, m.native_size, interpolation="bilinear",
+                                          name=f"resize_{tag}")(x)
+            x = pp.Preprocess(**m.preprocessing, name=f"preprocess_{tag}")(x)
+            base = build_backbone(m, m.native_size, weights)
+            base.trainable = False
+            x = base(x, training=False)
+            if len(x.shape) == 4:
+                x = keras.layers.GlobalAveragePooling2D(name=f"pool_{tag}")(x)
+            pooled.append(x)
+        out = keras.layers.Concatenate(name="features")(pooled)
+        return keras.Model(inputs, out, name="ensemble_" + "_".join(m.name for m in members))
+
+    build.__name__ = "ensemble(" + ", ".join(m.name for m in members) + ")"
+    return build
 
 
 def hub_spec(handle: str, name: str | None = None) -> BackboneSpec:
@@ -399,6 +474,8 @@ def weights_unavailable(spec: BackboneSpec, weights: str | None = "imagenet", im
     """
     if weights in (None, "none", ""):
         return None
+    if spec.is_ensemble:  # available when every member is
+        return next(filter(None, (weights_unavailable(get_spec(m), weights, None) for m in spec.members)), None)
     if weights != "imagenet":
         if os.path.isfile(weights):
             return None

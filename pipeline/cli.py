@@ -35,6 +35,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fine-tune-learning-rate", type=float, default=D["fine_tune_learning_rate"], help="Adam learning rate when fine-tuning")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: backbone's native)")
     p.add_argument("--augment", type=_bool, default=D["augment"], help="random flip + rotation in training (true/false)")
+    p.add_argument("--early-stopping-patience", type=int, default=D["early_stopping_patience"],
+                   help="stop the head phase when val_loss has not improved for this many epochs, keeping the best "
+                   "epoch's weights (0: off)")
+    p.add_argument("--cv-folds", type=int, default=D["cv_folds"],
+                   help="score a head-only run on cached features by k-fold cross-validation over train+validation "
+                   "(0: off; 5 is usual)")
     p.add_argument("--seed", type=int, default=RunConfig.seed)
     p.add_argument("--split", default=None, help="tfds: 'train[:75%%],train[75%%:90%%],train[90%%:]'; folder: 75/15/10")
     p.add_argument("--data-dir", default=None, help="tfds data directory")
@@ -65,7 +71,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         fine_tune_learning_rate=args.fine_tune_learning_rate, dropout=args.dropout, batch_size=args.batch_size,
         learning_rate=args.learning_rate, augment=args.augment, seed=args.seed,
         mixed_precision=precision.setting(args.mixed_precision),
-        xla=args.xla, feature_cache=args.feature_cache,
+        xla=args.xla, feature_cache=args.feature_cache, early_stopping_patience=args.early_stopping_patience,
+        cv_folds=args.cv_folds,
     )
 
 
@@ -91,8 +98,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         seconds = result.feature_seconds
         print(f"frozen backbone features: {f'computed in {seconds:.1f}s and cached' if seconds else 'from the cache'}")
     phase = f"fine-tuned from layer {plan.unfreeze_from}" if result.fine_tune_start is not None else "head only"
-    print(f"val_accuracy={result.val_accuracy:.4f} test_accuracy={result.test_accuracy:.4f} ({phase})")
+    print(f"val_accuracy={result.val_accuracy:.4f} {_interval(result.val_accuracy, data.sizes['validation'])} "
+          f"test_accuracy={result.test_accuracy:.4f} {_interval(result.test_accuracy, data.sizes['test'])} ({phase})")
+    print("  [low, high]: 95 % Wilson interval of each accuracy on its split's images")
     print(f"head-only test_accuracy={result.head_test_accuracy:.4f}")
+    if outcome.cv is not None:
+        folds = ", ".join(f"{a:.4f}" for a in outcome.cv.accuracies)
+        print(f"cv_accuracy={outcome.cv.mean:.4f} ± {outcome.cv.std:.4f} ({len(outcome.cv.accuracies)}-fold over "
+              f"train+validation: {folds}; {outcome.cv.seconds:.1f}s)")
+    elif plan.config.cv_folds:
+        print("cv_accuracy: not measured (cross-validation scores a head-only run on cached features)")
     print(f"head phase {result.head_seconds:.1f}s, fine-tune phase {result.fine_tune_seconds:.1f}s")
     if args.output:
         metadata = {
@@ -104,6 +119,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"exported to {out} (SavedModel + labels.txt + model.keras)")
     print(f"total {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def _interval(accuracy: float, n: int) -> str:
+    from pipeline.stats import accuracy_interval
+
+    low, high = accuracy_interval(accuracy, n)
+    return "" if low != low else f"[{low:.3f}, {high:.3f}]"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

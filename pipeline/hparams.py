@@ -30,6 +30,12 @@ class RunConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     augment: bool = False
+    # Stop the head phase when val_loss has not improved for this many epochs, keeping its best epoch's
+    # weights (0: off, every epoch runs). See pipeline.training.train.
+    early_stopping_patience: int = 0
+    # Score a head-only run on cached features by k-fold cross-validation over train+validation
+    # (0: off; pipeline.crossval). An extra, steadier score: never the objective, never the test split.
+    cv_folds: int = 0
     # -- run settings (not searched) --
     seed: int = 42
     # auto: bfloat16 on GPUs of compute capability >= 8.0, float16 below, float32 on CPU (pipeline/precision.py);

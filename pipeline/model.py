@@ -122,7 +122,7 @@ def _build(backbone: str, num_classes: int, image_size: int, dropout: float, aug
     x = base(x, training=False)
     if len(x.shape) == 4:
         x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    name = "classifier_on_" + spec.name.replace(":", "_").replace("/", "_")[-40:]
+    name = "classifier_on_" + spec.name.replace(":", "_").replace("/", "_").replace("+", "_and_")[-40:]
     return keras.Model(inputs, _head(x, num_classes, dropout, seed), name=name)
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import keras
 
-from pipeline import features, precision
+from pipeline import crossval, features, precision
 from pipeline.backbones import BackboneSpec, check_image_size, get_spec
 from pipeline.data import DataSplits, load_data
 from pipeline.errors import UserError
@@ -95,8 +95,13 @@ def plan(config: RunConfig) -> Plan:
     spec = get_spec(config.backbone)
     image_size = int(config.image_size or 0) or spec.native_size
     check_image_size(spec, image_size)
+    if config.cv_folds:
+        crossval.check_folds(config.cv_folds, max(int(config.cv_folds), 2))
     unfreeze_from = resolve_fine_tune_at(config.fine_tune_at, spec) if config.fine_tune else None
     fine_tune_epochs = int(config.fine_tune_epochs or 0) if config.fine_tune else 0
+    if spec.is_ensemble and unfreeze_from is not None and fine_tune_epochs > 0:
+        raise UserError(f"backbone {spec.name!r} is an ensemble: it trains its head only and does not fine-tune; "
+                        "set fine_tune: false in the sweep's space (make train: FINE_TUNE_AT=none)")
     lr = config.fine_tune_learning_rate
     return Plan(config, spec, image_size, unfreeze_from, fine_tune_epochs,
                 float(lr if lr is not None else DEFAULTS["fine_tune_learning_rate"]),
@@ -120,6 +125,7 @@ class Outcome:
     data: DataSplits
     plan: Plan
     trained_at: float  # perf_counter() when training and evaluation ended
+    cv: crossval.CVResult | None = None  # k-fold cross-validation of a head on cached features (cv_folds)
 
 
 def train_run(
@@ -162,14 +168,30 @@ def train_run(
         unfreeze_from=plan.unfreeze_from, learning_rate=float(config.learning_rate),
         fine_tune_learning_rate=plan.fine_tune_learning_rate, batch_size=int(config.batch_size), seed=config.seed,
         verbose=verbose, initial_epoch=initial_epoch, stop_epoch=stop_epoch, jit_compile=config.xla,
-        callbacks=callbacks,
+        callbacks=callbacks, early_stopping_patience=int(config.early_stopping_patience or 0),
     )
     if any(math.isnan(v) or math.isinf(v) for v in result.history["loss"]):
         raise Diverged("loss became NaN/inf; lower the learning rate")
     if checkpoint_dir is not None:
         model.save(Path(checkpoint_dir) / checkpoint_name(model))
     result.feature_seconds = feature_seconds
-    return Outcome(result, model, data, plan, time.perf_counter())
+    cv = None
+    if cached is not None and not previous and not start_from:  # the head epochs the run kept (early stopping)
+        cv = cross_validate(plan, data, cached, epochs=len(result.history["loss"]))
+    return Outcome(result, model, data, plan, time.perf_counter(), cv)
+
+
+def cross_validate(plan: Plan, data: DataSplits, cached: dict | None, epochs: int | None = None,
+                   ) -> crossval.CVResult | None:
+    """k-fold cross-validation (``cv_folds``) of the plan's head on cached features over train+validation; None
+    when off or when the run is not a head on cached features (a fine-tuning run is scored on validation only)."""
+    config = plan.config
+    if not config.cv_folds or cached is None or plan.fine_tunes:
+        return None
+    return crossval.cross_validate(cached, data.num_classes, folds=int(config.cv_folds),
+                                   epochs=int(epochs or config.epochs),
+                                   learning_rate=float(config.learning_rate), dropout=float(config.dropout),
+                                   batch_size=int(config.batch_size), seed=config.seed)
 
 
 def full_model(plan: Plan, num_classes: int, trained: keras.Model | None = None) -> keras.Model:

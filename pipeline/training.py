@@ -71,6 +71,7 @@ def train(
     stop_epoch: int | None = None,
     features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     jit_compile: bool = False,
+    early_stopping_patience: int = 0,
 ) -> TrainResult:
     """Train the head with the backbone frozen, then fine-tune from ``unfreeze_from`` (if not None).
 
@@ -83,6 +84,10 @@ def train(
     ``features`` (from ``pipeline.features.load_or_compute``) trains the head phase on cached
     frozen-backbone features instead of images: the same model, without running the backbone.
     ``jit_compile`` compiles training steps with XLA (for GPUs; off by default).
+
+    ``early_stopping_patience`` > 0 stops the head phase once ``val_loss`` has not improved for that many
+    epochs and keeps the weights of its best epoch; the history then ends at that epoch and fine-tuning
+    continues from the next one (only when the whole axis is trained, not a Hyperband slice).
 
     ``model`` may also be a head alone (``pipeline.model.build_head``): it then trains and is
     evaluated on ``features`` only, head phase only; ``build_model(..., head=head)`` puts it on
@@ -105,6 +110,11 @@ def train(
     seconds = {"head": 0.0, "fine_tune": 0.0}
     head_test_accuracy = None
     stopped = []  # a callback stopped training (pruning): the run ends there, no further phase
+    check_positive("early_stopping_patience", early_stopping_patience, allow_zero=True)
+    stopper = None
+    if early_stopping_patience and initial_epoch == 0 and stop_epoch is None:
+        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(early_stopping_patience),
+                                                restore_best_weights=True)
 
     def run(phase: str, first: int, last: int) -> None:
         start = time.perf_counter()
@@ -113,15 +123,17 @@ def train(
             net = model if is_head(model) else head_on_features(model)
             train_in = feature_batches(features["train"], batch_size, shuffle=True, seed=seed)
             val_in = feature_batches(features["validation"], batch_size)
+        stopping = [stopper] if stopper is not None and phase == "head" else []
         history = net.fit(
             train_in, validation_data=val_in, initial_epoch=first, epochs=last,
-            callbacks=list(callbacks), verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
+            callbacks=[*callbacks, *stopping], verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
         )
         seconds[phase] += time.perf_counter() - start
-        if getattr(net, "stop_training", False):
-            stopped.append(phase)
+        if getattr(net, "stop_training", False) and not (stopping and stopper.stopped_epoch):
+            stopped.append(phase)  # stopped by a callback (pruning), not by early stopping
+        kept = stopper.best_epoch - first + 1 if stopping else None  # the epochs up to the weights kept
         for k in METRICS:
-            merged[k] += map(float, history.history.get(k, []))
+            merged[k] += list(map(float, history.history.get(k, [])))[:kept]
 
     if initial_epoch < min(epochs, stop):
         if initial_epoch == 0 or not _compiled(model):
@@ -129,17 +141,21 @@ def train(
                 set_trainable(model, None)
             compile_model(model, learning_rate, jit_compile=jit_compile)
         run("head", initial_epoch, min(epochs, stop))
-    if fine_tunes and max(initial_epoch, epochs) < stop and not stopped:
-        if initial_epoch <= epochs or not _compiled(model):
+    fine_tune_start = epochs
+    if stopper is not None:  # the head phase may have stopped early: fine-tuning follows its kept epochs
+        fine_tune_start = len(merged["loss"])
+        stop = fine_tune_start + (fine_tune_epochs if fine_tunes else 0)
+    if fine_tunes and max(initial_epoch, fine_tune_start) < stop and not stopped:
+        if initial_epoch <= fine_tune_start or not _compiled(model):
             if evaluate_test:
                 head_test_accuracy = evaluate(model, data, "test", batch_size, features)[1]
             set_trainable(model, unfreeze_from)
             compile_model(model, fine_tune_learning_rate, jit_compile=jit_compile)  # recompile after `trainable`
-        run("fine_tune", max(initial_epoch, epochs), stop)
+        run("fine_tune", max(initial_epoch, fine_tune_start), stop)
 
     result = TrainResult(
-        merged, epochs if fine_tunes and stop > epochs and "head" not in stopped else None, seconds["head"],
-        seconds["fine_tune"], trainable_params(model), first_epoch=initial_epoch, features=features,
+        merged, fine_tune_start if fine_tunes and stop > fine_tune_start and "head" not in stopped else None,
+        seconds["head"], seconds["fine_tune"], trainable_params(model), first_epoch=initial_epoch, features=features,
     )
     if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
         result.test_predictions = predictions(model, data, "test", batch_size, features)

@@ -16,9 +16,11 @@ from pipeline.data import load_data
 from pipeline.errors import UserError
 from pipeline.export import ExportedModel
 from pipeline.hparams import RunConfig
+from pipeline.stats import accuracy_interval
 from tracking import layout
 from tracking import leaderboard as lb
 from tracking import pyfunc
+from tracking.intervals import interval_text
 from tracking.layout import CHECKPOINT_DIR, MODEL_URI
 
 ALIAS = "champion"
@@ -172,7 +174,7 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
     info = {"run_id": run.info.run_id, "path": str(target), "model_name": name, "version": version.version,
             "test_size": data.sizes["test"],
             "val_accuracy": metrics.get(layout.OBJECTIVE), "test_accuracy": logged, "reproduced_test_accuracy": reproduced,
-            "budget": said[0] if said else None}
+            "budget": said[0] if said else None, **accuracy_intervals(params, metrics)}
     if tflite:
         info["tflite"] = tflite_parity(exported, data, tflite, run.info.run_id)
     return info
@@ -214,6 +216,13 @@ def exported_accuracy(exported: ExportedModel, data, split: str = "test") -> flo
     return correct / total if total else float("nan")
 
 
+def accuracy_intervals(params: dict, metrics: dict) -> dict[str, tuple[float, float]]:
+    """``val_interval`` and ``test_interval``: 95 % Wilson intervals of the run's accuracies on its split sizes."""
+    return {f"{split}_interval": accuracy_interval(metrics.get(metric), int(params.get(size) or 0))
+            for split, metric, size in (("val", layout.OBJECTIVE, "validation_size"),
+                                        ("test", layout.TEST_ACCURACY, "test_size"))}
+
+
 def model_card(experiment: str, run: mlflow.entities.Run) -> str:
     p, m = run.data.params, run.data.metrics
     hyper = [k for k in lb.PARAMS if k in p] + ["fine_tune_at", "weights", layout.SEED]
@@ -226,7 +235,10 @@ def model_card(experiment: str, run: mlflow.entities.Run) -> str:
         f"train {p.get('train_size')} / validation {p.get('validation_size')} / test {p.get('test_size')}, "
         f"skipped files {p.get('skipped_files')}, fingerprint `{p.get('data_fingerprint')}`", "",
         "## Metrics", "",
-        *(f"- {k}: {m[k]:.4f}" for k in (layout.VAL_ACCURACY, layout.TEST_ACCURACY, layout.TEST_LOSS) if k in m), "",
+        *(f"- {k}: {m[k]:.4f}" for k in (layout.VAL_ACCURACY, layout.TEST_ACCURACY, layout.TEST_LOSS) if k in m),
+        *(f"- {k.replace('_interval', '_accuracy')}: 95 % Wilson interval {interval_text(*v)} on {p.get(n)} images"
+          for (k, v), n in zip(accuracy_intervals(p, m).items(), ("validation_size", "test_size"))
+          if interval_text(*v)), "",
         "## Hyperparameters", "",
         *(f"- {k}: {p[k]}" for k in dict.fromkeys(hyper) if k in p), "",
         "## Use", "",

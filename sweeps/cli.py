@@ -97,6 +97,7 @@ def cmd_best_export(args: argparse.Namespace) -> int:
     start_tensorflow()
     from sweeps.best import best_export
     from tracking import store
+    from tracking.intervals import interval_text
 
     check_experiment_name(args.experiment)  # it names the export's folder
     store.configure(args.tracking_uri)
@@ -104,7 +105,8 @@ def cmd_best_export(args: argparse.Namespace) -> int:
                        max_latency_ms=args.max_latency_ms, max_size_mb=args.max_size_mb)
     if info.get("budget"):
         print(info["budget"])
-    print(f"best run {info['run_id']}: val_accuracy={info['val_accuracy']:.4f} test_accuracy={info['test_accuracy']:.4f}")
+    print(f"best run {info['run_id']}: val_accuracy={info['val_accuracy']:.4f} {interval_text(*info['val_interval'])} "
+          f"test_accuracy={info['test_accuracy']:.4f} {interval_text(*info['test_interval'])} (95 % Wilson intervals)")
     print(f"exported to {info['path']} (SavedModel + labels.txt + MODEL_CARD.md)")
     print(f"registered as model {info['model_name']!r} version {info['version']} with alias 'champion'")
     print(f"parity: the export reproduces test_accuracy={info['reproduced_test_accuracy']:.4f}")
@@ -141,13 +143,16 @@ def _print_board(experiment: str, parent: str | None, top: int) -> int:
 
     table = lb.leaderboard(lb.trial_runs(experiment, parent))
     cols = ["trial_id", "status", "backbone", "fine_tune_at", "dropout", "batch_size", "learning_rate",
-            "val_accuracy", "test_accuracy", "latency_ms", "size_mb", "pruned", "wall_seconds", "run_id"]
-    print(f"\nleaderboard of {experiment!r} ({len(table)} trials, best first by val_accuracy):")
-    print(lb.to_markdown(table[[c for c in cols if c in table]].head(top)))
+            "val_accuracy", "val_95", *lb.CV_COLUMNS, "tied", "test_accuracy", "test_95", "latency_ms", "size_mb",
+            "pruned", "wall_seconds", "run_id"]
+    print(f"\nleaderboard of {experiment!r} ({len(table)} trials, best first by val_accuracy; "
+          "[95 % Wilson interval]; tied: inside the best's val interval):")
+    shown = lb.shown(table)
+    print(lb.to_markdown(shown[[c for c in cols if c in shown]].head(top)))
     best = lb.best_per_backbone(table)
     if not best.empty:
         print("\nbest per backbone:")
-        print(lb.to_markdown(best[["backbone", "val_accuracy", "test_accuracy", "run_id"]]))
+        print(lb.to_markdown(lb.shown(best)[["backbone", "val_accuracy", "val_95", "test_accuracy", "test_95", "run_id"]]))
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from pipeline.backbones import get_spec
 from pipeline.data import check_dataset, skipped_lines, unreadable_files
 from pipeline.errors import DataError, UserError
 from pipeline.hparams import FINE_TUNE_ONLY
@@ -186,6 +187,10 @@ def stage2_tuners(stage1: TransferTuner, config: SweepConfig, dataset: str, dire
     tuners = []
     for trial in stage1.oracle.get_best_trials(int(config.stage2.get("top_k", 3))):
         values = stage1.hypermodel.build(trial.hyperparameters.copy())
+        if get_spec(str(values["backbone"])).is_ensemble:  # it trains its head only: stage 1 was all of it
+            print(f"[sweep] stage 2 leaves trial {trial.trial_id} ({values['backbone']}) as it is: an ensemble does "
+                  "not fine-tune", flush=True)
+            continue
         fixed = {k: {"fixed": v} for k, v in values.items() if k not in FINE_TUNE_ONLY and k != "fine_tune"}
         space = {**fixed, "fine_tune": {"fixed": True}, **(config.stage2.get("space") or {})}
         stage2 = dataclasses.replace(config, name=f"{config.name}-stage2-{trial.trial_id}", tuner="random",

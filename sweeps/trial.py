@@ -42,6 +42,7 @@ from pipeline.tfstart import STARTUP_NOISE
 from pipeline.training import predictions
 from tracking import layout
 from tracking.entry import write_entry
+from tracking.intervals import interval_metrics
 
 GPU_FAILURE = re.compile(r"CUDA|cuDNN|CUDNN|cuBLAS|CUBLAS|GPU|NCCL|ECC|device ordinal")  # in TensorFlow's errors
 GRID_SIZE = 16  # test images in each trial's prediction grid
@@ -242,7 +243,11 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
         layout.TEST_ACCURACY: result.test_accuracy, layout.TEST_LOSS: result.test_loss,
         layout.HEAD_TEST_ACCURACY: result.head_test_accuracy, layout.TRAINABLE_PARAMS: result.trainable_params,
         layout.HEAD_SECONDS: result.head_seconds, layout.FINE_TUNE_SECONDS: result.fine_tune_seconds,
-        layout.FEATURE_SECONDS: result.feature_seconds, layout.RSS_MB: resident_mb()}.items()]
+        layout.FEATURE_SECONDS: result.feature_seconds, layout.RSS_MB: resident_mb(),
+        **interval_metrics(result.val_accuracy, data.sizes["validation"], result.test_accuracy, data.sizes["test"]),
+        **({layout.CV_ACCURACY: outcome.cv.mean, layout.CV_ACCURACY_STD: outcome.cv.std,
+            layout.CV_SECONDS: outcome.cv.seconds} if outcome.cv else {}),
+    }.items()]
     split = "test" if data.sizes["test"] else "validation"
     if split == "test" and result.test_predictions is not None:
         labels, probs = result.test_predictions

@@ -25,6 +25,7 @@ def test_train_prints_scores_and_exports(class_folder, tmp_path, capsys):
     assert "Epoch 3/3" in text, "per-epoch progress over both phases"
     assert "frozen backbone features:" in text
     assert "test_accuracy=" in text and "(fine-tuned from layer 120)" in text
+    assert "95 % Wilson interval" in text and "val_accuracy=" in text and "] test_accuracy=" in text
     exported = ExportedModel(out)
     assert exported.class_names == ["blue", "green", "red"]
     assert exported.predict(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 3)

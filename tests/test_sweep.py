@@ -132,6 +132,9 @@ def test_sweep_tracks_every_trial(swept, class_folder):
     # its cost, measured on the SavedModel it exported (log_models: all)
     assert run.data.tags["tlsweep.cost_of"] == "savedmodel" and m["total_params"] > m["trainable_params"]
     assert m["size_mb"] > m["total_params"] * 4 / 1e6 and 0 < m["latency_ms"] < 5000
+    from pipeline.stats import accuracy_interval
+    assert (m["val_accuracy_low"], m["val_accuracy_high"]) == pytest.approx(accuracy_interval(m["val_accuracy"], 9))
+    assert (m["test_accuracy_low"], m["test_accuracy_high"]) == pytest.approx(accuracy_interval(m["test_accuracy"], 6))
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "plots" in artifacts and "savedmodel" not in artifacts, "the SavedModel is stored once, in the model"
@@ -211,12 +214,16 @@ def test_best_export_registers_and_reproduces(swept, capsys):
     assert version.version == info["version"]
     assert abs(info["reproduced_test_accuracy"] - info["test_accuracy"]) <= 1 / 6 + 1e-6
     assert info["test_size"] == 6, "parity is checked on the trial's own split (60/20/20), not the default"
+    from pipeline.stats import accuracy_interval
+    assert info["test_interval"] == pytest.approx(accuracy_interval(info["test_accuracy"], 6))
+    assert "test_accuracy: 95 % Wilson interval [" in card
 
     assert sweeps_main(["best-export", "--experiment", "tiny", "--export-dir", str(tmp_path / "exports")]) == 2
     assert "already exists and is not empty; pass OVERWRITE=1" in capsys.readouterr().err
     assert sweeps_main(["report", "--experiment", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "leaderboard of 'tiny' (4 trials" in out and "best per backbone" in out
+    assert "| val_95 |" in out and "tied" in out
 
 
 def test_log_models_best_keeps_checkpoints_and_best_export_builds_the_winner(tmp_path, tracking_store, class_folder,
@@ -262,6 +269,7 @@ def test_report_is_self_contained_html_and_markdown(swept, capsys):
     assert "loss became NaN/inf; lower the learning rate" in page, "failed trials are listed with their error"
     md = (page_path.parent / "report.md").read_text()
     assert "## Leaderboard" in md and "![predictions.png](predictions.png)" in md
+    assert "95 % Wilson interval" in md and "| val_95 |" in md and "| tied |" in md and "(95 % [" in page
     assert (page_path.parent / "predictions.png").is_file()
     parent_plots = {a.path for a in MlflowClient().list_artifacts(parent, "plots")}
     assert parent_plots == {"plots/val_accuracy_by_backbone.png", "plots/parallel_coordinates.png",

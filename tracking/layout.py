@@ -72,8 +72,16 @@ SIZE_MB = "size_mb"  # the model's size (the SavedModel export, or its weights: 
 TOTAL_PARAMS = "total_params"  # parameters of the whole classifier (backbone and head)
 LATENCY_MS = "latency_ms"  # CPU, batch 1, median of repeated calls after warm-up (see COST_OF)
 COST_METRICS = (SIZE_MB, TOTAL_PARAMS, LATENCY_MS)
+# 95 % Wilson intervals of the final val/test accuracy, from validation_size/test_size (pipeline.stats)
+VAL_ACCURACY_LOW, VAL_ACCURACY_HIGH = "val_accuracy_low", "val_accuracy_high"
+TEST_ACCURACY_LOW, TEST_ACCURACY_HIGH = "test_accuracy_low", "test_accuracy_high"
+INTERVAL_METRICS = (VAL_ACCURACY_LOW, VAL_ACCURACY_HIGH, TEST_ACCURACY_LOW, TEST_ACCURACY_HIGH)
+# k-fold cross-validation of a head on cached features over train+validation (cv_folds > 0; pipeline.crossval)
+CV_ACCURACY, CV_ACCURACY_STD, CV_SECONDS = "cv_accuracy", "cv_accuracy_std", "cv_seconds"
+CV_METRICS = (CV_ACCURACY, CV_ACCURACY_STD, CV_SECONDS)
 TRIAL_METRICS = (*EPOCH_METRICS, TEST_ACCURACY, TEST_LOSS, HEAD_TEST_ACCURACY, TRAINABLE_PARAMS, TRAIN_SECONDS,
-                 WALL_SECONDS, HEAD_SECONDS, FINE_TUNE_SECONDS, FEATURE_SECONDS, RSS_MB, *COST_METRICS)
+                 WALL_SECONDS, HEAD_SECONDS, FINE_TUNE_SECONDS, FEATURE_SECONDS, RSS_MB, *COST_METRICS,
+                 *INTERVAL_METRICS, *CV_METRICS)
 
 # -- artifacts -----------------------------------------------------------------------------------
 PLOTS_DIR = "plots"

@@ -8,14 +8,18 @@ import mlflow
 import pandas as pd
 
 from pipeline.errors import UserError
+from pipeline.stats import accuracy_interval, tied
 from tracking import layout
 from tracking.layout import KIND, OBJECTIVE, PARENT_RUN_ID, TRIAL, TRIAL_ID
 
 PARAMS = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
           "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
 METRICS = (OBJECTIVE, layout.TEST_ACCURACY, layout.TEST_LOSS, layout.TRAIN_SECONDS, layout.WALL_SECONDS,
-           layout.TRAINABLE_PARAMS, *layout.COST_METRICS)
+           layout.TRAINABLE_PARAMS, *layout.COST_METRICS, layout.CV_ACCURACY, layout.CV_ACCURACY_STD)
 PRUNED = "pruned"  # column: the epoch a pruned trial stopped at (empty for the others)
+SIZES = ("validation_size", "test_size")  # data lineage params: the n behind each accuracy
+INTERVALS = (*layout.INTERVAL_METRICS, "tied")  # computed here from the accuracies and SIZES
+CV_COLUMNS = (layout.CV_ACCURACY, layout.CV_ACCURACY_STD)  # k-fold cross-validation of heads, where logged
 
 
 def trial_runs(experiment: str, parent_id: str | None = None) -> pd.DataFrame:
@@ -31,7 +35,7 @@ def trial_runs(experiment: str, parent_id: str | None = None) -> pd.DataFrame:
 def leaderboard(runs: pd.DataFrame, objective: str = OBJECTIVE) -> pd.DataFrame:
     """Finished trials first, sorted by the objective (best first), with the columns people compare."""
     if runs.empty:
-        return pd.DataFrame(columns=["run_id", "trial_id", "status", *PARAMS, *METRICS, PRUNED])
+        return pd.DataFrame(columns=["run_id", "trial_id", "status", *PARAMS, *METRICS, PRUNED, *SIZES, *INTERVALS])
     table = pd.DataFrame({
         "run_id": runs["run_id"],
         "trial_id": runs.get(f"tags.{TRIAL_ID}"),
@@ -42,9 +46,48 @@ def leaderboard(runs: pd.DataFrame, objective: str = OBJECTIVE) -> pd.DataFrame:
     for m in dict.fromkeys((objective, *METRICS)):
         table[m] = runs.get(f"metrics.{m}")
     table[PRUNED] = runs.get(f"tags.{layout.PRUNED}")
+    for p in SIZES:
+        column = runs.get(f"params.{p}")
+        table[p] = float("nan") if column is None else pd.to_numeric(column, errors="coerce")
     table["finished"] = table["status"] == "FINISHED"
     table = table.sort_values(["finished", objective], ascending=[False, False], na_position="last")
-    return table.drop(columns="finished").reset_index(drop=True)
+    return with_intervals(table.drop(columns="finished").reset_index(drop=True), objective)
+
+
+def with_intervals(table: pd.DataFrame, objective: str = OBJECTIVE) -> pd.DataFrame:
+    """95 % Wilson intervals of val/test accuracy from the split sizes, and ``tied``: the finished trials whose
+    ``objective`` lies inside the best finished trial's interval (the best included), i.e. not told apart
+    from it by the validation split. ``table`` is sorted best first."""
+    table = table.copy()
+    for (low, high), acc, n in (((layout.VAL_ACCURACY_LOW, layout.VAL_ACCURACY_HIGH), OBJECTIVE, "validation_size"),
+                                ((layout.TEST_ACCURACY_LOW, layout.TEST_ACCURACY_HIGH), layout.TEST_ACCURACY,
+                                 "test_size")):
+        pairs = [accuracy_interval(a, s) for a, s in zip(table[acc], table[n])]
+        table[low] = [p[0] for p in pairs]
+        table[high] = [p[1] for p in pairs]
+    done = table[(table["status"] == "FINISHED") & table[objective].notna()]
+    if done.empty:
+        table["tied"] = False
+        return table
+    best = done.iloc[0]
+    table["tied"] = [bool(status == "FINISHED" and tied(best[objective], best["validation_size"], acc))
+                     for status, acc in zip(table["status"], table[objective])]
+    return table
+
+
+def shown(table: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard as people read it: each accuracy's interval as ``[low, high]`` text beside it,
+    ``tied`` as a mark."""
+    from tracking.intervals import interval_text
+
+    out = table.copy()
+    for name, low, high in (("val_95", layout.VAL_ACCURACY_LOW, layout.VAL_ACCURACY_HIGH),
+                            ("test_95", layout.TEST_ACCURACY_LOW, layout.TEST_ACCURACY_HIGH)):
+        if low in out:
+            out[name] = [interval_text(lo, hi) for lo, hi in zip(out[low], out[high])]
+    if "tied" in out:
+        out["tied"] = out["tied"].map(lambda t: "tied" if t else "")
+    return out
 
 
 def pareto_front(costs: Sequence[float], values: Sequence[float]) -> list[int]:

@@ -21,13 +21,19 @@ from mlflow.tracking import MlflowClient
 
 from tracking import leaderboard as lb
 from tracking import plots
+from tracking.intervals import interval_text
 from tracking.layout import (ERROR, LATENCY_MS, PARETO_LATENCY, PARETO_SIZE, PLOTS_DIR, SIZE_MB, SWEEP_PLOTS,
                              TRIAL_PLOTS)
 SEARCHED = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
             "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
 BOARD_COLUMNS = ("trial", "status", "backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
-                 "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "val_accuracy", "test_accuracy",
-                 "latency_ms", "size_mb", "total_params", "pruned", "wall_seconds", "run_id")
+                 "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "val_accuracy", "val_95", *lb.CV_COLUMNS,
+                 "tied", "test_accuracy", "test_95", "latency_ms", "size_mb", "total_params", "pruned", "wall_seconds",
+                 "run_id")
+PER_BACKBONE = ("backbone", "val_accuracy", "val_95", "test_accuracy", "test_95", "run_id")
+HOW_TO_READ = ("[low, high]: the 95 % Wilson interval of the accuracy on that split's n images (validation_size, "
+               "test_size); tied: the trial's val_accuracy lies inside the best trial's val interval, so the validation "
+               "split cannot tell it from the best.")
 
 
 def sweep_charts(table: pd.DataFrame, folder: Path) -> list[Path]:
@@ -64,18 +70,17 @@ def write_report(experiment: str, out_dir: str | Path = "reports", ui_url: str =
     if best is not None:
         images.update(_best_trial_plots(best["run_id"], folder))
     link = lambda run_id: f"{ui_url.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"  # noqa: E731
-    board = table.assign(trial=table["trial_id"])
+    board = lb.shown(table.assign(trial=table["trial_id"]))
     board = board[[c for c in BOARD_COLUMNS if c in board]]
     shared = _shared_columns(board)  # one line above the table instead of a column each: it fits a screen
     errors = _errors(runs)
     facts = _facts(table, best)
 
     md = [f"# Sweep report: {experiment}", "", *(f"- {k}: {v}" for k, v in facts.items()), ""]
-    md += ["## Leaderboard (best first by val_accuracy)", "", lb.to_markdown(board), ""]
+    md += ["## Leaderboard (best first by val_accuracy)", "", HOW_TO_READ, "", lb.to_markdown(board), ""]
     per_backbone = lb.best_per_backbone(table)
     if not per_backbone.empty:
-        md += ["## Best per backbone", "", lb.to_markdown(per_backbone[["backbone", "val_accuracy", "test_accuracy",
-                                                                        "run_id"]]), ""]
+        md += ["## Best per backbone", "", lb.to_markdown(lb.shown(per_backbone)[list(PER_BACKBONE)]), ""]
     md += [f"![{name}]({name})" for name in images] + [""]
     if errors:
         md += ["## Failed trials", "", *(f"- `{r}` ({s}): {e}" for r, s, e in errors), ""]
@@ -84,20 +89,21 @@ def write_report(experiment: str, out_dir: str | Path = "reports", ui_url: str =
     page = [f"<h1>Sweep report: {html.escape(experiment)}</h1>",
             "<ul>" + "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in facts.items()) + "</ul>",
             "<h2>Leaderboard</h2><p>Best first by val_accuracy. Run ids open the trial in <code>mlflow ui</code>"
-            f" at {html.escape(ui_url)} (start it with <code>make ui</code>).</p>",
+            f" at {html.escape(ui_url)} (start it with <code>make ui</code>). {html.escape(HOW_TO_READ)}</p>",
             *([f"<p>Same in every trial: {html.escape(', '.join(f'{k} {v}' for k, v in shared.items()))}</p>"]
               if shared else []),
             _html_table(board.drop(columns=list(shared)), link)]
     if not per_backbone.empty:
         page += ["<h2>Best per backbone</h2>",
-                 _html_table(per_backbone[["backbone", "val_accuracy", "test_accuracy", "run_id"]], link)]
+                 _html_table(lb.shown(per_backbone)[list(PER_BACKBONE)], link)]
     sweep_imgs = [n for n in SWEEP_PLOTS if n in images]
     if sweep_imgs:
         page += ["<h2>Sweep</h2>", *(_img(images[n]) for n in sweep_imgs)]
     trial_imgs = [n for n in TRIAL_PLOTS if n in images]
     if best is not None:
         page += [f"<h2>Best trial: {html.escape(str(best['trial_id']))}</h2>",
-                 f"<p>val_accuracy {best['val_accuracy']:.4f}, test_accuracy {best['test_accuracy']:.4f}, "
+                 f"<p>val_accuracy {best['val_accuracy']:.4f} {_interval(best, 'val')}, test_accuracy "
+                 f"{best['test_accuracy']:.4f} {_interval(best, 'test')}, "
                  f"backbone {html.escape(str(best['backbone']))}, run <a href=\"{link(best['run_id'])}\">"
                  f"{best['run_id']}</a></p>", *(_img(images[n]) for n in trial_imgs)]
     if errors:
@@ -116,11 +122,21 @@ def _facts(table: pd.DataFrame, best) -> dict[str, object]:
         "written": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     if best is not None:
-        facts["best val_accuracy"] = f"{best['val_accuracy']:.4f} (trial {best['trial_id']}, {best['backbone']})"
-        facts["its test_accuracy"] = f"{best['test_accuracy']:.4f}"
+        facts["best val_accuracy"] = (f"{best['val_accuracy']:.4f} {_interval(best, 'val')} (trial {best['trial_id']}, "
+                                      f"{best['backbone']})")
+        facts["its test_accuracy"] = f"{best['test_accuracy']:.4f} {_interval(best, 'test')}"
+        facts["trials tied with the best"] = int(table["tied"].sum()) if "tied" in table else 0
     if "wall_seconds" in table and table["wall_seconds"].notna().any():
         facts["trial time, summed"] = f"{table['wall_seconds'].sum():.0f} s"
     return facts
+
+
+def _interval(row, split: str) -> str:
+    """``95 % [low, high] on n images`` for one row's val or test accuracy."""
+    low, high = row.get(f"{split}_accuracy_low"), row.get(f"{split}_accuracy_high")
+    n = row.get("validation_size" if split == "val" else "test_size")
+    text = interval_text(low, high) if low is not None else ""
+    return f"(95 % {text} on {int(n)} images)" if text else ""
 
 
 def _errors(runs: pd.DataFrame) -> list[tuple[str, str, str]]:
