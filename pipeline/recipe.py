@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import keras
 
+from pipeline import cut as cuts
 from pipeline import features
 from pipeline.backbones import BackboneSpec, check_image_size, get_spec
 from pipeline.data import DataSplits, load_data
@@ -123,18 +124,26 @@ def train_run(
         model = full_model(plan, data.num_classes)
     if key and cached is None and not is_head(model):
         cached, feature_seconds = features.load_or_compute(model, data, key)
+    at_cut, cut_seconds = None, 0.0
+    if key and plan.fine_tunes and (stop_epoch is None or stop_epoch > int(config.epochs)) and not is_head(model):
+        # Fine-tune only the top on cached activations at the cut (pipeline/cut.py): the same model.
+        split = cuts.split(model, plan.unfreeze_from)
+        if split is not None:
+            activations, cut_seconds = cuts.load_or_compute(split, data, split.key(key))
+            at_cut = (split, activations)
     result = train(
         model, data, features=cached, epochs=int(config.epochs), fine_tune_epochs=plan.fine_tune_epochs,
         unfreeze_from=plan.unfreeze_from, learning_rate=float(config.learning_rate),
         fine_tune_learning_rate=plan.fine_tune_learning_rate, batch_size=int(config.batch_size), seed=config.seed,
         verbose=verbose, initial_epoch=initial_epoch, stop_epoch=stop_epoch, jit_compile=config.xla,
-        callbacks=callbacks,
+        callbacks=callbacks, cut=at_cut,
     )
     if any(math.isnan(v) or math.isinf(v) for v in result.history["loss"]):
         raise Diverged("loss became NaN/inf; lower the learning rate")
     if checkpoint_dir is not None:
         model.save(Path(checkpoint_dir) / checkpoint_name(model))
     result.feature_seconds = feature_seconds
+    result.cut_seconds = cut_seconds
     return Outcome(result, model, data, plan, time.perf_counter())
 
 
