@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.data import check_dataset
 from pipeline.errors import DataError, UserError
 from pipeline.hparams import FINE_TUNE_ONLY
+from sweeps.trial import close_spare
 from sweeps import signals, workers
 from sweeps.config import SweepConfig, default_sweep_for, load_sweep
 from sweeps.tuner import TransferTuner, sweep_dir
@@ -109,6 +110,7 @@ def run_sweep(
                 "and run the same command again to continue"
             ) from e
         finally:
+            close_spare()  # no trial process waits beyond the sweep
             for t in tuners:
                 try:
                     t.journal.close()  # finished trials reach MLflow before the sweep ends
