@@ -52,6 +52,7 @@ class Cut:
     layer: str  # the backbone layer whose output crosses the cut
     bottom: keras.Model  # raw pixels -> activations at the cut
     top: keras.Model  # activations at the cut -> class probabilities
+    pooled: keras.Model  # activations at the cut -> the pooled features the head takes (frozen-feature cache)
 
     def key(self, feature_key: str) -> str:
         """The activation-cache key: the frozen-feature key (backbone, weights, size, preprocessing, data,
@@ -116,7 +117,19 @@ def split(model: keras.Model, unfreeze_from: int) -> Cut | None:
         x = model.get_layer("pool")(x)
     out = model.get_layer("classifier")(model.get_layer("dropout")(x))
     top = keras.Model(activations, out, name="top")
-    return Cut(index, tensor._keras_history.operation.name, bottom, top)
+    pooled = keras.Model(activations, x, name="pooled")
+    return Cut(index, tensor._keras_history.operation.name, bottom, top, pooled)
+
+
+def pooled_features(cut: Cut, activations: Activations, batch_size: int = 64) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The frozen-feature cache's pooled features from the activations at the cut (the rest of the frozen
+    backbone run on them), so that a cold start computes both in one pass over the images."""
+    out = {}
+    for name, (x, y) in activations.items():
+        width = int(cut.pooled.output.shape[-1])
+        feats = cut.pooled.predict(x, batch_size=batch_size, verbose=0) if len(x) else np.zeros((0, width), np.float32)
+        out[name] = (np.asarray(feats), y)
+    return out
 
 
 def _path(key: str, root: Path | None) -> Path:

@@ -122,8 +122,6 @@ def train_run(
                            mixed_precision=config.mixed_precision)
     else:
         model = full_model(plan, data.num_classes)
-    if key and cached is None and not is_head(model):
-        cached, feature_seconds = features.load_or_compute(model, data, key)
     at_cut, cut_seconds = None, 0.0
     if key and plan.fine_tunes and (stop_epoch is None or stop_epoch > int(config.epochs)) and not is_head(model):
         # Fine-tune only the top on cached activations at the cut (pipeline/cut.py): the same model.
@@ -131,6 +129,13 @@ def train_run(
         if split is not None:
             activations, cut_seconds = cuts.load_or_compute(split, data, split.key(key))
             at_cut = (split, activations)
+            if cached is None:  # the pooled features from the activations: one pass over the images for both
+                start = time.perf_counter()
+                cached = cuts.pooled_features(split, activations)
+                features.save(key, cached)
+                feature_seconds = time.perf_counter() - start
+    if key and cached is None and not is_head(model):
+        cached, feature_seconds = features.load_or_compute(model, data, key)
     result = train(
         model, data, features=cached, epochs=int(config.epochs), fine_tune_epochs=plan.fine_tune_epochs,
         unfreeze_from=plan.unfreeze_from, learning_rate=float(config.learning_rate),

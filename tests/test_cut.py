@@ -102,3 +102,15 @@ def test_the_recipe_fine_tunes_on_the_cut_and_caches_it_keyed_on_the_cut(class_f
     for off in (dict(augment=True), dict(feature_cache=False), dict(weights="none")):
         outcome = recipe.train_run(recipe.plan(dataclasses.replace(config, **off)), data, verbose=0)
         assert outcome.result.cut_index is None, off
+
+
+@pytest.mark.slow
+def test_pooled_features_from_the_cut_are_the_frozen_feature_cache(data, tmp_path):
+    """A cold start computes both caches in one pass over the images: the features must be the same."""
+    model = build_model("efficientnet_lite0", data.num_classes, 32, seed=0)
+    direct, _ = features.load_or_compute(model, data, "direct", root=tmp_path)
+    split = cuts.split(model, UNFREEZE)
+    via_cut = cuts.pooled_features(split, cuts.load_or_compute(split, data, "k", root=tmp_path)[0])
+    for name in ("train", "validation", "test"):
+        np.testing.assert_allclose(via_cut[name][0], direct[name][0], atol=1e-5)
+        np.testing.assert_array_equal(via_cut[name][1], direct[name][1])
