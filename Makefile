@@ -20,7 +20,7 @@ TRAIN_FLAGS = --dataset "$(DATASET)" $(call opt,BACKBONE,backbone) $(call opt,WE
 	$(call opt,EARLY_STOPPING_PATIENCE,early-stopping-patience) $(call opt,CV_FOLDS,cv-folds)
 
 .PHONY: help install test test-slow test-all train sweep sweep-chief sweep-worker server best-export report ui clean \
-	clean-cache bench bench-memory predict
+	clean-cache bench bench-memory bench-finetune bench-fixed-cost predict
 
 DATASET ?=
 EXPERIMENT ?=
@@ -116,3 +116,9 @@ bench: ## plain Keras Tuner vs ours with the feature cache on a flower_photos su
 
 bench-memory: ## resident memory after each of 10 fine-tuning trials of a sweep, prints growth_mb= [MEMORY_ARGS="--trial-process same"]
 	$(PY) -m benchmarks.bench_memory $(MEMORY_ARGS)
+
+bench-finetune: ## fine-tuning end to end vs only the top on cached cut activations, flower_photos 224 px [FINETUNE_ARGS=--fine-tune-epochs 2]
+	$(PY) -m benchmarks.bench_finetune $(FINETUNE_ARGS)
+
+bench-fixed-cost: ## a trial's wall time minus its training steps: head trial in-process, fine-tuning trial fresh [FIXED_ARGS=--repeats 2]
+	$(PY) -m benchmarks.bench_fixed_cost $(FIXED_ARGS)

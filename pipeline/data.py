@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from pipeline import image_cache
 from pipeline.errors import DataError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -240,6 +241,31 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         return path, resize(image), label
 
+    key = image_cache.key_for(files, class_names, spec, image_size) if cache else None
+    stored = image_cache.load(key) if key else None
+    if stored is not None:  # decoded once before, by any process: memory-mapped, not decoded again
+        arrays, meta = stored
+        skipped.extend(meta["skipped"])
+        kept = {name: set(paths) for name, (_, _, paths) in arrays.items()}
+        files = {name: [it for it in files[name] if str(it[0]) in kept[name]] for name in files}
+        splits = {name: tf.data.Dataset.from_tensor_slices((x, y)) for name, (x, y, _) in arrays.items()}
+    else:
+        dropped: list[str] = []
+        splits = _decode_folder(files, decode, dropped, cache)
+        skipped.extend(dropped)
+        if cache:  # every image of a split may have failed to decode
+            _check_sizes(str(root), {k: len(v) for k, v in files.items()}, spec)
+        if key:
+            image_cache.save(key, _materialize(splits, files, image_size), dropped)
+    listing = [f"{s}:{p.relative_to(root)}:{p.stat().st_size}" for s, items in files.items() for p, _ in items]
+    fingerprint = _hash([*sorted(listing), *class_names, spec, str(image_size)])
+    sizes = {k: len(v) for k, v in files.items()}
+    return DataSplits(str(root), "folder", class_names, image_size, spec, sizes, fingerprint, skipped, splits)
+
+
+def _decode_folder(files: dict[str, list], decode, dropped: list[str], cache: bool) -> dict[str, tf.data.Dataset]:
+    """Decode every split's files (in parallel); with ``cache`` at once, naming the files that failed in
+    ``dropped`` and removing them from ``files``."""
     splits = {}
     for name, items in files.items():
         paths = tf.constant([str(p) for p, _ in items], tf.string, shape=[len(items)])
@@ -252,17 +278,25 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
             # (Keras needs it for whole epochs), and files that failed to decode are named.
             ds = ds.cache()
             decoded = {p.decode() for p in ds.map(lambda p, x, y: p).as_numpy_iterator()}
-            dropped = [str(p) for p, _ in items if str(p) not in decoded]
-            skipped.extend(dropped)
+            dropped.extend(str(p) for p, _ in items if str(p) not in decoded)
             files[name] = [it for it in items if str(it[0]) in decoded]
             ds = ds.apply(tf.data.experimental.assert_cardinality(len(decoded)))
         splits[name] = ds.map(lambda p, x, y: (x, y))
-    if cache:  # every image of a split may have failed to decode
-        _check_sizes(str(root), {k: len(v) for k, v in files.items()}, spec)
-    listing = [f"{s}:{p.relative_to(root)}:{p.stat().st_size}" for s, items in files.items() for p, _ in items]
-    fingerprint = _hash([*sorted(listing), *class_names, spec, str(image_size)])
-    sizes = {k: len(v) for k, v in files.items()}
-    return DataSplits(str(root), "folder", class_names, image_size, spec, sizes, fingerprint, skipped, splits)
+    return splits
+
+
+def _materialize(splits: dict[str, tf.data.Dataset], files: dict[str, list], image_size: int,
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+    """The decoded splits as arrays (for ``pipeline.image_cache``), with the paths they came from."""
+    out = {}
+    for name, ds in splits.items():
+        xs, ys = [], []
+        for x, y in ds.as_numpy_iterator():
+            xs.append(x)
+            ys.append(y)
+        x = np.stack(xs) if xs else np.zeros((0, image_size, image_size, 3), np.uint8)
+        out[name] = (x, np.asarray(ys, np.int32), [str(p) for p, _ in files[name]])
+    return out
 
 
 def _check_sizes(name: str, sizes: dict[str, int], spec: str, example: str = "75/15/10") -> None:

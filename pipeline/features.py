@@ -121,11 +121,17 @@ def load_or_compute(model: keras.Model, data: DataSplits, key: str, batch_size: 
         width = int(fx.output.shape[-1])
         out[split] = (np.concatenate(xs) if xs else np.zeros((0, width), np.float32),
                       np.concatenate(ys) if ys else np.zeros((0,), np.int32))
+    save(key, out, root)
+    return out, time.perf_counter() - start
+
+
+def save(key: str, out: dict[str, tuple[np.ndarray, np.ndarray]], root: Path | None = None) -> None:
+    """Keep features and labels per split under ``key`` (atomic: concurrent trials never read half a file)."""
+    path = (root or cache_root()) / f"{key}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **{f"{s}_{k}": v for s, (x, y) in out.items() for k, v in (("x", x), ("y", y))})
-    os.replace(tmp, path)  # atomic: concurrent trials never read half a file
-    return out, time.perf_counter() - start
+    os.replace(tmp, path)
 
 
 def feature_batches(features: tuple[np.ndarray, np.ndarray], batch_size: int, shuffle: bool = False,

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import keras
 
 from pipeline import crossval, features, precision
+from pipeline import cut as cuts
 from pipeline.backbones import BackboneSpec, check_image_size, get_spec
 from pipeline.data import DataSplits, load_data
 from pipeline.errors import UserError
@@ -161,6 +162,18 @@ def train_run(
                            precision=plan.precision)
     else:
         model = full_model(plan, data.num_classes)
+    at_cut, cut_seconds = None, 0.0
+    if key and plan.fine_tunes and (stop_epoch is None or stop_epoch > int(config.epochs)) and not is_head(model):
+        # Fine-tune only the top on cached activations at the cut (pipeline/cut.py): the same model.
+        split = cuts.split(model, plan.unfreeze_from)
+        if split is not None:
+            activations, cut_seconds = cuts.load_or_compute(split, data, split.key(key))
+            at_cut = (split, activations)
+            if cached is None:  # the pooled features from the activations: one pass over the images for both
+                start = time.perf_counter()
+                cached = cuts.pooled_features(split, activations)
+                features.save(key, cached)
+                feature_seconds = time.perf_counter() - start
     if key and cached is None and not is_head(model):
         cached, feature_seconds = features.load_or_compute(model, data, key)
     result = train(
@@ -168,13 +181,14 @@ def train_run(
         unfreeze_from=plan.unfreeze_from, learning_rate=float(config.learning_rate),
         fine_tune_learning_rate=plan.fine_tune_learning_rate, batch_size=int(config.batch_size), seed=config.seed,
         verbose=verbose, initial_epoch=initial_epoch, stop_epoch=stop_epoch, jit_compile=config.xla,
-        callbacks=callbacks, early_stopping_patience=int(config.early_stopping_patience or 0),
+        callbacks=callbacks, early_stopping_patience=int(config.early_stopping_patience or 0), cut=at_cut,
     )
     if any(math.isnan(v) or math.isinf(v) for v in result.history["loss"]):
         raise Diverged("loss became NaN/inf; lower the learning rate")
     if checkpoint_dir is not None:
         model.save(Path(checkpoint_dir) / checkpoint_name(model))
     result.feature_seconds = feature_seconds
+    result.cut_seconds = cut_seconds
     cv = None
     if cached is not None and not previous and not start_from:  # the head epochs the run kept (early stopping)
         cv = cross_validate(plan, data, cached, epochs=len(result.history["loss"]))

@@ -12,6 +12,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
+from pipeline.cut import Activations, Cut, top_trainer
 from pipeline.data import DataSplits
 from pipeline.errors import UserError
 from pipeline.features import feature_batches
@@ -33,6 +34,8 @@ class TrainResult:
     head_test_accuracy: float | None = None  # test accuracy before fine-tuning (measured, never used to choose)
     first_epoch: int = 0  # epoch index of history[...][0] (non-zero when a slice was trained)
     feature_seconds: float = 0.0  # spent computing frozen-backbone features (0 when cached or unused)
+    cut_seconds: float = 0.0  # spent computing activations at the fine-tuning cut (0 when cached or unused)
+    cut_index: int | None = None  # first backbone layer of the top that fine-tuned on cached activations
     features: dict | None = dataclasses.field(default=None, repr=False)  # the cached features used, if any
     # (labels, probabilities) on the test split, from the pass that gave test_loss and test_accuracy
     test_predictions: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
@@ -72,6 +75,7 @@ def train(
     features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     jit_compile: bool = False,
     early_stopping_patience: int = 0,
+    cut: tuple[Cut, Activations] | None = None,
 ) -> TrainResult:
     """Train the head with the backbone frozen, then fine-tune from ``unfreeze_from`` (if not None).
 
@@ -88,6 +92,10 @@ def train(
     ``early_stopping_patience`` > 0 stops the head phase once ``val_loss`` has not improved for that many
     epochs and keeps the weights of its best epoch; the history then ends at that epoch and fine-tuning
     continues from the next one (only when the whole axis is trained, not a Hyperband slice).
+
+    ``cut`` (``pipeline.cut.split`` at ``unfreeze_from`` and its cached activations) fine-tunes only the
+    top on the activations at the cut: the same variables, losses and weights, without running the
+    frozen bottom each step; validation and test go through the top too.
 
     ``model`` may also be a head alone (``pipeline.model.build_head``): it then trains and is
     evaluated on ``features`` only, head phase only; ``build_model(..., head=head)`` puts it on
@@ -123,6 +131,10 @@ def train(
             net = model if is_head(model) else head_on_features(model)
             train_in = feature_batches(features["train"], batch_size, shuffle=True, seed=seed)
             val_in = feature_batches(features["validation"], batch_size)
+        elif phase == "fine_tune" and cut is not None:
+            net = top_trainer(cut[0], model)  # the classifier's own layers and optimizer
+            train_in = feature_batches(cut[1]["train"], batch_size, shuffle=True, seed=seed)
+            val_in = feature_batches(cut[1]["validation"], batch_size)
         stopping = [stopper] if stopper is not None and phase == "head" else []
         history = net.fit(
             train_in, validation_data=val_in, initial_epoch=first, epochs=last,
@@ -156,9 +168,15 @@ def train(
     result = TrainResult(
         merged, fine_tune_start if fine_tunes and stop > fine_tune_start and "head" not in stopped else None,
         seconds["head"], seconds["fine_tune"], trainable_params(model), first_epoch=initial_epoch, features=features,
+        cut_index=cut[0].index if cut is not None else None,
     )
     if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
-        result.test_predictions = predictions(model, data, "test", batch_size, features)
+        if cut is not None and backbone_trainable(model):
+            x, y = cut[1]["test"]
+            probs = cut[0].top.predict(x, batch_size=batch_size, verbose=0) if len(x) else np.zeros((0, data.num_classes))
+            result.test_predictions = (y, probs)
+        else:
+            result.test_predictions = predictions(model, data, "test", batch_size, features)
         result.test_loss, result.test_accuracy = loss_and_accuracy(*result.test_predictions)
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy
     return result

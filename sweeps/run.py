@@ -14,6 +14,7 @@ from pipeline.backbones import get_spec
 from pipeline.data import check_dataset, skipped_lines, unreadable_files
 from pipeline.errors import DataError, UserError
 from pipeline.hparams import FINE_TUNE_ONLY
+from sweeps.trial import close_spare
 from sweeps import signals, workers
 from sweeps import space as space_module
 from sweeps.config import SweepConfig, check_experiment_name, default_sweep_for, load_sweep, safe_experiment_name
@@ -142,6 +143,7 @@ def run_sweep(
                     "(--on-change restart)"
                 ) from e
             finally:
+                close_spare()  # no trial process waits beyond the sweep
                 for t in tuners:
                     try:
                         t.journal.close()  # finished trials reach MLflow before the sweep ends

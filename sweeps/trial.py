@@ -10,6 +10,7 @@ its journal entry (``tracking.entry.write_entry``) and the sweep's process sends
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -152,12 +153,11 @@ def run_fresh(spec: TrialSpec) -> TrialOutput:
     (folder / REQUEST).write_text(spec.to_json())
     answer = folder / ANSWER
     answer.unlink(missing_ok=True)
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", str(folder), str(os.getpid())], env=env,
-                            stderr=subprocess.PIPE, text=True, errors="replace")
-    relay = threading.Thread(target=_relay_stderr, args=(proc.stderr,), daemon=True)
-    relay.start()
+    proc, relay = _take_spare()
+    proc.stdin.write(f"{folder}\n")  # the spare reads its request from there
+    proc.stdin.close()
+    if os.environ.get("TLSWEEP_SPARE", "1") != "0":
+        _start_spare()  # the next trial's process starts TensorFlow while this one trains
     try:
         code = proc.wait()
         relay.join(10)
@@ -186,6 +186,52 @@ def run_fresh(spec: TrialSpec) -> TrialOutput:
     raise kt.errors.FailedTrialError(f"the trial's process exited with code {code} and no result")
 
 
+# -- a warm spare process --------------------------------------------------------------------------
+
+_spare: tuple[subprocess.Popen, threading.Thread] | None = None
+
+
+def _start_spare() -> None:
+    """Start the next trial's process now: it imports TensorFlow and waits on stdin for its trial folder."""
+    global _spare
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", "--spare", str(os.getpid())], env=env,
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
+    relay = threading.Thread(target=_relay_stderr, args=(proc.stderr,), daemon=True)
+    relay.start()
+    _spare = (proc, relay)
+
+
+def _take_spare() -> tuple[subprocess.Popen, threading.Thread]:
+    """The waiting spare process if it is still alive, else a new one."""
+    global _spare
+    if _spare is None or _spare[0].poll() is not None:
+        _start_spare()
+    taken, _spare = _spare, None
+    return taken
+
+
+def close_spare() -> None:
+    """End the waiting spare; called when a sweep ends and at exit."""
+    global _spare
+    if _spare is not None:
+        proc, relay = _spare
+        _spare = None
+        with contextlib.suppress(OSError, ValueError):
+            proc.stdin.close()
+        proc.terminate()  # it may still be importing TensorFlow; it holds no work
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        relay.join(5)
+
+
+atexit.register(close_spare)
+
+
 # What TensorFlow prints whenever a process starts it on a machine without a GPU.
 _STARTUP_NOISE = STARTUP_NOISE
 
@@ -199,8 +245,16 @@ def _relay_stderr(stream: Any) -> None:
 
 def main(argv: list[str]) -> int:
     """``python -m sweeps.trial <trial folder> <sweep pid>``: run ``request.json``, write ``answer.json``."""
-    folder, parent = Path(argv[0]), int(argv[1])
-    _exit_with(parent)
+    if argv[0] == "--spare":  # started ahead of its trial: TensorFlow is imported, wait for the folder
+        parent = int(argv[1])
+        _exit_with(parent)
+        line = sys.stdin.readline().strip()
+        if not line:  # the sweep ended without needing it
+            return 0
+        folder = Path(line)
+    else:
+        folder, parent = Path(argv[0]), int(argv[1])
+        _exit_with(parent)
     spec = TrialSpec.from_json((folder / REQUEST).read_text())
     try:
         reply: dict[str, Any] = {"output": dataclasses.asdict(run(spec, {}))}

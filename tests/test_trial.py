@@ -87,3 +87,24 @@ def test_heads_on_cached_features_stay_in_the_sweeps_process(tmp_path, tracking_
     answers = {p.parent.name for p in (tmp_path / "state").rglob("answer.json")}
     assert answers == {"trial_0"}
     assert tuner.data_cache, "the sweep's process loaded the data for its in-process trials"
+
+
+@pytest.mark.slow
+def test_the_next_trials_process_is_started_while_a_trial_runs_and_ended_with_the_sweep(tmp_path, class_folder):
+    from sweeps import trial as trials
+
+    def spec(n):
+        return TrialSpec(run=RunConfig(image_size=32, epochs=1, fine_tune=False), dataset=str(class_folder), split=None,
+                         log_models="best", verbose=0, trial_dir=str(tmp_path / f"t{n}"), export_metadata={},
+                         run_spec={}, params={}, journal=str(tmp_path / "journal"), checkpoint=True)
+
+    first = trials.run_fresh(spec(0))
+    spare = trials._spare[0]
+    assert spare.poll() is None, "a spare process waits for the next trial"
+    second = trials.run_fresh(spec(1))
+    assert spare.poll() == 0, "the spare ran the second trial and exited"
+    assert second.val_accuracy == pytest.approx(first.val_accuracy, abs=1e-6)  # the same trial, the same result
+    assert json.loads((tmp_path / "t1" / "answer.json").read_text())["output"]
+    waiting = trials._spare[0]
+    trials.close_spare()
+    assert waiting.poll() is not None and trials._spare is None
