@@ -162,8 +162,9 @@ class Launch:
         mlflow_bin = Path(sys.executable).parent / "mlflow"
         cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--backend-store-uri", self.store_uri,
                "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job consumers (7 processes)
         self.server = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+                                       preexec_fn=_die_with_parent, env=env)
         uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + SERVER_START_SECONDS
         while True:

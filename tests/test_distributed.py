@@ -55,7 +55,8 @@ def server(tmp_path):
     port = free_port()
     proc = start([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
                   f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
-                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], tmp_path, tmp_path / "server.log")
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], tmp_path, tmp_path / "server.log",
+                 MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job consumers (7 processes)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
