@@ -110,15 +110,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In a child, before it runs: the kernel sends it SIGTERM if the launcher dies (even by ``kill -9``),
+def _die_with_parent(sig: int) -> None:
+    """In a child, before it runs: the kernel sends it ``sig`` if the launcher dies (even by ``kill -9``),
     so nothing it started outlives it. Linux only; elsewhere the children are stopped on the way out."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _server_dies_with_parent() -> None:
+    _die_with_parent(signal.SIGTERM)  # the server stops its own workers on SIGTERM
+
+
+def _sweep_dies_with_parent() -> None:
+    # SIGKILL: the server dies with the launcher, so a chief or worker could not close its runs anyway, and
+    # trying (MLflow retries a server that is gone for minutes) kept them alive. The same command again
+    # closes those runs ("resume: its process died") and writes out journaled trials; trial processes
+    # end with their worker.
+    _die_with_parent(signal.SIGKILL)
 
 
 # TensorFlow's start-up lines, printed by every process it starts in (not errors: E lines are relayed).
@@ -164,7 +176,7 @@ class Launch:
                "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job consumers (7 processes)
         self.server = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=_die_with_parent, env=env)
+                                       preexec_fn=_server_dies_with_parent, env=env)
         uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + SERVER_START_SECONDS
         while True:
@@ -189,7 +201,7 @@ class Launch:
         # the chief next and the server last, so every run can still be closed through it.
         proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "sweep", *args], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=_sweep_dies_with_parent)
         self.procs[name] = proc
         relay = threading.Thread(target=_relay, args=(name, proc.stdout), daemon=True, name=f"tlsweep-relay-{name}")
         relay.start()
