@@ -183,7 +183,7 @@ def train_run(
         verbose=verbose, initial_epoch=initial_epoch, stop_epoch=stop_epoch, jit_compile=config.xla,
         callbacks=callbacks, early_stopping_patience=int(config.early_stopping_patience or 0), cut=at_cut,
     )
-    if any(math.isnan(v) or math.isinf(v) for v in result.history["loss"]):
+    if any(math.isnan(v) or math.isinf(v) for k in ("loss", "val_loss") for v in result.history.get(k, [])):
         raise Diverged("loss became NaN/inf; lower the learning rate")
     if checkpoint_dir is not None:
         model.save(Path(checkpoint_dir) / checkpoint_name(model))

@@ -75,15 +75,15 @@ def run_sweep(
         print(line, flush=True)
     timeout = workers.worker_timeout() if role == "chief" else None
     heartbeat = workers.heartbeat_seconds() if role == "worker" else None
+    space_module.check_sweep(config)
+    store.configure(tracking_uri)  # a store that cannot be used is one line, before any state is written
     directory = sweep_dir(state_dir, experiment)
     search = SweepState(directory, config, dataset, split)
     with search.locked() if role != "worker" else contextlib.nullcontext():
         note, config = search.check(on_change) if role != "worker" else (None, config)
         if note:
             print(note, flush=True)
-        space_module.check({**config.space, **(config.stage2.get("space") or {})}, config.source or config.name)
         config = space_module.fit_to_machine(config)  # the saved search's identity stays the sweep file's space
-        store.configure(tracking_uri)
         exp_id = store.experiment_id(experiment)
         key = f"{experiment}:{config.name}"  # not a path: the project may move, workers run elsewhere
         if role == "worker":  # the chief creates the parent (and the experiment) before any worker writes

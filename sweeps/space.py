@@ -81,17 +81,35 @@ def check(space: dict[str, dict[str, Any]], where: str) -> None:
     from pipeline.errors import UserError
     from pipeline.hparams import RunConfig
 
-    joint = ("backbone", "fine_tune_at", "image_size")
+    joint = ("backbone", "fine_tune", "fine_tune_at", "image_size")
     combos = itertools.product(*(values_of(space.get(n), n) for n in joint))
-    configs = [{**dict(zip(joint, combo)), "fine_tune": True} for combo in combos]
+    configs = [dict(zip(joint, combo)) for combo in combos]
     configs += [{name: value} for name in DEFAULTS if name not in joint
                 for value in values_of(space.get(name), name)]
     for changes in configs:
+        if not changes.get("fine_tune", True):
+            changes = {**changes, "fine_tune_at": None}  # not drawn: conditional on fine_tune
         try:
             recipe.plan(RunConfig(**{**DEFAULTS, **changes}))
         except UserError as e:
-            shown = ", ".join(f"{k}={v!r}" for k, v in changes.items() if k != "fine_tune" or len(changes) == 1)
+            shown = ", ".join(f"{k}={v!r}" for k, v in changes.items() if v is not None)
             raise UserError(f"sweep {where}: no trial can run with {shown}: {e}") from None
+
+
+def check_sweep(config: "SweepConfig") -> None:
+    """``check`` for a sweep: a staged search's stage 1 trains heads only, its stage 2 fine-tunes the single
+    backbones among them (an ensemble stays as stage 1 trained it)."""
+    from pipeline.backbones import get_spec
+
+    where = config.source or config.name
+    if not config.stage2:
+        check(config.space, where)
+        return
+    check({**config.space, "fine_tune": {"fixed": False}}, where)
+    singles = [b for b in values_of(config.space.get("backbone"), "backbone") if not get_spec(str(b)).is_ensemble]
+    if singles:
+        check({**config.space, **(config.stage2.get("space") or {}), "backbone": {"choice": singles},
+               "fine_tune": {"fixed": True}}, where)
 
 
 def fit_to_machine(config: "SweepConfig") -> "SweepConfig":

@@ -20,6 +20,7 @@ from typing import Any
 
 import keras
 import keras_tuner as kt
+from keras_tuner.src import config as kt_config
 
 from pipeline import recipe
 from pipeline.data import DataSplits
@@ -36,6 +37,9 @@ from tracking.journal import TrialJournal
 
 ZERO_SEED = 2**31 - 1  # the oracle's seed for a sweep with seed 0
 VERBOSE_ENV = "TLSWEEP_VERBOSE"  # set by `sweep --verbose`: failed trials print their traceback
+# Keras Tuner prints every failed trial's traceback (its config.DEBUG is True by default); a failed trial here
+# prints one line with its reason, and its traceback goes to MLflow (error.txt) and, with --verbose, the screen.
+kt_config.DEBUG = False
 
 
 class SpaceHyperModel(kt.HyperModel):

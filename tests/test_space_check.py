@@ -11,7 +11,7 @@ STARTUP = re.compile(r"^(WARNING: All log messages before absl|I0000 |E0000 |W00
 
 BAD_SPACES = [
     ({"space": {"backbone": {"choice": ["efficientnet_lite0", "efficientnet_lite9"]}}},
-     "error: sweep {yaml}: no trial can run with backbone='efficientnet_lite9', fine_tune_at=0.75, image_size=0: "
+     "error: sweep {yaml}: no trial can run with backbone='efficientnet_lite9', fine_tune=True, fine_tune_at=0.75, image_size=0: "
      "unknown backbone 'efficientnet_lite9'; known backbones: "),
     ({"space": {"epochs": {"fixed": 0}}},
      "error: sweep {yaml}: no trial can run with epochs=0: epochs must be a whole number >= 1, got 0"),
@@ -20,10 +20,10 @@ BAD_SPACES = [
     ({"space": {"dropout": {"float": [0.0, 1.5]}}},
      "error: sweep {yaml}: no trial can run with dropout=1.5: dropout must be a number >= 0 and < 1, got 1.5"),
     ({"space": {"fine_tune_at": {"choice": [100, 200]}}},
-     "error: sweep {yaml}: no trial can run with backbone='efficientnet_lite0', fine_tune_at=200, image_size=0: "
+     "error: sweep {yaml}: no trial can run with backbone='efficientnet_lite0', fine_tune=True, fine_tune_at=200, image_size=0: "
      "fine_tune_at 200 is beyond the depth of efficientnet_lite0 (141 layers)"),
     ({"space": {"backbone": {"fixed": "xception"}, "image_size": {"fixed": 32}, "weights": {"fixed": "none"}}},
-     "error: sweep {yaml}: no trial can run with backbone='xception', fine_tune_at=0.75, image_size=32: image size 32 "
+     "error: sweep {yaml}: no trial can run with backbone='xception', fine_tune=True, fine_tune_at=0.75, image_size=32: image size 32 "
      "is too small for backbone 'xception'"),
     ({"space": {"learning_rate": {"choice": [0.001, -1]}}},
      "error: sweep {yaml}: no trial can run with learning_rate=-1: learning_rate must be a number > 0, got -1"),
@@ -87,3 +87,19 @@ def test_backbones_without_weights_here_leave_the_space_with_a_line_each(monkeyp
     with pytest.raises(UserError, match=r"sweep t: no backbone of \['xception', 'resnet50'\] has weights on this "
                                         r"machine; xception: backbone 'xception' needs internet"):
         fit_to_machine(parse_sweep({"space": {"backbone": {"choice": ["xception", "resnet50"]}}}, "t"))
+
+
+def test_a_staged_search_checks_heads_for_every_backbone_and_fine_tuning_for_single_ones():
+    from pipeline.errors import UserError
+    from sweeps.config import parse_sweep
+    from sweeps.space import check_sweep
+
+    staged = {"space": {"backbone": {"choice": ["efficientnet_lite0", "efficientnet_lite0+efficientnet_lite1"]}},
+              "stage2": {"space": {"fine_tune_at": {"choice": [0.5, 0.9]}}}}
+    check_sweep(parse_sweep(staged, "t"))  # the ensemble trains its head in stage 1 only: fine
+    with pytest.raises(UserError, match=r"no trial can run with backbone='efficientnet_lite0', fine_tune=True, "
+                                        r"fine_tune_at=500"):
+        check_sweep(parse_sweep({**staged, "stage2": {"space": {"fine_tune_at": {"choice": [0.5, 500]}}}}, "t"))
+    with pytest.raises(UserError, match=r"is an ensemble: it trains its head only and does not fine-tune"):
+        check_sweep(parse_sweep({"space": {**staged["space"], "fine_tune": {"boolean": True}}}, "t"))
+    check_sweep(parse_sweep({"space": {**staged["space"], "fine_tune": {"fixed": False}}}, "t"))

@@ -265,7 +265,7 @@ def test_report_is_self_contained_html_and_markdown(swept, capsys):
     # 4 sweep charts (by backbone, parallel coordinates, Pareto fronts against latency and size) + the best
     # trial's curves, confusion matrix, predictions
     assert page.count('src="data:image/png;base64,') == 7 and 'src="http' not in page
-    assert "latency_ms" in page and "size_mb" in page
+    assert "latency_<wbr>ms" in page and "size_<wbr>mb" in page  # headers wrap at their underscores
     assert "loss became NaN/inf; lower the learning rate" in page, "failed trials are listed with their error"
     md = (page_path.parent / "report.md").read_text()
     assert "## Leaderboard" in md and "![predictions.png](predictions.png)" in md
