@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
 from sweeps import gpus
+from test_distributed import SWEEP as DISTRIBUTED_SWEEP
 from sweeps.cli import main as sweeps_main
 from tracking.layout import DEVICE, PRECISION, TRIAL_ID, WORKER
 
@@ -80,23 +81,9 @@ def test_gpus_with_a_role_or_a_staged_sweep_is_refused_in_one_line(class_folder,
 
 # -- real processes: a chief, two pinned workers and an mlflow server over the user's SQLite store -------
 
-SWEEP = {
-    "tuner": "random",  # a finished grid search is not extended by a larger MAX_TRIALS (Keras Tuner's grid state)
-    "max_trials": 4,
-    "log_models": "best",
-    "trial_process": "auto",  # fine-tuning trials in fresh processes under the pinned workers
-    "space": {
-        "backbone": {"fixed": "efficientnet_lite0"},
-        "image_size": {"fixed": 32},
-        "dropout": {"choice": [0.1, 0.2, 0.3]},
-        "fine_tune": {"boolean": True},
-        "epochs": {"fixed": 2},
-        "fine_tune_epochs": {"fixed": 1},
-        "fine_tune_at": {"fixed": 120},
-        "learning_rate": {"fixed": 0.01},
-        "batch_size": {"fixed": 8},
-    },
-}
+# test_distributed's tiny sweep; random: a finished grid search is not extended by a larger MAX_TRIALS (Keras
+# Tuner's grid state); fine-tuning trials in fresh processes under the pinned workers
+SWEEP = {**DISTRIBUTED_SWEEP, "tuner": "random", "max_trials": 4, "trial_process": "auto"}
 
 
 def _command(tmp_path: Path, dataset: Path, **changes) -> list[str]:
