@@ -106,7 +106,6 @@ def load_or_compute(model: keras.Model, data: DataSplits, key: str, batch_size: 
     found = load(key, root)
     if found is not None:
         return found, 0.0
-    path = (root or cache_root()) / f"{key}.npz"
     start = time.perf_counter()
     fx = extractor(model)
     # One graph for every batch size (traced once, ~1 s for EfficientNet-Lite0; op by op is 2x slower).

@@ -2,7 +2,6 @@
 cuInit) do not reach the user from the CLIs; every other line written to stderr still does."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
