@@ -6,7 +6,7 @@ the user's own store (unless that store already is a server), a chief that serve
 runs no trials, and one worker per GPU, each pinned with ``CUDA_VISIBLE_DEVICES=<id>`` (ids as
 ``nvidia-smi`` numbers them: ``CUDA_DEVICE_ORDER=PCI_BUS_ID``) and with GPU memory growth on. Each
 worker runs one trial at a time, so each GPU runs one trial at a time. It waits for the chief, then
-stops everything it started; Ctrl-C or SIGTERM stops the workers and the chief first (their runs are
+stops everything it started; Ctrl-C or SIGTERM stops the chief and the workers first (their runs are
 closed as KILLED through the server), then the server. The same command again resumes the sweep:
 the workers keep their ids (``gpu<id>``), so each one gets back the trial it was running.
 
@@ -236,15 +236,16 @@ class Launch:
         return chief.returncode
 
     def stop(self, sig: int = signal.SIGINT) -> None:
-        """Workers, then the chief, get ``sig`` (they close their runs as KILLED) and ``STOP_SECONDS`` to exit,
-        then SIGKILL; the server goes last. Safe to call twice."""
+        """The chief, then at once the workers, get ``sig`` (they close their runs as KILLED) and ``STOP_SECONDS`` to
+        exit, then SIGKILL; the server goes last. The chief is told first: a chief that saw its workers' trials
+        end before its own signal came would finish the sweep as FINISHED. Safe to call twice."""
         workers = [p for n, p in self.procs.items() if n != "chief"]
         chief = [self.procs["chief"]] if "chief" in self.procs else []
+        for proc in chief + workers:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
         for group in (workers, chief):
-            for proc in group:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(sig)
             _reap(group, STOP_SECONDS)
         for relay in self._relays:
             relay.join(5)
