@@ -71,11 +71,11 @@ def run_sweep(
                         "with a chief and workers")
     experiment = experiment_name(dataset, experiment)
     check_dataset(dataset)  # these fail before any run exists
+    space_module.check_sweep(config)  # cheap: before the images are read
     for line in skipped_lines(unreadable_files(dataset)):  # named here: trials only count them
         print(line, flush=True)
     timeout = workers.worker_timeout() if role == "chief" else None
     heartbeat = workers.heartbeat_seconds() if role == "worker" else None
-    space_module.check_sweep(config)
     store.configure(tracking_uri)  # a store that cannot be used is one line, before any state is written
     directory = sweep_dir(state_dir, experiment)
     search = SweepState(directory, config, dataset, split)
