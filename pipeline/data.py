@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from pipeline import image_cache
 from pipeline.errors import DataError, UserError
+from pipeline.tfstart import quiet_decoders
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
@@ -277,7 +278,8 @@ def _decode_folder(files: dict[str, list], decode, dropped: list[str], cache: bo
             # Decode once now into the in-memory cache: later epochs read it, the exact size is known
             # (Keras needs it for whole epochs), and files that failed to decode are named.
             ds = ds.cache()
-            decoded = {p.decode() for p in ds.map(lambda p, x, y: p).as_numpy_iterator()}
+            with quiet_decoders():  # libjpeg's unnamed lines; the skipped files are named instead
+                decoded = {p.decode() for p in ds.map(lambda p, x, y: p).as_numpy_iterator()}
             dropped.extend(str(p) for p, _ in items if str(p) not in decoded)
             files[name] = [it for it in items if str(it[0]) in decoded]
             ds = ds.apply(tf.data.experimental.assert_cardinality(len(decoded)))
@@ -330,13 +332,12 @@ def _available_memory() -> int:
 
 
 def skipped_lines(skipped_files: list[str], limit: int = SKIPPED_SHOWN) -> list[str]:
-    """The skipped files named on screen, ``limit`` of them, then how many more. libjpeg prints its own
-    messages (``Premature end of JPEG data``, ``Input file read error``) without a file name; these lines say
-    which files they were about."""
+    """The skipped files named on screen, ``limit`` of them, then how many more. libjpeg's own messages
+    (``Improper call to JPEG library in state 201``, ``Premature end of JPEG file``) name no file; they are held
+    back while images are decoded (``pipeline.tfstart.quiet_decoders``) and these lines say it instead."""
     if not skipped_files:
         return []
-    lines = [f"{len(skipped_files)} file(s) skipped, not readable images (libjpeg's messages above, if any, are "
-             "about these):"]
+    lines = [f"{len(skipped_files)} file(s) skipped, not readable images:"]
     lines += [f"  skipped (not a readable image): {path}" for path in skipped_files[:limit]]
     if len(skipped_files) > limit:
         lines.append(f"  ... and {len(skipped_files) - limit} more skipped files (all counted in skipped_files)")
@@ -365,7 +366,8 @@ def unreadable_files(dataset: str) -> list[str]:
         return path, tf.shape(image)[0]
 
     ds = tf.data.Dataset.from_tensor_slices(images).map(decodes, num_parallel_calls=AUTOTUNE).ignore_errors()
-    decoded = {p.decode() for p, _ in ds.as_numpy_iterator()}
+    with quiet_decoders():  # libjpeg's unnamed lines; the skipped files are named instead
+        decoded = {p.decode() for p, _ in ds.as_numpy_iterator()}
     return sorted(bad + [p for p in images if p not in decoded])
 
 
@@ -482,7 +484,8 @@ def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     if not _is_image(Path(path)):
         raise UserError(f"{path} is not a readable image ({', '.join(IMAGE_EXTENSIONS)})")
     try:
-        image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+        with quiet_decoders():  # the error below names the file
+            image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
     except tf.errors.InvalidArgumentError as e:
         raise UserError(f"{path} could not be decoded: {e.message}") from e
     return _resizer(image_size)(image).numpy()

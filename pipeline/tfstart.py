@@ -27,7 +27,7 @@ STARTUP_NOISE = re.compile(
 
 def quiet_environment() -> None:
     """Before TensorFlow is imported: C++ messages below FATAL off (errors reach Python as exceptions;
-    libjpeg's messages about a bad file are followed by our line naming it)."""
+    libjpeg's own lines about a bad file are held back by ``quiet_decoders``; our lines name the file)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
@@ -60,3 +60,20 @@ def filtered_stderr(noise: re.Pattern) -> Iterator[None]:
                 if not noise.match(line):
                     sys.stderr.write(line)
             sys.stderr.flush()
+
+
+# What libjpeg (and libpng) write to file descriptor 2 themselves about a bad file, without its name (messages of
+# libjpeg's jerror.h; seen here for a truncated JPEG: "Improper call to JPEG library in state 201"). The lines that
+# name the skipped files say it instead.
+DECODER_NOISE = re.compile(
+    r"^(.*JPEG.*|Input file read error|Bogus .*|Unsupported marker type .*|Huffman table .* was not defined"
+    r"|Quantization table .* was not defined|Empty input file|Invalid SOS parameters.*|Invalid component ID .*"
+    r"|Corrupt .*|Backing store not supported|Sampling factors too large.*|libpng (warning|error): .*)\s*$"
+)
+
+
+@contextlib.contextmanager
+def quiet_decoders() -> Iterator[None]:
+    """While images are decoded: the image libraries' own unnamed lines about bad files held back."""
+    with filtered_stderr(DECODER_NOISE):
+        yield

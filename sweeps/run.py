@@ -76,6 +76,7 @@ def run_sweep(
         print(line, flush=True)
     timeout = workers.worker_timeout() if role == "chief" else None
     heartbeat = workers.heartbeat_seconds() if role == "worker" else None
+    chief_wait = workers.chief_timeout() if role == "worker" else None
     store.configure(tracking_uri)  # a store that cannot be used is one line, before any state is written
     directory = sweep_dir(state_dir, experiment)
     search = SweepState(directory, config, dataset, split)
@@ -108,6 +109,10 @@ def run_sweep(
         if tuner_out is not None:  # for benchmarks: the tuner and its timings
             tuner_out.append(tuner_obj)
         _recover(tuner_obj, exp_id, parent, role)
+        if role == "worker":  # a chief that dies is waited for (bounded) and carried on with when it is back
+            workers.reconnecting(tuner_obj.oracle, chief_wait)
+        if role == "chief" and (kept := workers.keep_ongoing(tuner_obj.oracle)):  # started again after it died
+            print(f"chief: trial(s) {', '.join(kept)} still run on their workers and stay theirs", flush=True)
         if role == "chief":
             print(f"chief: serving the oracle on {os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
                   f" for sweep {key!r} (parent run {parent}); start workers with `make sweep-worker`", flush=True)

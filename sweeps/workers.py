@@ -9,16 +9,27 @@ environment: ``TLSWEEP_HEARTBEAT_SECONDS`` (default 30) and ``TLSWEEP_WORKER_TIM
 
 A worker the chief has no trial for yet (a grid or Hyperband search waiting on another worker's
 result) would ask again at once, without end; ``WaitsWhenIdle`` makes it say so and ask every few seconds.
+
+A chief killed and started again (the same command): Keras Tuner's workers would wait for it for an hour
+without a word, and the restarted chief would hand the trials its workers were running to the next worker
+that asks (``Oracle.reload`` queues every ongoing trial for a retry, finished ones included), so they ran twice.
+``reconnecting`` makes a worker say once that the chief does not answer and wait ``chief_timeout()`` seconds
+(``TLSWEEP_CHIEF_TIMEOUT``, default 600) for it; ``keep_ongoing`` gives the restarted chief back the trials its
+workers are still running.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable
 
+import grpc
 import keras_tuner as kt
 from keras_tuner.src.engine import conditions
 from keras_tuner import synchronized
@@ -33,6 +44,10 @@ def heartbeat_seconds() -> float:
 
 def worker_timeout() -> float:
     return _seconds("TLSWEEP_WORKER_TIMEOUT", 600.0)
+
+
+def chief_timeout() -> float:
+    return _seconds("TLSWEEP_CHIEF_TIMEOUT", 600.0)
 
 
 def _seconds(name: str, default: float) -> float:
@@ -175,3 +190,103 @@ def _requeue(oracle: kt.Oracle, worker: str, trial_id: str) -> bool:
     oracle._retry_queue.append(trial_id)
     oracle.save()
     return True
+
+
+# -- a chief that dies and is started again --------------------------------------------------------------
+
+
+class ChiefGone(UserError, kt.errors.FatalError):
+    """The chief did not come back in time: the worker stops (a FatalError: not one trial's failure)."""
+
+
+class _PatientStub:
+    """Keras Tuner's gRPC stub to the chief, but a call waits for a chief that does not answer at most
+    ``timeout`` seconds (saying so once), and is sent again if the connection broke while it was out."""
+
+    PROBE = 10.0  # seconds: an answering chief connects well within this
+
+    def __init__(self, address: str, worker: str, timeout: float, say: Callable[[str], None] = print):
+        from keras_tuner.src import protos
+
+        self.address, self.worker, self.timeout, self.say = address, worker, timeout, say
+        self.channel = grpc.insecure_channel(address)
+        self.stub = protos.get_service_grpc().OracleStub(self.channel)
+        self.lost = False  # the chief did not answer; said so
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.stub, name)
+
+        def call(request: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + self.timeout
+            while True:
+                self._wait_for_chief(deadline)
+                try:
+                    return method(request, wait_for_ready=True, timeout=max(deadline - time.monotonic(), self.PROBE))
+                except grpc.RpcError as e:  # the chief died while the request was out: ask again once it is back
+                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise
+                    if time.monotonic() > deadline:
+                        self._gone()
+
+        return call
+
+    def _ready(self, seconds: float) -> bool:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=max(seconds, 0.01))
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
+    def _wait_for_chief(self, deadline: float) -> None:
+        if self._ready(0 if self.lost else self.PROBE):
+            if self.lost:
+                self.lost = False
+                self.say(f"worker {self.worker}: the chief answers again; carrying on")
+            return
+        if not self.lost:
+            self.lost = True
+            self.say(f"worker {self.worker}: the chief at {self.address} does not answer; waiting up to "
+                     f"{self.timeout:.0f} s (TLSWEEP_CHIEF_TIMEOUT) for it to come back: start it again with the same "
+                     "command (make sweep-chief) and this worker carries on")
+        if not self._ready(deadline - time.monotonic()):
+            self._gone()
+        self.lost = False
+        self.say(f"worker {self.worker}: the chief answers again; carrying on")
+
+    def _gone(self) -> None:
+        raise ChiefGone(f"the chief at {self.address} did not answer for {self.timeout:.0f} s "
+                        "(TLSWEEP_CHIEF_TIMEOUT); start it again with the same command (make sweep-chief), then this "
+                        f"worker (the same WORKER={self.worker}): it reruns the trial it was running if that did not finish")
+
+
+def reconnecting(client: Any, timeout: float) -> None:
+    """On a worker: ``client`` (Keras Tuner's ``OracleClient``) waits for a chief that does not answer at most
+    ``timeout`` seconds, says so once, and carries on when the chief is back."""
+    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    client.stub = _PatientStub(address, client.tuner_id, timeout,
+                               say=lambda line: print(line, flush=True))
+
+
+def keep_ongoing(oracle: kt.Oracle) -> list[str]:
+    """On a restarted chief: give each worker back the trial it was running when the chief died.
+
+    Keras Tuner's ``Oracle.reload`` empties the ongoing trials into the retry queue: a worker still running
+    its trial would see it handed to another worker, and a trial that had just finished (the chief saves
+    before it drops a finished trial from the ongoing ones) would run again. Here a trial still RUNNING goes
+    back to its worker (if that worker is dead, ``WorkerMonitor`` requeues it after ``worker_timeout()``, as
+    when the chief is alive); one that had ended is not rerun. Returns the trial ids given back.
+    """
+    path = Path(oracle._get_oracle_fname())
+    saved = json.loads(path.read_text()).get("ongoing_trials", {}) if path.is_file() else {}
+    kept = []
+    for worker, trial_id in saved.items():
+        queue = oracle._retry_queue
+        if trial_id in queue:  # reload appended it last
+            del queue[len(queue) - 1 - queue[::-1].index(trial_id)]
+        trial = oracle.trials.get(trial_id)
+        if trial is None or trial.status != kt.engine.trial.TrialStatus.RUNNING:
+            continue  # it ended before the chief died: not run again
+        oracle.ongoing_trials[worker] = trial
+        oracle.tuner_ids.add(worker)
+        kept.append(trial_id)
+    return kept

@@ -1,0 +1,163 @@
+"""Faults survived, with real processes: the chief killed and started again, the tracking server killed and
+started again, and a truncated JPEG named in one line."""
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from test_distributed import Sweep, running_trial, server, trial_processes_under  # noqa: F401 - server: a fixture
+from tracking.layout import TRIAL_ID, WORKER
+
+# test_distributed's tiny space; random: Keras Tuner's grid oracle cannot resume a killed chief (README, Status)
+FAULT_SWEEP = {"tuner": "random", "max_trials": 4}
+
+
+def poll(condition, timeout: float, what: str, logs=lambda: ""):
+    """Wait until ``condition()`` is true (polled every 0.2 s), at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s\n{logs()}"
+        time.sleep(0.2)
+    return value
+
+
+def every_trial_once(uri: str, trials: int, experiment: str = "dist") -> list:
+    """The sweep FINISHED, one FINISHED run per trial id and no other run (no duplicate, nothing RUNNING),
+    each with its curve, test score, plots and checkpoint."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`tlsweep.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED"
+    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    seen = sorted((k.data.tags[TRIAL_ID], k.info.status) for k in kids)
+    assert seen == [(str(i), "FINISHED") for i in range(trials)], f"each trial once, nothing else: {seen}"
+    for kid in kids:
+        assert len(client.get_metric_history(kid.info.run_id, "val_accuracy")) >= 2
+        assert "test_accuracy" in kid.data.metrics
+        assert len(client.list_artifacts(kid.info.run_id, "plots")) == 3
+        assert client.list_artifacts(kid.info.run_id, "checkpoint")
+    assert parent.data.tags["tlsweep.best_run_id"] in {k.info.run_id for k in kids}
+    return kids
+
+
+@pytest.fixture
+def sweep(tmp_path, server, class_folder, monkeypatch):  # noqa: F811 - server: the fixture imported above
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path / "cache"))
+    s = Sweep(tmp_path, server, str(class_folder))
+    s.configure(**FAULT_SWEEP)
+    yield s
+    s.kill()
+
+
+@pytest.mark.slow
+def test_the_chief_killed_mid_sweep_and_started_again_finishes_every_trial_once(sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("TLSWEEP_CHIEF_TIMEOUT", "300")  # bounded: a worker never waits an hour for a chief
+    chief = sweep.chief()
+    sweep.worker("w1")
+    sweep.worker("w2")
+    client = MlflowClient(sweep.uri)
+    victim = running_trial(sweep, client, "w1")  # a trial runs on w1 when the chief dies
+    chief.send_signal(signal.SIGKILL)
+    chief.wait()
+    # The workers carry on: the trial they run finishes, then they wait for the chief, and say so once.
+    poll(lambda: all(f"the chief at {sweep.oracle} does not answer" in (tmp_path / f"{w}.log").read_text()
+                     for w in ("w1", "w2")), 300, "the workers say they wait for the chief", sweep.logs)
+    assert sweep.procs["w1"].poll() is None and sweep.procs["w2"].poll() is None, sweep.logs()
+    sweep.chief()  # the same command again
+    codes = sweep.wait(timeout=600)
+    assert codes == {"chief": 0, "w1": 0, "w2": 0}, sweep.logs()
+    kids = every_trial_once(sweep.uri, trials=4)
+    assert {k.data.tags[WORKER] for k in kids} <= {"w1", "w2"}
+    assert client.get_run(victim.info.run_id).info.status == "FINISHED", "the trial running then finished once"
+    for w in ("w1", "w2"):
+        log = (tmp_path / f"{w}.log").read_text()
+        assert log.count("does not answer") == 1 and "the chief answers again" in log, log
+    assert not trial_processes_under(tmp_path), "no trial process left behind"
+
+
+def test_a_restarted_chief_gives_running_trials_back_to_their_workers_and_reruns_no_finished_one(tmp_path):
+    import keras_tuner as kt
+
+    from sweeps.workers import keep_ongoing
+
+    def oracle() -> kt.Oracle:
+        o = kt.oracles.RandomSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=10, seed=1)
+        o.hyperparameters.Float("dropout", 0.0, 0.5)
+        o._set_project_dir(str(tmp_path), "s")
+        return o
+
+    before = oracle()
+    first, second = before.create_trial("w1"), before.create_trial("w2")
+    second.status = "COMPLETED"
+    before.update_trial(second.trial_id, {"val_accuracy": 0.5})
+    before.end_trial(second)  # Keras Tuner saves here with the trial still among the ongoing ones; then the chief dies
+    after = oracle()
+    after.reload()
+    assert after._retry_queue == [first.trial_id, second.trial_id], "Keras Tuner alone would run both again"
+    assert keep_ongoing(after) == [first.trial_id]
+    assert after._retry_queue == [] and after.ongoing_trials == {"w1": after.trials[first.trial_id]}
+    assert after.create_trial("w1").trial_id == first.trial_id, "w1, still running it, keeps its trial"
+    assert after.create_trial("w3").trial_id not in (first.trial_id, second.trial_id), "a new trial for the next one"
+
+
+def test_a_worker_waits_for_a_chief_that_does_not_answer_a_bounded_time_saying_so_once():
+    from keras_tuner.src import protos
+
+    from sweeps.workers import ChiefGone, _PatientStub
+    from test_distributed import free_port
+
+    lines = []
+    stub = _PatientStub(f"127.0.0.1:{free_port()}", "w1", timeout=2, say=lines.append)  # no chief there
+    stub.PROBE = 0.5
+    started = time.monotonic()
+    with pytest.raises(ChiefGone) as e:
+        stub.GetSpace(protos.get_service().GetSpaceRequest())
+    assert time.monotonic() - started < 10
+    assert lines == [f"worker w1: the chief at {stub.address} does not answer; waiting up to 2 s "
+                     "(TLSWEEP_CHIEF_TIMEOUT) for it to come back: start it again with the same command "
+                     "(make sweep-chief) and this worker carries on"]
+    assert str(e.value) == (f"the chief at {stub.address} did not answer for 2 s (TLSWEEP_CHIEF_TIMEOUT); start it "
+                            "again with the same command (make sweep-chief), then this worker (the same WORKER=w1): "
+                            "it reruns the trial it was running if that did not finish")
+
+
+# -- a truncated JPEG ----------------------------------------------------------------------------------
+
+
+def _with_truncated_jpeg(folder: Path) -> Path:
+    from conftest import make_class_folder
+
+    make_class_folder(folder, per_class=6)
+    good = (folder / "blue" / "blue_000.jpg").read_bytes()
+    bad = folder / "blue" / "truncated.jpg"
+    bad.write_bytes(good[: len(good) // 2])  # a photo cut off mid-scan, as a failed copy leaves it
+    return bad
+
+
+def test_a_truncated_jpeg_is_named_on_screen_and_libjpegs_unnamed_line_held_back(tmp_path, capfd, monkeypatch):
+    import sys
+
+    from pipeline.data import load_data
+
+    bad = _with_truncated_jpeg(tmp_path / "photos")
+    # The sweep command as the user runs it: it names the file before any trial (here it then stops at the store).
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "sweep", "--dataset", str(tmp_path / "photos"),
+                           "--sweep", "quick", "--state-dir", str(tmp_path / "state"), "--tracking-uri", "foo://x"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.splitlines()[:2] == ["1 file(s) skipped, not readable images:",
+                                            f"  skipped (not a readable image): {bad}"], done.stdout
+    assert "JPEG" not in done.stderr, "libjpeg's own line, which names no file, is held back"
+    assert done.stderr.strip().startswith("error: tracking URI 'foo://x' has an unknown scheme"), done.stderr
+    # A trial's loading decodes the files again: libjpeg is just as quiet there, and the file is skipped.
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path / "cache"))
+    capfd.readouterr()
+    data = load_data(str(tmp_path / "photos"), 32)
+    assert data.skipped_files == [str(bad)]
+    out, err = capfd.readouterr()
+    assert "JPEG" not in out + err, err
