@@ -133,7 +133,9 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
             with trials.trial_errors():  # deciding may load the data set
                 in_process = not self._fresh(spec)
             # A fresh process needs the run id; in this process a run not created yet is resolved when written.
-            spec = dataclasses.replace(spec, run_id=run.result() if run.done() or not in_process else None)
+            # While the tracking server does not answer, the run is created when it is back (tracking.journal).
+            spec = dataclasses.replace(spec, run_id=run.result() if run.done() or not (
+                in_process or self.journal.store_down) else None)
             with Heartbeat(run, self.heartbeat) if self.heartbeat else contextlib.nullcontext(), \
                     system_metrics.monitored(run):  # CPU, memory (GPU) samples on the trial's run while it trains
                 if in_process:

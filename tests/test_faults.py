@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from test_distributed import Sweep, running_trial, server, trial_processes_under  # noqa: F401 - server: a fixture
+from test_distributed import Sweep, running_trial, server, start, trial_processes_under  # noqa: F401 - server: a fixture
 from tracking.layout import TRIAL_ID, WORKER
 
 # test_distributed's tiny space; random: Keras Tuner's grid oracle cannot resume a killed chief (README, Status)
@@ -78,6 +78,79 @@ def test_the_chief_killed_mid_sweep_and_started_again_finishes_every_trial_once(
         log = (tmp_path / f"{w}.log").read_text()
         assert log.count("does not answer") == 1 and "the chief answers again" in log, log
     assert not trial_processes_under(tmp_path), "no trial process left behind"
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on ``port`` over the SQLite store and artifact root in ``folder`` (as test_distributed's)."""
+    import sys
+    import urllib.request
+
+    proc = start([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                  f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
+                  "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], folder, folder / "server.log",
+                 MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return True
+        except OSError:
+            assert proc.poll() is None, (folder / "server.log").read_text()[-2000:]
+            return False
+
+    poll(answers, 120, "mlflow server started")
+    return proc
+
+
+@pytest.mark.slow
+def test_the_tracking_server_killed_mid_sweep_and_restarted_loses_no_trial(tmp_path, class_folder, monkeypatch):
+    import sys
+
+    import psutil
+
+    from test_distributed import SWEEP, free_port
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server_proc = start_server(tmp_path, port)
+    (tmp_path / "s.yaml").write_text(__import__("yaml").safe_dump({**SWEEP, **FAULT_SWEEP}))
+    log = tmp_path / "sweep.log"
+    sweep = start([sys.executable, "-m", "sweeps.cli", "sweep", "--dataset", str(class_folder), "--sweep",
+                   str(tmp_path / "s.yaml"), "--experiment", "dist", "--split", "60/20/20", "--state-dir",
+                   str(tmp_path / "state"), "--tracking-uri", uri, "--quiet"], Path(__file__).resolve().parents[1],
+                  log, TLSWEEP_CACHE=str(tmp_path / "cache"), TLSWEEP_STORE_WAIT="600")
+    try:
+        client = MlflowClient(uri)
+
+        def trial_running() -> bool:
+            assert sweep.poll() is None, log.read_text()
+            exp = client.get_experiment_by_name("dist")
+            return bool(exp and client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and "
+                                                   "tags.`tlsweep.kind` = 'trial'"))
+
+        poll(trial_running, 600, "a trial runs", log.read_text)
+        for proc in [*psutil.Process(server_proc.pid).children(recursive=True), server_proc]:
+            proc.kill()  # SIGKILL: the server and its web worker
+        server_proc.wait()
+        said = "[sweep] the tracking server %s does not answer; finished trials are journaled in " % uri
+        poll(lambda: said in log.read_text(), 600, "the sweep says the server is down", log.read_text)
+        # A trial finishes while the server is down: its progress line comes after that one.
+        poll(lambda: "[sweep] trial " in log.read_text().split(said)[1], 600, "a trial finished meanwhile",
+             log.read_text)
+        assert sweep.poll() is None, log.read_text()
+        server_proc = start_server(tmp_path, port)  # the same port and store
+        assert sweep.wait(timeout=900) == 0, log.read_text()
+    finally:
+        for proc in (sweep, server_proc):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    assert text.count("does not answer") == 1, text
+    assert f"[sweep] the tracking server {uri} answers again; the journaled trials are written to it" in text
+    assert "Traceback" not in text, text
+    every_trial_once(uri, trials=4)
+    assert not [p for p in (tmp_path / "state" / "dist").rglob("entry.json")], "the journal was written out"
 
 
 def test_a_restarted_chief_gives_running_trials_back_to_their_workers_and_reruns_no_finished_one(tmp_path):

@@ -8,6 +8,11 @@ into MLflow and deletes. A process killed in between leaves the folder behind, a
 at the next start finishes it, so a trial that Keras Tuner counts as done always ends with its
 finished run. Failures (exceptions, Ctrl-C) are written synchronously: they are rare and must
 be on record before the process goes on or exits.
+
+A tracking server that stops answering (killed, restarted) does not stop the sweep: the writer says so once,
+the finished trials stay journaled meanwhile, and it writes them out when the server answers again. It waits
+for the server at most ``store_wait()`` seconds (``TLSWEEP_STORE_WAIT``, default 600) per outage; past that
+the sweep ends with one line, the trials still journaled for the next start.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import UserError
 from tracking import datasets, runs, system_metrics
 from tracking.entry import ENTRY, MODEL_DIR, write_entry
 from tracking.layout import PLOTS_DIR
@@ -42,8 +49,12 @@ class TrialJournal:
         self._pending: list[Future] = []
         self._lock = threading.Lock()
         self._renderer: subprocess.Popen | None = None  # matplotlib in its own process: no GIL contention
+        self._drawing: Path | None = None  # the entry whose plots are being drawn (answer not read yet)
         self.blocked = 0.0  # seconds the caller's thread spent in this class (the tracking overhead)
         self.busy = 0.0  # seconds the background thread spent writing
+        self.store_down = False  # the tracking server does not answer: trials are journaled until it does
+        self._gone: StoreGone | None = None  # it did not come back within store_wait()
+        self.say = lambda line: print(line, flush=True)
 
     # -- the caller's side: each call returns at once -------------------------------------------
 
@@ -74,11 +85,15 @@ class TrialJournal:
              params: Mapping[str, object] | None = None) -> None:
         """Close a trial's run as FAILED/KILLED with its error and params, now (after what was queued before)."""
         start = time.perf_counter()
-        try:
-            self.flush()
+
+        def close() -> None:
             if params:
                 runs.log_params(run.result(), params)
             runs.end_run(run.result(), status, error, trace)
+
+        try:
+            self.flush()
+            self._patiently(close)
         finally:
             self.blocked += time.perf_counter() - start
 
@@ -125,9 +140,48 @@ class TrialJournal:
     def _timed(self, fn, *args):
         start = time.perf_counter()
         try:
-            return fn(*args)
+            return self._patiently(fn, *args)
         finally:
             self.busy += time.perf_counter() - start
+
+    # -- a tracking server that stops answering ------------------------------------------------------
+
+    def _patiently(self, fn, *args):
+        """``fn(*args)``, once the tracking server answers; again if it stopped answering meanwhile."""
+        while True:
+            self._wait_for_store()
+            try:
+                return fn(*args)
+            except Exception:
+                if _server(mlflow.get_tracking_uri()) is None or _answers(mlflow.get_tracking_uri()):
+                    raise  # not an outage: a real error
+                # the server went away while writing: wait for it, then write the whole step again
+
+    def _wait_for_store(self) -> None:
+        uri = mlflow.get_tracking_uri()
+        if _server(uri) is None or _answers(uri):
+            if self.store_down:
+                self.store_down, self._gone = False, None
+                self.say(f"[sweep] the tracking server {uri} answers again; the journaled trials are written to it")
+            return
+        if self._gone is not None:  # waited once already: the next writes fail at once, their trials journaled
+            raise self._gone
+        wait = store_wait()
+        if not self.store_down:
+            self.store_down = True
+            self.say(f"[sweep] the tracking server {uri} does not answer; finished trials are journaled in "
+                     f"{self.folder} and written to it when it is back (waiting up to {wait:.0f} s, "
+                     "TLSWEEP_STORE_WAIT)")
+        deadline = time.monotonic() + wait
+        while not _answers(uri):
+            if time.monotonic() > deadline:
+                self._gone = StoreGone(f"the tracking server {uri} did not answer for {wait:.0f} s (TLSWEEP_STORE_WAIT); "
+                                f"the finished trials stay journaled in {self.folder}: start the server again and "
+                                "run the same command, which writes them out first")
+                raise self._gone
+            time.sleep(1.0)
+        self.store_down = False
+        self.say(f"[sweep] the tracking server {uri} answers again; the journaled trials are written to it")
 
     def _start_renderer(self) -> None:
         if self._renderer is None or self._renderer.poll() is not None:
@@ -155,7 +209,8 @@ class TrialJournal:
             spec = record["run"]
             run_id = runs.create_child(spec["experiment_id"], spec["parent_id"], spec["name"], spec["tags"])
         folder = entry / "plots"
-        if record.get("plots"):  # drawn while the store is written
+        if record.get("plots") and self._drawing != entry:  # drawn while the store is written (once: if the
+            self._drawing = entry  # server went away after this, the step is written again, the drawing not)
             folder.mkdir(exist_ok=True)
             data = record["plots"]
             if data.get("grid_images"):
@@ -182,8 +237,41 @@ class TrialJournal:
             pyfunc.log_export(run_id, str(entry / MODEL_DIR), np.load(entry / "sample.npy"),
                               np.load(entry / "output.npy"))
         if record.get("plots"):
-            self._rendered(folder)
+            if self._drawing == entry:
+                self._rendered(folder)
+                self._drawing = None
             client.log_artifacts(run_id, str(folder), PLOTS_DIR)
         client.set_terminated(run_id, status="FINISHED")
         shutil.rmtree(entry)
         return run_id
+
+
+class StoreGone(UserError):
+    """The tracking server did not come back within ``store_wait()``."""
+
+
+def store_wait() -> float:
+    """``TLSWEEP_STORE_WAIT``: seconds to wait for a tracking server that stopped answering (default 600)."""
+    raw = os.environ.get("TLSWEEP_STORE_WAIT", "")
+    try:
+        value = float(raw) if raw else 600.0
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise UserError(f"TLSWEEP_STORE_WAIT={raw!r} is not a number of seconds above 0; unset it for 600")
+    return value
+
+
+def _server(uri: str) -> str | None:
+    """The health URL of an `mlflow server` store, None for other stores (a file or database here)."""
+    return uri.rstrip("/") + "/health" if uri.startswith(("http://", "https://")) else None
+
+
+def _answers(uri: str, timeout: float = 3.0) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(_server(uri), timeout=timeout).read()
+        return True
+    except OSError:  # refused, reset, timed out (URLError is an OSError)
+        return False
