@@ -153,6 +153,43 @@ def test_the_tracking_server_killed_mid_sweep_and_restarted_loses_no_trial(tmp_p
     assert not [p for p in (tmp_path / "state" / "dist").rglob("entry.json")], "the journal was written out"
 
 
+def test_a_tracking_server_that_does_not_come_back_is_waited_for_a_bounded_time_and_said_once(tmp_path,
+                                                                                                 monkeypatch):
+    import mlflow
+
+    from test_distributed import free_port
+    from tracking.journal import StoreGone, TrialJournal
+
+    uri = f"http://127.0.0.1:{free_port()}"  # no server there
+    monkeypatch.setenv("TLSWEEP_STORE_WAIT", "2")
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        journal = TrialJournal(tmp_path / "journal")
+        lines = []
+        journal.say = lines.append
+        started = time.monotonic()
+        first = journal.start("1", "parent", "trial-0", {})
+        with pytest.raises(StoreGone) as e:
+            first.result(timeout=60)
+        second = journal.start("1", "parent", "trial-1", {})
+        with pytest.raises(StoreGone):  # waited once already: at once
+            second.result(timeout=60)
+        assert time.monotonic() - started < 30
+        journal._pool.shutdown()
+        journal._renderer.stdin.close()  # the plot helper process ends at end of input
+        journal._renderer.wait(60)
+    finally:
+        mlflow.set_tracking_uri(saved)
+    folder = tmp_path / "journal"
+    assert lines == [f"[sweep] the tracking server {uri} does not answer; finished trials are journaled in {folder} "
+                     "and written to it when it is back (waiting up to 2 s, TLSWEEP_STORE_WAIT)"]
+    assert str(e.value) == (f"the tracking server {uri} did not answer for 2 s (TLSWEEP_STORE_WAIT); the finished "
+                            f"trials stay journaled in {folder}: start the server again and run the same command, "
+                            "which writes them out first")
+    assert journal.store_down
+
+
 def test_a_restarted_chief_gives_running_trials_back_to_their_workers_and_reruns_no_finished_one(tmp_path):
     import keras_tuner as kt
 
