@@ -190,6 +190,21 @@ def test_a_tracking_server_that_does_not_come_back_is_waited_for_a_bounded_time_
     assert journal.store_down
 
 
+@pytest.mark.parametrize("name,default", [("TLSWEEP_STORE_WAIT", 600), ("TLSWEEP_CHIEF_TIMEOUT", 600)])
+def test_bad_fault_waits_are_one_line(name, default, monkeypatch):
+    from pipeline.errors import UserError
+    from sweeps.workers import chief_timeout
+    from tracking.journal import store_wait
+
+    read = {"TLSWEEP_STORE_WAIT": store_wait, "TLSWEEP_CHIEF_TIMEOUT": chief_timeout}[name]
+    assert read() == default
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(UserError) as e:
+            read()
+        assert str(e.value) == f"{name}={bad!r} is not a number of seconds above 0; unset it for {default}"
+
+
 def test_a_restarted_chief_gives_running_trials_back_to_their_workers_and_reruns_no_finished_one(tmp_path):
     import keras_tuner as kt
 

@@ -17,6 +17,7 @@ the sweep ends with one line, the trials still journaled for the next start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,6 +55,7 @@ class TrialJournal:
         self.busy = 0.0  # seconds the background thread spent writing
         self.store_down = False  # the tracking server does not answer: trials are journaled until it does
         self._gone: StoreGone | None = None  # it did not come back within store_wait()
+        self.wait = store_wait()  # a bad TLSWEEP_STORE_WAIT is one line before the first trial
         self.say = lambda line: print(line, flush=True)
 
     # -- the caller's side: each call returns at once -------------------------------------------
@@ -166,7 +168,7 @@ class TrialJournal:
             return
         if self._gone is not None:  # waited once already: the next writes fail at once, their trials journaled
             raise self._gone
-        wait = store_wait()
+        wait = self.wait
         if not self.store_down:
             self.store_down = True
             self.say(f"[sweep] the tracking server {uri} does not answer; finished trials are journaled in "
@@ -210,7 +212,10 @@ class TrialJournal:
             run_id = runs.create_child(spec["experiment_id"], spec["parent_id"], spec["name"], spec["tags"])
         folder = entry / "plots"
         if record.get("plots") and self._drawing != entry:  # drawn while the store is written (once: if the
-            self._drawing = entry  # server went away after this, the step is written again, the drawing not)
+            if self._drawing is not None:  # server went away after this, the step is written again, the drawing not)
+                with contextlib.suppress(Exception):  # an earlier entry failed before reading its answer
+                    self._rendered(self._drawing)
+            self._drawing = entry
             folder.mkdir(exist_ok=True)
             data = record["plots"]
             if data.get("grid_images"):
