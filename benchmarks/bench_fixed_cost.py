@@ -30,27 +30,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flower_photos"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--fine-tune-epochs", type=int, default=1)
-    parser.add_argument("--log-models", default="best", choices=("best", "improving"))
-    parser.add_argument("--kinds", default="head,finetune")
-    args = parser.parse_args(argv)
+CONFIG = {"epochs": 2, "fine_tune_epochs": 1, "fine_tune_at": 0.75, "log_models": "best"}
 
+
+def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int = CONFIG["epochs"],
+            fine_tune_epochs: int = CONFIG["fine_tune_epochs"], log_models: str = CONFIG["log_models"],
+            kinds: tuple[str, ...] = ("head", "finetune"), echo: bool = True) -> dict[str, float]:
+    """Median fixed cost per kind of trial after one warm-up trial of each kind: ``fixed_cost_head_s`` and
+    ``fixed_cost_finetune_s`` (``make bench`` calls this with this signature). ``echo`` prints each trial."""
     from pipeline.hparams import RunConfig
     from sweeps import trial as trials
     from tracking import layout
     from tracking.entry import ENTRY
 
-    kinds = args.kinds.split(",")
     configs = {
-        "head": RunConfig(image_size=args.image_size, epochs=args.epochs, fine_tune=False),
-        "finetune": RunConfig(image_size=args.image_size, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-                              fine_tune_at=0.75),
+        "head": RunConfig(image_size=image_size, epochs=epochs, fine_tune=False),
+        "finetune": RunConfig(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
+                              fine_tune_at=CONFIG["fine_tune_at"]),
     }
     data_cache: dict = {}
     costs: dict[str, list[float]] = {k: [] for k in kinds}
@@ -59,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def once(kind: str, n: int) -> tuple[float, float, dict[str, float]]:
             spec = trials.TrialSpec(
-                run=configs[kind], dataset=args.data, split=None, log_models=args.log_models, verbose=0,
+                run=configs[kind], dataset=str(data), split=None, log_models=log_models, verbose=0,
                 trial_dir=str(Path(tmp) / f"{kind}{n}"), export_metadata={}, run_spec={}, params={},
-                journal=str(journal), best=1.0, checkpoint=args.log_models == "best")
+                journal=str(journal), best=1.0, checkpoint=log_models == "best")
             Path(spec.trial_dir).mkdir(parents=True)
             before = set(journal.iterdir()) if journal.exists() else set()
             start = time.perf_counter()
@@ -76,16 +72,33 @@ def main(argv: list[str] | None = None) -> int:
             return wall, steps, metrics
 
         for kind in kinds:
-            for n in range(args.repeats + 1):
+            for n in range(repeats + 1):
                 wall, steps, m = once(kind, n)
                 label = "warm-up" if n == 0 else f"run {n}"
-                print(f"[{kind} {label}] wall {wall:.2f} s, training steps {steps:.2f} s, fixed {wall - steps:.2f} s "
-                      f"(trial's own {layout.WALL_SECONDS} {m[layout.WALL_SECONDS]:.2f}, {layout.TRAIN_SECONDS} "
-                      f"{m[layout.TRAIN_SECONDS]:.2f}, {layout.FEATURE_SECONDS} {m[layout.FEATURE_SECONDS]:.2f})", flush=True)
+                if echo:
+                    print(f"[{kind} {label}] wall {wall:.2f} s, training steps {steps:.2f} s, fixed {wall - steps:.2f} s "
+                          f"(trial's own {layout.WALL_SECONDS} {m[layout.WALL_SECONDS]:.2f}, {layout.TRAIN_SECONDS} "
+                          f"{m[layout.TRAIN_SECONDS]:.2f}, {layout.FEATURE_SECONDS} {m[layout.FEATURE_SECONDS]:.2f})",
+                          flush=True)
                 if n:
                     costs[kind].append(wall - steps)
-    line = " ".join(f"fixed_cost_{k}_s={statistics.median(v):.2f}" for k, v in costs.items())
-    print(line)
+    return {f"fixed_cost_{k}_s": statistics.median(v) for k, v in costs.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=CONFIG["epochs"])
+    parser.add_argument("--fine-tune-epochs", type=int, default=CONFIG["fine_tune_epochs"])
+    parser.add_argument("--log-models", default=CONFIG["log_models"], choices=("best", "improving"))
+    parser.add_argument("--kinds", default="head,finetune")
+    args = parser.parse_args(argv)
+    result = measure(Path(args.data), args.image_size, args.repeats, epochs=args.epochs,
+                     fine_tune_epochs=args.fine_tune_epochs, log_models=args.log_models,
+                     kinds=tuple(args.kinds.split(",")))
+    print(" ".join(f"{k}={v:.2f}" for k, v in result.items()))
     return 0
 
 
