@@ -298,6 +298,8 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
         layout.HEAD_TEST_ACCURACY: result.head_test_accuracy, layout.TRAINABLE_PARAMS: result.trainable_params,
         layout.HEAD_SECONDS: result.head_seconds, layout.FINE_TUNE_SECONDS: result.fine_tune_seconds,
         layout.FEATURE_SECONDS: result.feature_seconds, layout.RSS_MB: resident_mb(),
+        layout.EVAL_SECONDS: result.eval_seconds, layout.TRACE_SECONDS: result.trace_seconds,
+        layout.EVAL_TRACE_SECONDS: result.eval_trace_seconds,
         **interval_metrics(result.val_accuracy, data.sizes["validation"], result.test_accuracy, data.sizes["test"]),
         **({layout.CV_ACCURACY: outcome.cv.mean, layout.CV_ACCURACY_STD: outcome.cv.std,
             layout.CV_SECONDS: outcome.cv.seconds} if outcome.cv else {}),
