@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -101,6 +102,8 @@ def run(spec: TrialSpec, data_cache: dict[int, DataSplits], run_id: Callable[[],
     """Train the trial (``pipeline.recipe``) and journal it. Failures raise Keras Tuner's errors:
     ``FailedTrialError`` (the sweep goes on) or ``FatalError`` (the data set is unusable: the sweep stops)."""
     start = time.perf_counter()
+    global _cost_dir
+    _cost_dir = Path(spec.journal).parent  # model_cost: measured once per architecture per sweep
     pruner = PruneCallback(spec.prune) if spec.prune else None
     with trial_errors():
         plan = spec.plan()
@@ -350,12 +353,32 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
 
 def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int) -> cost.Cost:
     """The cost of a trial's classifier without an export: measured on the model in memory, or for a head on
-    the full classifier assembled from it (once per architecture in this process)."""
-    if not is_head(model):
-        return cost.keras_cost(model)
+    the full classifier assembled from it, once per architecture in this process and, through a file in the
+    sweep's state folder, once per architecture per sweep (fresh trial processes share it; the cost does not
+    depend on the trained weights, and measuring the latency of a full network took seconds per trial)."""
     c = plan.config
     key = (c.backbone, plan.image_size, num_classes, c.augment, c.mixed_precision)
-    return cost.cost_of_head(key, lambda: recipe.full_model(plan, num_classes, model))
+    stored = _cost_file(key)
+    if stored is not None and stored.exists():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            return cost.cost_of_head(key, None, known=cost.Cost(**json.loads(stored.read_text())))
+    measured = cost.cost_of_head(key, lambda: recipe.full_model(plan, num_classes, model))  # a full model as is
+    if stored is not None:
+        tmp = stored.with_name(f".{stored.name}.{os.getpid()}")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(dataclasses.asdict(measured)))
+            os.replace(tmp, stored)
+    return measured
+
+
+_cost_dir: Path | None = None  # the sweep's state folder (beside its journal), set by ``run``
+
+
+def _cost_file(key: tuple) -> Path | None:
+    if _cost_dir is None:
+        return None
+    digest = hashlib.sha256(json.dumps(list(key), default=str).encode()).hexdigest()[:16]
+    return _cost_dir / f"cost-{digest}.json"
 
 
 def resident_mb() -> float:
@@ -368,4 +391,9 @@ def resident_mb() -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    # The answer is written and nothing else is pending (the journal entry is on disk): skip the interpreter's
+    # teardown of TensorFlow (seconds under load, which the sweep waited for); the kernel frees the memory.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
