@@ -115,8 +115,14 @@ def train(
                          "build the full model (build_model(..., head=head)) to fine-tune")
     total = epochs + (fine_tune_epochs if fine_tunes else 0)
     stop = total if stop_epoch is None else min(stop_epoch, total)
-    train_ds = data.batches("train", batch_size, shuffle=True, seed=seed)
-    val_ds = data.batches("validation", batch_size)
+    nets: dict[str, keras.Model] = {}  # what each phase trained (its traced functions are reused)
+    pipelines: dict[str, object] = {}  # made once, when a phase trains on images (one shuffle sequence)
+
+    def images() -> tuple[object, object]:
+        if not pipelines:
+            pipelines["train"] = data.batches("train", batch_size, shuffle=True, seed=seed)
+            pipelines["validation"] = data.batches("validation", batch_size)
+        return pipelines["train"], pipelines["validation"]
     merged: dict[str, list[float]] = {k: [] for k in METRICS}
     seconds = {"head": 0.0, "fine_tune": 0.0, "eval": 0.0, "trace": 0.0, "trace_eval": 0.0}
     head_test_accuracy = None
@@ -129,7 +135,7 @@ def train(
 
     def run(phase: str, first: int, last: int) -> None:
         start = time.perf_counter()
-        net, train_in, val_in = model, train_ds, val_ds
+        net, train_in, val_in = model, None, None
         if phase == "head" and features is not None:
             net = model if is_head(model) else head_on_features(model)
             train_in = feature_batches(features["train"], batch_size, shuffle=True, seed=seed)
@@ -138,7 +144,10 @@ def train(
             net = top_trainer(cut[0], model)  # the classifier's own layers and optimizer
             train_in = feature_batches(cut[1]["train"], batch_size, shuffle=True, seed=seed)
             val_in = feature_batches(cut[1]["validation"], batch_size)
+        else:
+            train_in, val_in = images()
         stopping = [stopper] if stopper is not None and phase == "head" else []
+        nets[phase] = net
         tracer = FirstStepTimer()
         history = net.fit(
             train_in, validation_data=val_in, initial_epoch=first, epochs=last,
@@ -167,7 +176,8 @@ def train(
             if evaluate_test:
                 evaluating = time.perf_counter()
                 tracer = FirstStepTimer()
-                head_test_accuracy = evaluate(model, data, "test", batch_size, features, tracer=tracer)[1]
+                head_test_accuracy = evaluate(model, data, "test", batch_size, features, tracer=tracer,
+                                              net=nets.get("head") if features is not None else None)[1]
                 seconds["eval"] = time.perf_counter() - evaluating
                 seconds["trace_eval"] = tracer.extra()
             set_trainable(model, unfreeze_from)
@@ -260,14 +270,15 @@ def backbone_trainable(model: keras.Model) -> bool:
 
 def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int = 32,
              features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-             tracer: FirstStepTimer | None = None) -> tuple[float, float]:
-    """``(loss, accuracy)`` of ``model`` on one split (on cached features while the backbone is frozen)."""
+             tracer: FirstStepTimer | None = None, net: keras.Model | None = None) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` on one split (on cached features while the backbone is frozen). ``net``:
+    the compiled head that trained on ``features`` (its test function, traced for validation, is reused)."""
     if data.sizes.get(split, 0) == 0:
         return float("nan"), float("nan")
     if features is not None and not backbone_trainable(model):
         if not _compiled(model):
             compile_model(model, 1e-3)
-        net = model if is_head(model) else head_on_features(model)
+        net = model if is_head(model) else net or head_on_features(model)
         scores = net.evaluate(feature_batches(features[split], batch_size), verbose=0, return_dict=True,
                               callbacks=[tracer] if tracer else None)
         return float(scores["loss"]), float(scores["accuracy"])
