@@ -33,7 +33,7 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from pipeline import cost, precision, recipe
+from pipeline import cost, precision, prebuilt, recipe
 from pipeline.data import DataSplits
 from pipeline.errors import DataError, UserError
 from pipeline.export import export_model
@@ -160,7 +160,7 @@ def run_fresh(spec: TrialSpec) -> TrialOutput:
     proc.stdin.write(f"{folder}\n")  # the spare reads its request from there
     proc.stdin.close()
     if os.environ.get("TLSWEEP_SPARE", "1") != "0":
-        _start_spare()  # the next trial's process starts TensorFlow while this one trains
+        _start_spare(hint=folder)  # the next trial's process gets ready while this one trains
     try:
         code = proc.wait()
         relay.join(10)
@@ -194,12 +194,14 @@ def run_fresh(spec: TrialSpec) -> TrialOutput:
 _spare: tuple[subprocess.Popen, threading.Thread] | None = None
 
 
-def _start_spare() -> None:
-    """Start the next trial's process now: it imports TensorFlow and waits on stdin for its trial folder."""
+def _start_spare(hint: Path | None = None) -> None:
+    """Start the next trial's process now: it imports TensorFlow, gets ready for a trial like ``hint`` (a trial
+    folder: ``_prepare``) and waits on stdin for its trial folder."""
     global _spare
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", "--spare", str(os.getpid())], env=env,
+    args = ["--spare", str(os.getpid()), *([str(hint)] if hint is not None else [])]
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", *args], env=env,
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     relay = threading.Thread(target=_relay_stderr, args=(proc.stderr,), daemon=True)
     relay.start()
@@ -248,9 +250,12 @@ def _relay_stderr(stream: Any) -> None:
 
 def main(argv: list[str]) -> int:
     """``python -m sweeps.trial <trial folder> <sweep pid>``: run ``request.json``, write ``answer.json``."""
+    ready: tuple[TrialSpec, dict[int, DataSplits]] | None = None
     if argv[0] == "--spare":  # started ahead of its trial: TensorFlow is imported, wait for the folder
         parent = int(argv[1])
         _exit_with(parent)
+        if len(argv) > 2:
+            ready = _prepare(Path(argv[2]))
         line = sys.stdin.readline().strip()
         if not line:  # the sweep ended without needing it
             return 0
@@ -259,8 +264,9 @@ def main(argv: list[str]) -> int:
         folder, parent = Path(argv[0]), int(argv[1])
         _exit_with(parent)
     spec = TrialSpec.from_json((folder / REQUEST).read_text())
+    data_cache = ready[1] if ready is not None and _same_data(ready[0], spec) else {}
     try:
-        reply: dict[str, Any] = {"output": dataclasses.asdict(run(spec, {}))}
+        reply: dict[str, Any] = {"output": dataclasses.asdict(run(spec, data_cache))}
         code = 0
     except KeyboardInterrupt:
         return 130
@@ -273,6 +279,27 @@ def main(argv: list[str]) -> int:
     tmp.write_text(json.dumps(reply))
     os.replace(tmp, folder / ANSWER)
     return code
+
+
+def _prepare(hint: Path) -> tuple[TrialSpec, dict[int, DataSplits]] | None:
+    """What a spare does before its trial is known, for a trial like the one in folder ``hint`` (the trial the
+    sweep was starting; the next one most often has the same backbone and data): map the data set's decoded
+    images and build the backbone with its pretrained weights (``pipeline.prebuilt``) when such a trial builds
+    the network. Only a guess: a trial that differs ignores it; a failure here is left to the trial itself."""
+    try:
+        spec = TrialSpec.from_json((hint / REQUEST).read_text())
+        plan, cache = spec.plan(), {}
+        recipe.load_data_for(plan, spec.dataset, spec.split, cache)  # the memory-mapped images, as run() loads them
+        if trains_network(spec, cache):
+            prebuilt.prebuild(plan)
+        return spec, cache
+    except Exception:  # noqa: BLE001 - a guess that failed costs nothing; the trial reports its own errors
+        return None
+
+
+def _same_data(hint: TrialSpec, spec: TrialSpec) -> bool:
+    """Whether data loaded for ``hint`` is ``spec``'s (``recipe.load_data_for`` keys its cache by image size)."""
+    return (hint.dataset, hint.split, hint.run.seed) == (spec.dataset, spec.split, spec.run.seed)
 
 
 def _exit_with(parent: int) -> None:
