@@ -52,7 +52,7 @@ def breakdown(wall: float, m: dict[str, float]) -> str:
         "before/around the steps (data, build, weights, caches, checkpoint)":
             m[layout.TRAIN_SECONDS] - m[layout.HEAD_SECONDS] - m[layout.FINE_TUNE_SECONDS] - m[layout.EVAL_SECONDS],
         "after (cost, journal)": m[layout.WALL_SECONDS] - m[layout.TRAIN_SECONDS],
-        "tracing (first steps' excess) in fit": m[layout.TRACE_SECONDS],
+        "first steps' excess (tracing, input pipeline start) in fit": m[layout.TRACE_SECONDS],
         "in test evaluation": m[layout.EVAL_TRACE_SECONDS],
     }
     detail = "; ".join(f"{k} {v:.2f}" for k, v in parts.items())
