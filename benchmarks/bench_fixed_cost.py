@@ -1,4 +1,4 @@
-"""``make bench-fixed-cost``: a trial's fixed cost, its wall time minus the time in its training steps.
+"""``make bench-fixed-cost``: a trial's fixed cost, its wall time minus the time in its training and evaluation steps.
 
 On flower_photos at 224 px with efficientnet_lite0, as a sweep runs them (``sweeps.trial``):
 
@@ -8,9 +8,11 @@ On flower_photos at 224 px with efficientnet_lite0, as a sweep runs them (``swee
 
 Each kind runs once to warm the shared caches (decoded images, frozen features, activations at the cut: a
 sweep builds each once), then ``--repeats`` times measured. The wall time is taken around the call, on the
-sweep's side; the training steps are the trial's own ``head_seconds + fine_tune_seconds`` (Keras ``fit``,
-validation included) from its journal entry. Everything else, test evaluation included, counts as fixed
-cost. ``--log-models`` is the sweep's setting (``best``: no SavedModel per trial; with ``improving`` the
+sweep's side; the steps are the trial's own ``head_seconds + fine_tune_seconds`` (Keras ``fit``, validation
+included) and ``eval_seconds`` (the test predictions), less ``trace_seconds + eval_trace_seconds`` (each
+call's first steps beyond typical ones: tracing is not a step), from its journal entry. Everything else is
+fixed cost, printed per trial with where it went (handing the trial to its process; data, build, weights,
+caches and checkpoint around the steps; cost and journal after; tracing). ``--log-models`` is the sweep's setting (``best``: no SavedModel per trial; with ``improving`` the
 measured trials do not improve, so do not export). Last line: ``fixed_cost_head_s=<s> fixed_cost_finetune_s=<s>``
 (medians).
 """
@@ -27,30 +29,51 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tracking import layout  # noqa: E402 - imports nothing heavy
+
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flower_photos"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--fine-tune-epochs", type=int, default=1)
-    parser.add_argument("--log-models", default="best", choices=("best", "improving"))
-    parser.add_argument("--kinds", default="head,finetune")
-    args = parser.parse_args(argv)
+CONFIG = {"epochs": 2, "fine_tune_epochs": 1, "fine_tune_at": 0.75, "log_models": "best"}
 
+
+def steps_in(m: dict[str, float]) -> float:
+    """Seconds in training and evaluation steps: ``fit`` (validation included) and the test evaluation, without
+    the first steps' excess over typical ones (tracing is not a step)."""
+    return (m[layout.HEAD_SECONDS] + m[layout.FINE_TUNE_SECONDS] + m[layout.EVAL_SECONDS]
+            - m[layout.TRACE_SECONDS] - m[layout.EVAL_TRACE_SECONDS])
+
+
+def breakdown(wall: float, m: dict[str, float]) -> str:
+    """One line: the wall time, the steps, the fixed cost and where it went (the parts sum to the fixed cost)."""
+    steps = steps_in(m)
+    parts = {
+        "handing the trial over (sweep's wall minus the trial's own wall_seconds)": wall - m[layout.WALL_SECONDS],
+        "before/around the steps (data, build, weights, caches, checkpoint)":
+            m[layout.TRAIN_SECONDS] - m[layout.HEAD_SECONDS] - m[layout.FINE_TUNE_SECONDS] - m[layout.EVAL_SECONDS],
+        "after (cost, journal)": m[layout.WALL_SECONDS] - m[layout.TRAIN_SECONDS],
+        "first steps' excess (tracing, input pipeline start) in fit": m[layout.TRACE_SECONDS],
+        "in test evaluation": m[layout.EVAL_TRACE_SECONDS],
+    }
+    detail = "; ".join(f"{k} {v:.2f}" for k, v in parts.items())
+    return (f"wall {wall:.2f} s, steps {steps:.2f} s (fit {m[layout.HEAD_SECONDS] + m[layout.FINE_TUNE_SECONDS]:.2f}, "
+            f"test evaluation {m[layout.EVAL_SECONDS]:.2f}), fixed {wall - steps:.2f} s = {detail} "
+            f"({layout.FEATURE_SECONDS} {m[layout.FEATURE_SECONDS]:.2f})")
+
+
+def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int = CONFIG["epochs"],
+            fine_tune_epochs: int = CONFIG["fine_tune_epochs"], log_models: str = CONFIG["log_models"],
+            kinds: tuple[str, ...] = ("head", "finetune"), echo: bool = True) -> dict[str, float]:
+    """Median fixed cost per kind of trial after one warm-up trial of each kind: ``fixed_cost_head_s`` and
+    ``fixed_cost_finetune_s`` (``make bench`` calls this with this signature). ``echo`` prints each trial."""
     from pipeline.hparams import RunConfig
     from sweeps import trial as trials
-    from tracking import layout
     from tracking.entry import ENTRY
 
-    kinds = args.kinds.split(",")
     configs = {
-        "head": RunConfig(image_size=args.image_size, epochs=args.epochs, fine_tune=False),
-        "finetune": RunConfig(image_size=args.image_size, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
-                              fine_tune_at=0.75),
+        "head": RunConfig(image_size=image_size, epochs=epochs, fine_tune=False),
+        "finetune": RunConfig(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
+                              fine_tune_at=CONFIG["fine_tune_at"]),
     }
     data_cache: dict = {}
     costs: dict[str, list[float]] = {k: [] for k in kinds}
@@ -59,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def once(kind: str, n: int) -> tuple[float, float, dict[str, float]]:
             spec = trials.TrialSpec(
-                run=configs[kind], dataset=args.data, split=None, log_models=args.log_models, verbose=0,
+                run=configs[kind], dataset=str(data), split=None, log_models=log_models, verbose=0,
                 trial_dir=str(Path(tmp) / f"{kind}{n}"), export_metadata={}, run_spec={}, params={},
-                journal=str(journal), best=1.0, checkpoint=args.log_models == "best")
+                journal=str(journal), best=1.0, checkpoint=log_models == "best")
             Path(spec.trial_dir).mkdir(parents=True)
             before = set(journal.iterdir()) if journal.exists() else set()
             start = time.perf_counter()
@@ -72,20 +95,33 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - start
             (entry,) = set(journal.iterdir()) - before
             metrics = {k: v for k, v, _ in json.loads((entry / ENTRY).read_text())["metrics"] if _ == 0}
-            steps = metrics[layout.HEAD_SECONDS] + metrics[layout.FINE_TUNE_SECONDS]
-            return wall, steps, metrics
+            return wall, steps_in(metrics), metrics
 
         for kind in kinds:
-            for n in range(args.repeats + 1):
+            for n in range(repeats + 1):
                 wall, steps, m = once(kind, n)
                 label = "warm-up" if n == 0 else f"run {n}"
-                print(f"[{kind} {label}] wall {wall:.2f} s, training steps {steps:.2f} s, fixed {wall - steps:.2f} s "
-                      f"(trial's own {layout.WALL_SECONDS} {m[layout.WALL_SECONDS]:.2f}, {layout.TRAIN_SECONDS} "
-                      f"{m[layout.TRAIN_SECONDS]:.2f}, {layout.FEATURE_SECONDS} {m[layout.FEATURE_SECONDS]:.2f})", flush=True)
+                if echo:
+                    print(f"[{kind} {label}] {breakdown(wall, m)}", flush=True)
                 if n:
                     costs[kind].append(wall - steps)
-    line = " ".join(f"fixed_cost_{k}_s={statistics.median(v):.2f}" for k, v in costs.items())
-    print(line)
+    return {f"fixed_cost_{k}_s": statistics.median(v) for k, v in costs.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=CONFIG["epochs"])
+    parser.add_argument("--fine-tune-epochs", type=int, default=CONFIG["fine_tune_epochs"])
+    parser.add_argument("--log-models", default=CONFIG["log_models"], choices=("best", "improving"))
+    parser.add_argument("--kinds", default="head,finetune")
+    args = parser.parse_args(argv)
+    result = measure(Path(args.data), args.image_size, args.repeats, epochs=args.epochs,
+                     fine_tune_epochs=args.fine_tune_epochs, log_models=args.log_models,
+                     kinds=tuple(args.kinds.split(",")))
+    print(" ".join(f"{k}={v:.2f}" for k, v in result.items()))
     return 0
 
 

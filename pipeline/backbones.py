@@ -372,6 +372,11 @@ def build_backbone(spec: BackboneSpec, image_size: int, weights: str | None = "i
             f"weights {weights!r} for backbone {spec.name!r} is not 'imagenet', 'none' or an existing "
             "weights file; pass a path to a .h5/.weights.h5 file saved for this backbone without its top"
         )
+    from pipeline import prebuilt
+
+    ready = prebuilt.take(spec.name, image_size, weights)  # built ahead by a warm spare trial process
+    if ready is not None:
+        return ready
     try:
         return spec.constructor((image_size, image_size, 3), weights)
     except Exception as e:  # noqa: BLE001 - turn download failures into an actionable message

@@ -76,8 +76,11 @@ def keras_cost(model: keras.Model) -> Cost:
 _BY_ARCHITECTURE: dict[Hashable, Cost] = {}
 
 
-def cost_of_head(key: Hashable, build_full: Callable[[], keras.Model]) -> Cost:
-    """The cost of a head's full classifier, measured once per architecture ``key`` in this process."""
+def cost_of_head(key: Hashable, build_full: Callable[[], keras.Model] | None, known: Cost | None = None) -> Cost:
+    """The cost of a head's full classifier, measured once per architecture ``key`` in this process (``known``:
+    measured before, by another process of the same sweep)."""
+    if known is not None:
+        _BY_ARCHITECTURE.setdefault(key, known)
     if key not in _BY_ARCHITECTURE:
         _BY_ARCHITECTURE[key] = keras_cost(build_full())
     return _BY_ARCHITECTURE[key]

@@ -249,7 +249,7 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
         skipped.extend(meta["skipped"])
         kept = {name: set(paths) for name, (_, _, paths) in arrays.items()}
         files = {name: [it for it in files[name] if str(it[0]) in kept[name]] for name in files}
-        splits = {name: tf.data.Dataset.from_tensor_slices((x, y)) for name, (x, y, _) in arrays.items()}
+        splits = image_cache.MappedSplits({name: (x, y) for name, (x, y, _) in arrays.items()})
     else:
         dropped: list[str] = []
         splits = _decode_folder(files, decode, dropped, cache)

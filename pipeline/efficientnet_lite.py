@@ -195,10 +195,36 @@ def _mbconv(x, index: int, kernel: int, stride: int, expand: int, f_in: int, f_o
 
 
 def _load_notop(model: keras.Model) -> None:
-    full = EfficientNetLite(model.name, model.input_shape[1:], include_top=True, weights="imagenet")
+    """The ImageNet weights of every layer below the top, from the no-top cache file (``notop_weights_file``):
+    loading them no longer builds a second, full model (seconds per fine-tuning trial in a fresh process)."""
+    with np.load(notop_weights_file(model.name)) as stored:
+        arrays: dict[str, list[np.ndarray]] = {}
+        for key in stored.files:  # "<layer name>/<index>"
+            layer, index = key.rsplit("/", 1)
+            arrays.setdefault(layer, []).append((int(index), stored[key]))
     for layer in model.layers:
         if layer.weights:
-            layer.set_weights(full.get_layer(layer.name).get_weights())
+            layer.set_weights([a for _, a in sorted(arrays[layer.name], key=lambda t: t[0])])
+
+
+def notop_weights_path(name: str = "efficientnet_lite0") -> Path:
+    """Where the variant's converted weights without the top are cached: one array per layer variable, by
+    layer name (they do not depend on the input size)."""
+    return cache_dir() / f"{variant(name).name}_imagenet_notop.npz"
+
+
+def notop_weights_file(name: str = "efficientnet_lite0") -> str:
+    """The no-top weights, written once from the full converted weights (``imagenet_weights_file``)."""
+    target = notop_weights_path(name)
+    if not target.exists():
+        full = EfficientNetLite(name, include_top=True, weights="imagenet")
+        arrays = {f"{layer.name}/{i}": w for layer in full.layers if layer.name not in ("avg_pool", "predictions")
+                  for i, w in enumerate(layer.get_weights())}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, target)  # atomic: concurrent trials never see a half-written file
+    return str(target)
 
 
 def package_installed(name: str = "efficientnet_lite0") -> bool:

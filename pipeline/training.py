@@ -35,6 +35,9 @@ class TrainResult:
     first_epoch: int = 0  # epoch index of history[...][0] (non-zero when a slice was trained)
     feature_seconds: float = 0.0  # spent computing frozen-backbone features (0 when cached or unused)
     cut_seconds: float = 0.0  # spent computing activations at the fine-tuning cut (0 when cached or unused)
+    eval_seconds: float = 0.0  # in evaluation steps: the test score before fine-tuning and the test predictions
+    trace_seconds: float = 0.0  # of head/fine_tune seconds: first steps beyond a typical one (tracing; estimate)
+    eval_trace_seconds: float = 0.0  # the same, of eval_seconds
     cut_index: int | None = None  # first backbone layer of the top that fine-tuned on cached activations
     features: dict | None = dataclasses.field(default=None, repr=False)  # the cached features used, if any
     # (labels, probabilities) on the test split, from the pass that gave test_loss and test_accuracy
@@ -112,10 +115,16 @@ def train(
                          "build the full model (build_model(..., head=head)) to fine-tune")
     total = epochs + (fine_tune_epochs if fine_tunes else 0)
     stop = total if stop_epoch is None else min(stop_epoch, total)
-    train_ds = data.batches("train", batch_size, shuffle=True, seed=seed)
-    val_ds = data.batches("validation", batch_size)
+    nets: dict[str, keras.Model] = {}  # what each phase trained (its traced functions are reused)
+    pipelines: dict[str, object] = {}  # made once, when a phase trains on images (one shuffle sequence)
+
+    def images() -> tuple[object, object]:
+        if not pipelines:
+            pipelines["train"] = data.batches("train", batch_size, shuffle=True, seed=seed)
+            pipelines["validation"] = data.batches("validation", batch_size)
+        return pipelines["train"], pipelines["validation"]
     merged: dict[str, list[float]] = {k: [] for k in METRICS}
-    seconds = {"head": 0.0, "fine_tune": 0.0}
+    seconds = {"head": 0.0, "fine_tune": 0.0, "eval": 0.0, "trace": 0.0, "trace_eval": 0.0}
     head_test_accuracy = None
     stopped = []  # a callback stopped training (pruning): the run ends there, no further phase
     check_positive("early_stopping_patience", early_stopping_patience, allow_zero=True)
@@ -126,7 +135,7 @@ def train(
 
     def run(phase: str, first: int, last: int) -> None:
         start = time.perf_counter()
-        net, train_in, val_in = model, train_ds, val_ds
+        net, train_in, val_in = model, None, None
         if phase == "head" and features is not None:
             net = model if is_head(model) else head_on_features(model)
             train_in = feature_batches(features["train"], batch_size, shuffle=True, seed=seed)
@@ -135,12 +144,17 @@ def train(
             net = top_trainer(cut[0], model)  # the classifier's own layers and optimizer
             train_in = feature_batches(cut[1]["train"], batch_size, shuffle=True, seed=seed)
             val_in = feature_batches(cut[1]["validation"], batch_size)
+        else:
+            train_in, val_in = images()
         stopping = [stopper] if stopper is not None and phase == "head" else []
+        nets[phase] = net
+        tracer = FirstStepTimer()
         history = net.fit(
             train_in, validation_data=val_in, initial_epoch=first, epochs=last,
-            callbacks=[*callbacks, *stopping], verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
+            callbacks=[*callbacks, *stopping, tracer], verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
         )
         seconds[phase] += time.perf_counter() - start
+        seconds["trace"] += tracer.extra()
         if getattr(net, "stop_training", False) and not (stopping and stopper.stopped_epoch):
             stopped.append(phase)  # stopped by a callback (pruning), not by early stopping
         kept = stopper.best_epoch - first + 1 if stopping else None  # the epochs up to the weights kept
@@ -160,7 +174,12 @@ def train(
     if fine_tunes and max(initial_epoch, fine_tune_start) < stop and not stopped:
         if initial_epoch <= fine_tune_start or not _compiled(model):
             if evaluate_test:
-                head_test_accuracy = evaluate(model, data, "test", batch_size, features)[1]
+                evaluating = time.perf_counter()
+                tracer = FirstStepTimer()
+                head_test_accuracy = evaluate(model, data, "test", batch_size, features, tracer=tracer,
+                                              net=nets.get("head") if features is not None else None)[1]
+                seconds["eval"] = time.perf_counter() - evaluating
+                seconds["trace_eval"] = tracer.extra()
             set_trainable(model, unfreeze_from)
             compile_model(model, fine_tune_learning_rate, jit_compile=jit_compile)  # recompile after `trainable`
         run("fine_tune", max(initial_epoch, fine_tune_start), stop)
@@ -168,18 +187,62 @@ def train(
     result = TrainResult(
         merged, fine_tune_start if fine_tunes and stop > fine_tune_start and "head" not in stopped else None,
         seconds["head"], seconds["fine_tune"], trainable_params(model), first_epoch=initial_epoch, features=features,
-        cut_index=cut[0].index if cut is not None else None,
+        cut_index=cut[0].index if cut is not None else None, trace_seconds=seconds["trace"],
     )
     if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
+        evaluating, tracer = time.perf_counter(), FirstStepTimer()
         if cut is not None and backbone_trainable(model):
             x, y = cut[1]["test"]
-            probs = cut[0].top.predict(x, batch_size=batch_size, verbose=0) if len(x) else np.zeros((0, data.num_classes))
+            probs = (cut[0].top.predict(x, batch_size=batch_size, verbose=0, callbacks=[tracer]) if len(x)
+                     else np.zeros((0, data.num_classes)))
             result.test_predictions = (y, probs)
         else:
-            result.test_predictions = predictions(model, data, "test", batch_size, features)
+            result.test_predictions = predictions(model, data, "test", batch_size, features, tracer=tracer)
         result.test_loss, result.test_accuracy = loss_and_accuracy(*result.test_predictions)
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy
+        result.eval_seconds = seconds["eval"] + time.perf_counter() - evaluating
+        result.eval_trace_seconds = seconds["trace_eval"] + tracer.extra()
     return result
+
+
+class FirstStepTimer(keras.callbacks.Callback):
+    """Times the first two training, validation and prediction steps of one ``fit``/``evaluate``/``predict``: the
+    first one's excess over the second is mostly tracing the step function (Keras traces on the first call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: dict[str, list[float]] = {"train": [], "test": [], "predict": []}
+        self._began = 0.0
+
+    def _begin(self, kind: str) -> None:
+        if len(self.steps[kind]) < 2:
+            self._began = time.perf_counter()
+
+    def _end(self, kind: str) -> None:
+        if len(self.steps[kind]) < 2:
+            self.steps[kind].append(time.perf_counter() - self._began)
+
+    def on_train_batch_begin(self, batch, logs=None):  # noqa: D102
+        self._begin("train")
+
+    def on_train_batch_end(self, batch, logs=None):  # noqa: D102
+        self._end("train")
+
+    def on_test_batch_begin(self, batch, logs=None):  # noqa: D102
+        self._begin("test")
+
+    def on_test_batch_end(self, batch, logs=None):  # noqa: D102
+        self._end("test")
+
+    def on_predict_batch_begin(self, batch, logs=None):  # noqa: D102
+        self._begin("predict")
+
+    def on_predict_batch_end(self, batch, logs=None):  # noqa: D102
+        self._end("predict")
+
+    def extra(self) -> float:
+        """Seconds of the first steps beyond the second ones (0 when a kind ran a single step)."""
+        return sum(max(0.0, s[0] - s[1]) for s in self.steps.values() if len(s) == 2)
 
 
 def loss_and_accuracy(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
@@ -206,32 +269,41 @@ def backbone_trainable(model: keras.Model) -> bool:
 
 
 def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int = 32,
-             features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, float]:
-    """``(loss, accuracy)`` of ``model`` on one split (on cached features while the backbone is frozen)."""
+             features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+             tracer: FirstStepTimer | None = None, net: keras.Model | None = None) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` on one split (on cached features while the backbone is frozen). ``net``:
+    the compiled head that trained on ``features`` (its test function, traced for validation, is reused)."""
     if data.sizes.get(split, 0) == 0:
         return float("nan"), float("nan")
     if features is not None and not backbone_trainable(model):
         if not _compiled(model):
             compile_model(model, 1e-3)
-        net = model if is_head(model) else head_on_features(model)
-        scores = net.evaluate(feature_batches(features[split], batch_size), verbose=0,
-                                                  return_dict=True)
+        net = model if is_head(model) else net or head_on_features(model)
+        scores = net.evaluate(feature_batches(features[split], batch_size), verbose=0, return_dict=True,
+                              callbacks=[tracer] if tracer else None)
         return float(scores["loss"]), float(scores["accuracy"])
-    scores = model.evaluate(data.batches(split, batch_size), verbose=0, return_dict=True)
+    scores = model.evaluate(data.batches(split, batch_size), verbose=0, return_dict=True,
+                            callbacks=[tracer] if tracer else None)
     return float(scores["loss"]), float(scores["accuracy"])
 
 
 def predictions(model: keras.Model, data: DataSplits, split: str, batch_size: int = 64,
-                features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                tracer: FirstStepTimer | None = None) -> tuple[np.ndarray, np.ndarray]:
     """True labels and predicted probabilities on one split (on cached features while the backbone is frozen)."""
     if features is not None and not backbone_trainable(model):
         x, y = features[split]
         net = model if is_head(model) else feature_head(model)
-        return y, net.predict(x, batch_size=batch_size, verbose=0) if len(x) else np.zeros((0, data.num_classes))
+        return y, (net.predict(x, batch_size=batch_size, verbose=0, callbacks=[tracer] if tracer else None) if len(x)
+                   else np.zeros((0, data.num_classes)))
     labels, probs = [], []
     for x, y in data.batches(split, batch_size):
         labels.append(y.numpy())
+        if tracer:
+            tracer.on_predict_batch_begin(len(labels))
         probs.append(np.asarray(model.predict_on_batch(x)))
+        if tracer:
+            tracer.on_predict_batch_end(len(labels))
     if not labels:
         return np.zeros((0,), np.int32), np.zeros((0, data.num_classes), np.float32)
     return np.concatenate(labels), np.concatenate(probs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -32,7 +33,7 @@ import keras_tuner as kt
 import numpy as np
 import tensorflow as tf
 
-from pipeline import cost, precision, recipe
+from pipeline import cost, precision, prebuilt, recipe
 from pipeline.data import DataSplits
 from pipeline.errors import DataError, UserError
 from pipeline.export import export_model
@@ -101,6 +102,8 @@ def run(spec: TrialSpec, data_cache: dict[int, DataSplits], run_id: Callable[[],
     """Train the trial (``pipeline.recipe``) and journal it. Failures raise Keras Tuner's errors:
     ``FailedTrialError`` (the sweep goes on) or ``FatalError`` (the data set is unusable: the sweep stops)."""
     start = time.perf_counter()
+    global _cost_dir
+    _cost_dir = Path(spec.journal).parent  # model_cost: measured once per architecture per sweep
     pruner = PruneCallback(spec.prune) if spec.prune else None
     with trial_errors():
         plan = spec.plan()
@@ -157,7 +160,7 @@ def run_fresh(spec: TrialSpec) -> TrialOutput:
     proc.stdin.write(f"{folder}\n")  # the spare reads its request from there
     proc.stdin.close()
     if os.environ.get("TLSWEEP_SPARE", "1") != "0":
-        _start_spare()  # the next trial's process starts TensorFlow while this one trains
+        _start_spare(hint=folder)  # the next trial's process gets ready while this one trains
     try:
         code = proc.wait()
         relay.join(10)
@@ -191,12 +194,14 @@ def run_fresh(spec: TrialSpec) -> TrialOutput:
 _spare: tuple[subprocess.Popen, threading.Thread] | None = None
 
 
-def _start_spare() -> None:
-    """Start the next trial's process now: it imports TensorFlow and waits on stdin for its trial folder."""
+def _start_spare(hint: Path | None = None) -> None:
+    """Start the next trial's process now: it imports TensorFlow, gets ready for a trial like ``hint`` (a trial
+    folder: ``_prepare``) and waits on stdin for its trial folder."""
     global _spare
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", "--spare", str(os.getpid())], env=env,
+    args = ["--spare", str(os.getpid()), *([str(hint)] if hint is not None else [])]
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.trial", *args], env=env,
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
     relay = threading.Thread(target=_relay_stderr, args=(proc.stderr,), daemon=True)
     relay.start()
@@ -245,9 +250,12 @@ def _relay_stderr(stream: Any) -> None:
 
 def main(argv: list[str]) -> int:
     """``python -m sweeps.trial <trial folder> <sweep pid>``: run ``request.json``, write ``answer.json``."""
+    ready: tuple[TrialSpec, dict[int, DataSplits]] | None = None
     if argv[0] == "--spare":  # started ahead of its trial: TensorFlow is imported, wait for the folder
         parent = int(argv[1])
         _exit_with(parent)
+        if len(argv) > 2:
+            ready = _prepare(Path(argv[2]))
         line = sys.stdin.readline().strip()
         if not line:  # the sweep ended without needing it
             return 0
@@ -256,8 +264,9 @@ def main(argv: list[str]) -> int:
         folder, parent = Path(argv[0]), int(argv[1])
         _exit_with(parent)
     spec = TrialSpec.from_json((folder / REQUEST).read_text())
+    data_cache = ready[1] if ready is not None and _same_data(ready[0], spec) else {}
     try:
-        reply: dict[str, Any] = {"output": dataclasses.asdict(run(spec, {}))}
+        reply: dict[str, Any] = {"output": dataclasses.asdict(run(spec, data_cache))}
         code = 0
     except KeyboardInterrupt:
         return 130
@@ -270,6 +279,27 @@ def main(argv: list[str]) -> int:
     tmp.write_text(json.dumps(reply))
     os.replace(tmp, folder / ANSWER)
     return code
+
+
+def _prepare(hint: Path) -> tuple[TrialSpec, dict[int, DataSplits]] | None:
+    """What a spare does before its trial is known, for a trial like the one in folder ``hint`` (the trial the
+    sweep was starting; the next one most often has the same backbone and data): map the data set's decoded
+    images and build the backbone with its pretrained weights (``pipeline.prebuilt``) when such a trial builds
+    the network. Only a guess: a trial that differs ignores it; a failure here is left to the trial itself."""
+    try:
+        spec = TrialSpec.from_json((hint / REQUEST).read_text())
+        plan, cache = spec.plan(), {}
+        recipe.load_data_for(plan, spec.dataset, spec.split, cache)  # the memory-mapped images, as run() loads them
+        if trains_network(spec, cache):
+            prebuilt.prebuild(plan)
+        return spec, cache
+    except Exception:  # noqa: BLE001 - a guess that failed costs nothing; the trial reports its own errors
+        return None
+
+
+def _same_data(hint: TrialSpec, spec: TrialSpec) -> bool:
+    """Whether data loaded for ``hint`` is ``spec``'s (``recipe.load_data_for`` keys its cache by image size)."""
+    return (hint.dataset, hint.split, hint.run.seed) == (spec.dataset, spec.split, spec.run.seed)
 
 
 def _exit_with(parent: int) -> None:
@@ -298,6 +328,8 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
         layout.HEAD_TEST_ACCURACY: result.head_test_accuracy, layout.TRAINABLE_PARAMS: result.trainable_params,
         layout.HEAD_SECONDS: result.head_seconds, layout.FINE_TUNE_SECONDS: result.fine_tune_seconds,
         layout.FEATURE_SECONDS: result.feature_seconds, layout.RSS_MB: resident_mb(),
+        layout.EVAL_SECONDS: result.eval_seconds, layout.TRACE_SECONDS: result.trace_seconds,
+        layout.EVAL_TRACE_SECONDS: result.eval_trace_seconds,
         **interval_metrics(result.val_accuracy, data.sizes["validation"], result.test_accuracy, data.sizes["test"]),
         **({layout.CV_ACCURACY: outcome.cv.mean, layout.CV_ACCURACY_STD: outcome.cv.std,
             layout.CV_SECONDS: outcome.cv.seconds} if outcome.cv else {}),
@@ -348,12 +380,32 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
 
 def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int) -> cost.Cost:
     """The cost of a trial's classifier without an export: measured on the model in memory, or for a head on
-    the full classifier assembled from it (once per architecture in this process)."""
-    if not is_head(model):
-        return cost.keras_cost(model)
+    the full classifier assembled from it, once per architecture in this process and, through a file in the
+    sweep's state folder, once per architecture per sweep (fresh trial processes share it; the cost does not
+    depend on the trained weights, and measuring the latency of a full network took seconds per trial)."""
     c = plan.config
     key = (c.backbone, plan.image_size, num_classes, c.augment, c.mixed_precision)
-    return cost.cost_of_head(key, lambda: recipe.full_model(plan, num_classes, model))
+    stored = _cost_file(key)
+    if stored is not None and stored.exists():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            return cost.cost_of_head(key, None, known=cost.Cost(**json.loads(stored.read_text())))
+    measured = cost.cost_of_head(key, lambda: recipe.full_model(plan, num_classes, model))  # a full model as is
+    if stored is not None:
+        tmp = stored.with_name(f".{stored.name}.{os.getpid()}")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(dataclasses.asdict(measured)))
+            os.replace(tmp, stored)
+    return measured
+
+
+_cost_dir: Path | None = None  # the sweep's state folder (beside its journal), set by ``run``
+
+
+def _cost_file(key: tuple) -> Path | None:
+    if _cost_dir is None:
+        return None
+    digest = hashlib.sha256(json.dumps(list(key), default=str).encode()).hexdigest()[:16]
+    return _cost_dir / f"cost-{digest}.json"
 
 
 def resident_mb() -> float:
@@ -366,4 +418,9 @@ def resident_mb() -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    # The answer is written and nothing else is pending (the journal entry is on disk): skip the interpreter's
+    # teardown of TensorFlow (seconds under load, which the sweep waited for); the kernel frees the memory.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -8,6 +8,7 @@ from pipeline.efficientnet_lite import (
     EfficientNetLite,
     EfficientNetLite0,
     imagenet_weights_file,
+    notop_weights_file,
     torch_weights_path,
 )
 from pipeline.torch_legacy import load_legacy_state_dict
@@ -46,6 +47,21 @@ def test_conversion_is_cached_once(name, tmp_path, monkeypatch):
     mtime = target.stat().st_mtime_ns
     assert imagenet_weights_file(name) == first == str(target)
     assert target.stat().st_mtime_ns == mtime
+
+
+def test_notop_weights_load_without_a_second_model_and_equal_the_full_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path))
+    full = EfficientNetLite0((32, 32, 3), include_top=True, weights="imagenet")
+    notop = EfficientNetLite0((48, 48, 3), include_top=False, weights="imagenet")  # weights do not depend on size
+    target = tmp_path / "efficientnet_lite0_imagenet_notop.npz"
+    assert notop_weights_file() == str(target)
+    mtime = target.stat().st_mtime_ns
+    assert len(notop.layers) == len(full.layers) - 2
+    for layer in (la for la in notop.layers if la.weights):
+        for mine, theirs in zip(layer.get_weights(), full.get_layer(layer.name).get_weights(), strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+    EfficientNetLite0((32, 32, 3), weights="imagenet")
+    assert target.stat().st_mtime_ns == mtime  # written once
 
 
 @needs_flowers()

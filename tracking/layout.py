@@ -82,6 +82,9 @@ CV_METRICS = (CV_ACCURACY, CV_ACCURACY_STD, CV_SECONDS)
 TRIAL_METRICS = (*EPOCH_METRICS, TEST_ACCURACY, TEST_LOSS, HEAD_TEST_ACCURACY, TRAINABLE_PARAMS, TRAIN_SECONDS,
                  WALL_SECONDS, HEAD_SECONDS, FINE_TUNE_SECONDS, FEATURE_SECONDS, RSS_MB, *COST_METRICS,
                  *INTERVAL_METRICS, *CV_METRICS)
+EVAL_SECONDS = "eval_seconds"  # in evaluation steps: test predictions (and the test score before fine-tuning)
+TRACE_SECONDS = "trace_seconds"  # of head_seconds + fine_tune_seconds: first steps beyond typical ones (tracing)
+EVAL_TRACE_SECONDS = "eval_trace_seconds"  # the same, of eval_seconds
 
 # -- artifacts -----------------------------------------------------------------------------------
 PLOTS_DIR = "plots"
