@@ -151,6 +151,8 @@ def run_sweep(
                         print(f"warning: finished trials could not all be written to MLflow ({type(e).__name__}: {e}); "
                               f"they stay in {t.journal.folder} and are written when the sweep starts again",
                               file=sys.stderr)
+                    if t.exports is not None:  # the models queued for export, unless the sweep was killed
+                        t.exports.close(wait=status != "KILLED")
                 if role != "worker":  # workers leave the leaderboard and the parent to the chief
                     try:
                         summarize(experiment, parent)
