@@ -89,5 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def measure(data: Path, image_size: int = 224, repeats: int = 1) -> dict[str, float]:
+    """``fixed_cost_head_s`` and ``fixed_cost_finetune_s`` (medians) as ``main`` prints them (for ``make bench``)."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["--data", str(data), "--image-size", str(image_size), "--repeats", str(repeats)])
+    print(printed.getvalue(), end="", flush=True)
+    last = printed.getvalue().strip().splitlines()[-1]
+    return {k: float(v) for k, v in (pair.split("=") for pair in last.split())}
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
