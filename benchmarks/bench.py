@@ -47,10 +47,12 @@ def subset(source: Path, root: Path, per_class: int) -> Path:
     return root
 
 
-def sweep_yaml(trials: int, epochs: int, fine_tune_epochs: int, batch_size: int, image_size: int, seed: int) -> str:
-    """The search both sides run; ``log_models`` and ``trial_process`` are left to their defaults."""
+def sweep_yaml(trials: int, epochs: int, fine_tune_epochs: int, batch_size: int, image_size: int, seed: int,
+               log_models: str | None = None) -> str:
+    """The search both sides run; ``log_models`` (unless given) and ``trial_process`` are left to their defaults."""
     return (
-        f"tuner: random\nmax_trials: {trials}\nseed: {seed}\nprune: false\nspace:\n"
+        f"tuner: random\nmax_trials: {trials}\nseed: {seed}\nprune: false\n"
+        + (f"log_models: {log_models}\n" if log_models else "") + "space:\n"
         "  backbone: {fixed: efficientnet_lite0}\n"
         f"  image_size: {{fixed: {image_size}}}\n  batch_size: {{fixed: {batch_size}}}\n"
         f"  epochs: {{fixed: {epochs}}}\n  fine_tune_epochs: {{fixed: {fine_tune_epochs}}}\n"
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                         "folder for the issue's figure, which takes far longer the first time: it builds the caches)")
     parser.add_argument("--fixed-cost-repeats", type=int, default=1)
     parser.add_argument("--no-fixed-cost", action="store_true", help="skip the fixed-cost measurement")
+    parser.add_argument("--log-models", default=None, choices=("all", "improving", "best"),
+                        help="our sweep's log_models (default: the shipped default); to see what exports cost")
     args = parser.parse_args(argv)
     if not Path(args.data, "daisy").is_dir():
         print(f"error: no flower_photos at {args.data} (no daisy/ folder in it); pass --data /path/to/flower_photos",
@@ -196,7 +200,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
     from sweeps.untracked import drawn, run_untracked
 
     dataset = str(subset(Path(args.data), work / "flowers", args.per_class))
-    text = sweep_yaml(args.trials, args.epochs, args.fine_tune_epochs, args.batch_size, args.image_size, args.seed)
+    text = sweep_yaml(args.trials, args.epochs, args.fine_tune_epochs, args.batch_size, args.image_size, args.seed,
+                      getattr(args, "log_models", None))
     sweep = work / "bench.yaml"
     sweep.write_text(text)
     config = parse_sweep(yaml.safe_load(text), "bench")
