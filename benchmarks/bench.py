@@ -1,27 +1,37 @@
-"""``make bench``: a plain Keras-Tuner search against ours with the feature cache, in one process.
+"""``make bench``: the shipped default sweep against a plain Keras Tuner search of the same space.
 
-On a fixed subset of flower_photos with efficientnet_lite0, N head-only trials of E epochs each:
-(a) Keras Tuner's RandomSearch on the full model, which runs the frozen backbone every epoch;
-(b) our sweep (``run_sweep``) with a cold feature cache and MLflow tracking into a fresh SQLite
-store, with ``log_models: best`` (the headline: trials keep checkpoints, best-export exports the
-winner, timed apart) and with ``log_models: all`` (a SavedModel per trial);
-(c) one trial with augmentation, which cannot use the cache and trains end to end.
-It prints the accuracies, the cache build time, the input-pipeline ratio, and a last line
-``speedup=<a/b> tracking_overhead=<fraction> trials=<N> epochs=<E>``, where the overhead is the
-time the sweep's thread spent on MLflow (queueing, journaling, waiting for the background writer)
-over (b)'s wall time.
+On a fixed subset of flower_photos with efficientnet_lite0, one seeded random search over dropout, learning
+rate, fine-tuning or not, ``fine_tune_at`` and the fine-tuning learning rate (so fine-tuning trials are in it):
+
+(a) plain Keras Tuner: ``RandomSearch`` in one process, a ``HyperModel`` that builds the full model, trains the
+    head epochs, then (fine-tuning trials) unfreezes from ``fine_tune_at`` (BatchNorm frozen), recompiles with the
+    fine-tuning learning rate and trains on; no caches. Its wall time counts decoding the images too.
+(b) our sweep with the settings a user gets without flags (``run_sweep``: feature cache, fine-tuning on the cut,
+    fresh trial processes with a warm spare, ``log_models`` default, MLflow tracking into a fresh SQLite store),
+    every cache cold (a first sweep on this data);
+(c) the same sweep without MLflow (``sweeps.untracked``: no store, runs, system metrics, model exports, parent
+    or leaderboard), caches cold again: tracking overhead = (b) - (c), in seconds and as a fraction of (b).
+
+Both searches declare the space the same way (``sweeps.space.define``) with the same seed; the bench **fails
+(exit 1)** if (a), (b) and (c) did not draw the same hyperparameters, trial by trial. Accuracy the same way on
+both sides: each trial's score is its last epoch's ``val_accuracy``; the best trial is the highest (the first on
+ties); its test accuracy is computed by this script (``test_accuracy``) on the same test split, from the trained
+model (a) or from the trial's checkpoint (b). Then the fixed cost per trial
+(``benchmarks.bench_fixed_cost.measure``). Last line:
+``speedup=<a/b> tracking_overhead=<fraction of b> tracking_overhead_s=<b-c> fixed_cost_head_s=<s>
+fixed_cost_finetune_s=<s> trials=<n> fine_tuning_trials=<n> ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-from tracking import layout
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,184 +42,239 @@ def subset(source: Path, root: Path, per_class: int) -> Path:
     """The first ``per_class`` photos of each class, linked (not copied) under ``root``."""
     for cls in sorted(d for d in source.iterdir() if d.is_dir()):
         (root / cls.name).mkdir(parents=True)
-        for photo in sorted(cls.glob("*.jpg"))[:per_class]:
+        for photo in sorted(p for p in cls.iterdir() if p.is_file())[:per_class]:
             (root / cls.name / photo.name).symlink_to(photo)
     return root
 
 
-def input_pipeline_ratio(data, model, batch_size: int, repeats: int = 3) -> tuple[float, float, float]:
-    """Images/s through the real pipeline into the frozen model, vs the model on in-memory tensors.
-
-    Every batch shape is traced before timing (the last batch is smaller), and each side is timed
-    ``repeats`` times, alternating, keeping the best.
-    """
-    import tensorflow as tf
-
-    from pipeline.features import extractor
-
-    fx = extractor(model)
-    step = tf.function(lambda x: fx(x, training=False))
-    batches = [x for x, _ in data.batches("train", batch_size)]
-    for x in batches:  # trace every shape
-        step(x)
-
-    def rate(source) -> float:
-        start = time.perf_counter()
-        n = sum(int(step(x).shape[0]) for x in source())
-        return n / (time.perf_counter() - start)
-
-    pipeline_rate = model_rate = 0.0
-    for _ in range(repeats):
-        pipeline_rate = max(pipeline_rate, rate(lambda: (x for x, _ in data.batches("train", batch_size))))
-        model_rate = max(model_rate, rate(lambda: batches))
-    return pipeline_rate, model_rate, pipeline_rate / model_rate
-
-
-def sweep_yaml(trials: int, epochs: int, batch_size: int, image_size: int, seed: int, log_models: str,
-               augment: bool = False) -> str:
-    """The search both sides run: head-only trials over dropout and learning rate."""
+def sweep_yaml(trials: int, epochs: int, fine_tune_epochs: int, batch_size: int, image_size: int, seed: int,
+               log_models: str | None = None) -> str:
+    """The search both sides run; ``log_models`` (unless given) and ``trial_process`` are left to their defaults."""
     return (
-        f"tuner: random\nmax_trials: {trials}\nseed: {seed}\nlog_models: {log_models}\nspace:\n"
+        f"tuner: random\nmax_trials: {trials}\nseed: {seed}\nprune: false\n"
+        + (f"log_models: {log_models}\n" if log_models else "") + "space:\n"
         "  backbone: {fixed: efficientnet_lite0}\n"
         f"  image_size: {{fixed: {image_size}}}\n  batch_size: {{fixed: {batch_size}}}\n"
-        f"  epochs: {{fixed: {epochs}}}\n  fine_tune: {{fixed: false}}\n  augment: {{fixed: {str(augment).lower()}}}\n"
+        f"  epochs: {{fixed: {epochs}}}\n  fine_tune_epochs: {{fixed: {fine_tune_epochs}}}\n"
+        "  augment: {fixed: false}\n"
+        "  fine_tune: {boolean: true, default: true}\n"
+        "  fine_tune_at: {choice: [0.75, 0.9], default: 0.75}\n"
         "  dropout: {float: [0.0, 0.5], step: 0.1, default: 0.2}\n"
         "  learning_rate: {float: [1.0e-4, 1.0e-2], sampling: log, default: 1.0e-3}\n"
+        "  fine_tune_learning_rate: {float: [1.0e-5, 1.0e-3], sampling: log, default: 1.0e-4}\n"
     )
 
 
-def plain_keras_tuner(data, trials: int, epochs: int, batch_size: int, image_size: int, seed: int, workdir: str):
-    """(a): the usual way, the whole model in every epoch of every trial.
+def test_accuracy(model: Any, data: Any, batch_size: int = 32) -> float:
+    """The fraction of the test split the model classifies right: the one measure both sides get."""
+    import numpy as np
 
-    It declares the same space as (b) in the same order, so the seeded random search draws the same
-    hyperparameters and the two sides train the same models."""
+    right = total = 0
+    for x, y in data.batches("test", batch_size):
+        predicted = np.asarray(model(x, training=False)).argmax(axis=1)
+        right += int((predicted == np.asarray(y)).sum())
+        total += len(predicted)
+    return right / total
+
+
+def best_trial(tuner: Any) -> Any:
+    """The highest score (last epoch's val_accuracy); the first such trial on ties."""
+    done = sorted((t for t in tuner.oracle.trials.values() if t.score is not None), key=lambda t: int(t.trial_id))
+    return max(done, key=lambda t: t.score)  # max keeps the first of equal scores
+
+
+def plain_keras_tuner(data: Any, config: Any, image_size: int, seed: int, workdir: str) -> tuple[Any, dict[str, float]]:
+    """(a): Keras Tuner the usual way; returns the tuner and each trial's test accuracy."""
     import keras
     import keras_tuner as kt
-    import yaml
 
-    from pipeline.model import build_model, compile_model
+    from pipeline import recipe
+    from pipeline.hparams import RunConfig
+    from pipeline.model import build_model, compile_model, set_trainable
     from sweeps import space as space_module
-    from sweeps.config import parse_sweep
 
-    space = parse_sweep(yaml.safe_load(sweep_yaml(trials, epochs, batch_size, image_size, seed, "best")), "plain").space
+    tests: dict[str, float] = {}
 
-    def build(hp):
-        values = space_module.define(hp, space)
-        keras.utils.set_random_seed(seed)
-        model = build_model("efficientnet_lite0", data.num_classes, image_size, dropout=float(values["dropout"]),
-                            seed=seed)
-        compile_model(model, float(values["learning_rate"]))
-        return model
+    class TwoPhase(kt.HyperModel):
+        def build(self, hp: kt.HyperParameters) -> keras.Model:
+            values = space_module.define(hp, config.space)
+            keras.utils.set_random_seed(seed)
+            model = build_model("efficientnet_lite0", data.num_classes, image_size, dropout=float(values["dropout"]),
+                                seed=seed)
+            compile_model(model, float(values["learning_rate"]))
+            return model
 
-    tuner = kt.RandomSearch(build, objective="val_accuracy", max_trials=trials, seed=seed, directory=workdir,
-                            project_name="plain", overwrite=True)
-    start = time.perf_counter()
-    tuner.search(data.batches("train", batch_size, shuffle=True, seed=seed),
-                 validation_data=data.batches("validation", batch_size), epochs=epochs, verbose=0)
-    wall = time.perf_counter() - start
+        def fit(self, hp: kt.HyperParameters, model: keras.Model, *args: Any, callbacks: Any = None, **kwargs: Any):
+            values = space_module.define(hp.copy(), config.space)
+            plan = recipe.plan(RunConfig.from_values(values, seed=seed))
+            batch = int(values["batch_size"])
+            train = data.batches("train", batch, shuffle=True, seed=seed)
+            val = data.batches("validation", batch)
+            history = model.fit(train, validation_data=val, epochs=int(values["epochs"]), verbose=0,
+                                callbacks=callbacks).history["val_accuracy"]
+            if plan.fine_tunes:  # unfreeze from fine_tune_at (BatchNorm stays frozen), recompile, train on
+                set_trainable(model, plan.unfreeze_from)
+                compile_model(model, plan.fine_tune_learning_rate)
+                start = int(values["epochs"])
+                history += model.fit(train, validation_data=val, initial_epoch=start,
+                                     epochs=start + plan.fine_tune_epochs, verbose=0,
+                                     callbacks=callbacks).history["val_accuracy"]
+            tests[json.dumps(hp.values, sort_keys=True, default=str)] = test_accuracy(model, data)
+            return {"val_accuracy": float(history[-1])}  # the last epoch's, as our trials report it
+
+    tuner = kt.RandomSearch(TwoPhase(), objective=kt.Objective("val_accuracy", "max"), max_trials=config.max_trials,
+                            seed=seed, directory=workdir, project_name="plain", overwrite=True)
+    tuner.search(verbose=0)
     failed = [t.message for t in tuner.oracle.trials.values() if t.status != "COMPLETED"]
     if failed:
         raise RuntimeError(f"plain Keras Tuner trials failed: {failed[0]}")
-    finals = [t.metrics.get_history("val_accuracy")[-1].value[0] for t in tuner.oracle.trials.values()]
-    drawn = sorted((round(float(t.hyperparameters.get("dropout")), 6), round(float(t.hyperparameters.get("learning_rate")), 9))
-                   for t in tuner.oracle.trials.values())
-    return wall, max(finals), drawn
+    by_trial = {t.trial_id: tests[json.dumps(t.hyperparameters.values, sort_keys=True, default=str)]
+                for t in tuner.oracle.trials.values()}
+    return tuner, by_trial
 
 
-def ours(dataset: str, trials: int, epochs: int, batch_size: int, image_size: int, seed: int, workdir: Path,
-         log_models: str, augment: bool = False):
-    """(b): our sweep, cold feature cache, tracked in a fresh SQLite store."""
-    import mlflow
+def ours_test_accuracy(tuner: Any, trial: Any, data: Any) -> float:
+    """(b)'s best trial's test accuracy, computed as for (a), on the model rebuilt from the trial's checkpoint."""
+    from pipeline import recipe
+    from pipeline.export import load_keras_model
+    from pipeline.hparams import RunConfig
 
-    from sweeps.run import run_sweep
+    values = tuner.hypermodel.build(trial.hyperparameters.copy())
+    plan = recipe.plan(RunConfig.from_values(values, seed=tuner.config.seed))
+    model = recipe.full_model(plan, data.num_classes, load_keras_model(tuner.checkpoint(trial.trial_id)))
+    return test_accuracy(model, data)
 
-    name = f"{log_models}{'_augment' if augment else ''}"
-    config = workdir / f"bench_{name}.yaml"
-    config.write_text(sweep_yaml(trials, epochs, batch_size, image_size, seed, log_models, augment))
-    os.environ["TLSWEEP_CACHE"] = str(workdir / f"cache_{name}")  # cold: the cache build is counted
-    uri = f"sqlite:///{workdir / f'mlflow_{name}.db'}"
-    tuners: list = []
-    start = time.perf_counter()
-    parent = run_sweep(dataset, sweep=str(config), experiment="bench", state_dir=str(workdir / f"state_{name}"),
-                       tracking_uri=uri, verbose=0, tuner_out=tuners, progress=False)
-    wall = time.perf_counter() - start
-    client = mlflow.tracking.MlflowClient(uri)
-    exp = client.get_experiment_by_name("bench")
-    kids = client.search_runs([exp.experiment_id], f"tags.`{layout.PARENT_RUN_ID}` = '{parent}'")
-    best = max(k.data.metrics[layout.VAL_ACCURACY] for k in kids)
-    drawn = sorted((round(float(k.data.params["dropout"]), 6), round(float(k.data.params["learning_rate"]), 9))
-                   for k in kids)
-    feature_seconds = sum(k.data.metrics.get(layout.FEATURE_SECONDS, 0.0) for k in kids)
-    timings = {**tuners[0].timings, "tracking": tuners[0].journal.blocked, "writer": tuners[0].journal.busy,
-               "drawn": drawn}
-    if log_models == "best" and not augment:
-        from sweeps.best import best_export
 
-        exporting = time.perf_counter()
-        best_export("bench", export_dir=str(workdir / f"exports_{name}"))
-        timings["best_export"] = time.perf_counter() - exporting
-    return wall, best, feature_seconds, timings
+def compare_draws(sides: dict[str, list[dict[str, Any]]]) -> str | None:
+    """None when every side drew the same hyperparameters trial by trial, else what differs (one line)."""
+    (first, reference), *others = sides.items()
+    for name, draws in others:
+        if len(draws) != len(reference):
+            return f"{first} ran {len(reference)} trials, {name} {len(draws)}"
+        for i, (a, b) in enumerate(zip(reference, draws)):
+            if a != b:
+                diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+                return f"trial {i}: {first} vs {name} drew differently: {diff}"
+    return None
+
+
+def fine_tuning(draws: list[dict[str, Any]]) -> int:
+    return sum(bool(d.get("fine_tune")) for d in draws)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="flower_photos folder")
-    parser.add_argument("--per-class", type=int, default=60, help="photos per class in the fixed subset")
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--per-class", type=int, default=40, help="photos per class in the fixed subset")
+    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=2, help="head epochs of every trial")
+    parser.add_argument("--fine-tune-epochs", type=int, default=1, help="fine-tuning epochs of fine-tuning trials")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=1,
+                        help="the searches' seed (1: 4 of the 6 default trials fine-tune, from both cuts)")
+    parser.add_argument("--fixed-cost-data", default=None,
+                        help="data for the fixed-cost measurement (default: the same subset; give the flower_photos "
+                        "folder for the issue's figure, which takes far longer the first time: it builds the caches)")
+    parser.add_argument("--fixed-cost-repeats", type=int, default=1)
+    parser.add_argument("--no-fixed-cost", action="store_true", help="skip the fixed-cost measurement")
+    parser.add_argument("--log-models", default=None, choices=("all", "improving", "best"),
+                        help="our sweep's log_models (default: the shipped default); to see what exports cost")
     args = parser.parse_args(argv)
     if not Path(args.data, "daisy").is_dir():
-        print(f"error: no flower_photos at {args.data}; pass --data /path/to/flower_photos", file=sys.stderr)
+        print(f"error: no flower_photos at {args.data} (no daisy/ folder in it); pass --data /path/to/flower_photos",
+              file=sys.stderr)
         return 2
+    with tempfile.TemporaryDirectory(prefix="tlsweep-bench-") as tmp:
+        return run(args, Path(tmp))
 
-    import keras
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    """The bench in ``work`` (a scratch folder); returns the exit code."""
+    import yaml
 
     from pipeline.data import load_data
-    from pipeline.model import build_model
+    from sweeps.config import parse_sweep
+    from sweeps.run import run_sweep
+    from sweeps.untracked import drawn, run_untracked
 
-    with tempfile.TemporaryDirectory(prefix="tlsweep-bench-") as tmp:
-        work = Path(tmp)
-        dataset = str(subset(Path(args.data), work / "flowers", args.per_class))
+    dataset = str(subset(Path(args.data), work / "flowers", args.per_class))
+    text = sweep_yaml(args.trials, args.epochs, args.fine_tune_epochs, args.batch_size, args.image_size, args.seed,
+                      getattr(args, "log_models", None))
+    sweep = work / "bench.yaml"
+    sweep.write_text(text)
+    config = parse_sweep(yaml.safe_load(text), "bench")
+
+    # (a) plain Keras Tuner
+    start = time.perf_counter()
+    data = load_data(dataset, args.image_size, seed=args.seed)
+    decode = time.perf_counter() - start
+    print(f"data: {sum(data.sizes.values())} photos {data.sizes}, decoded and resized in {decode:.1f}s", flush=True)
+    plain, plain_tests = plain_keras_tuner(data, config, args.image_size, args.seed, str(work / "kt"))
+    wall_a = time.perf_counter() - start
+    print(f"(a) plain Keras Tuner: {wall_a:.1f}s (decoding {decode:.1f}s included)", flush=True)
+
+    # (b) ours, as shipped, tracked; (c) the same without MLflow. Each with cold caches.
+    walls, tuners = {}, {}
+    for side in ("tracked", "untracked"):
+        os.environ["TLSWEEP_CACHE"] = str(work / f"cache_{side}")
+        out: list = []
         start = time.perf_counter()
-        data = load_data(dataset, args.image_size, seed=args.seed)
-        decode = time.perf_counter() - start
-        print(f"data: {sum(data.sizes.values())} photos {data.sizes}, decoded and resized in {decode:.1f}s "
-              f"({sum(data.sizes.values()) / decode:.0f} images/s)", flush=True)
-        keras.utils.set_random_seed(args.seed)
-        model = build_model("efficientnet_lite0", data.num_classes, args.image_size, seed=args.seed)
-        pipe, bare, ratio = input_pipeline_ratio(data, model, args.batch_size)
-        print(f"input pipeline: {pipe:.1f} images/s end to end vs {bare:.1f} images/s model only on in-memory "
-              f"tensors (ratio {ratio:.3f})", flush=True)
+        if side == "tracked":
+            run_sweep(dataset, sweep=str(sweep), experiment="bench", state_dir=str(work / f"state_{side}"),
+                      tracking_uri=f"sqlite:///{work / 'mlflow.db'}", verbose=0, tuner_out=out, progress=False)
+        else:
+            run_untracked(dataset, str(sweep), str(work / f"state_{side}"), tuner_out=out)
+        walls[side], tuners[side] = time.perf_counter() - start, out[0]
+        print(f"({'b' if side == 'tracked' else 'c'}) ours, {side}: {walls[side]:.1f}s", flush=True)
+    ours = tuners["tracked"]
 
-        wall_a, acc_a, drawn_a = plain_keras_tuner(data, args.trials, args.epochs, args.batch_size, args.image_size,
-                                          args.seed, str(work / "kt"))
-        print(f"(a) plain Keras Tuner: {args.trials} trials x {args.epochs} epochs in {wall_a:.1f}s, "
-              f"best val_accuracy {acc_a:.4f}", flush=True)
-        results = {}
-        for policy in ("best", "all"):
-            wall_b, acc_b, cache_s, t = ours(dataset, args.trials, args.epochs, args.batch_size, args.image_size,
-                                             args.seed, work, policy)
-            overhead = t["tracking"] / wall_b
-            results[policy] = (wall_b, overhead, acc_b, t["drawn"])
-            extra = f"; best-export of the winner afterwards {t['best_export']:.1f}s" if "best_export" in t else ""
-            print(f"(b) ours, log_models={policy}: {wall_b:.1f}s (feature cache built in {cache_s:.1f}s; "
-                  f"trials {t['trials']:.1f}s, model export {t['export']:.1f}s, MLflow on the sweep's thread "
-                  f"{t['tracking']:.2f}s, background writer {t['writer']:.1f}s{extra}), "
-                  f"best val_accuracy {acc_b:.4f}, speedup {wall_a / wall_b:.1f}x", flush=True)
-        wall_b, overhead, acc_b, drawn_b = results["best"]
-        print(f"accuracy: plain {acc_a:.4f} vs ours {acc_b:.4f} (difference {abs(acc_a - acc_b):.4f}; "
-              f"{data.sizes['validation']} validation photos, one photo = {1 / data.sizes['validation']:.4f}); "
-              f"same hyperparameters drawn in both searches: {'yes' if drawn_a == drawn_b else 'NO'}")
-        wall_c, _, _, t = ours(dataset, 1, args.epochs, args.batch_size, args.image_size, args.seed, work, "best",
-                               augment=True)
-        print(f"(c) one trial with augmentation (no feature cache: the backbone runs every epoch): {wall_c:.1f}s for "
-              f"{args.epochs} epochs, vs (b) {wall_b / args.trials:.1f}s per trial with the cache", flush=True)
-        print(f"speedup={wall_a / wall_b:.2f} tracking_overhead={overhead:.4f} trials={args.trials} "
-              f"epochs={args.epochs}")
+    draws = {"plain": drawn(plain), "ours": drawn(ours), "ours untracked": drawn(tuners["untracked"])}
+    differ = compare_draws(draws)
+    if differ:
+        print(f"error: the searches drew different hyperparameters, so the bench compares unlike trials: {differ}",
+              file=sys.stderr)
+        return 1
+    n_ft = fine_tuning(draws["plain"])
+    print(f"same hyperparameters drawn on every side: yes ({len(draws['plain'])} trials, {n_ft} fine-tuning)")
+    for i, d in enumerate(draws["plain"]):
+        print(f"  trial {i}: " + ", ".join(f"{k}={d[k]}" for k in ("fine_tune", "fine_tune_at", "dropout",
+                                                                   "learning_rate", "fine_tune_learning_rate") if k in d))
+
+    seen = ours.data_cache.get(args.image_size)
+    if seen is not None and seen.lineage() != data.lineage():
+        print("error: our sweep split the data differently from the plain search: "
+              f"{seen.lineage()} vs {data.lineage()}", file=sys.stderr)
+        return 1
+    best_a, best_b = best_trial(plain), best_trial(ours)
+    test_a, test_b = plain_tests[best_a.trial_id], ours_test_accuracy(ours, best_b, data)
+    print(f"best trial by val_accuracy (last epoch; first on ties): plain trial {best_a.trial_id} "
+          f"val_accuracy {best_a.score:.4f} test_accuracy {test_a:.4f}; ours trial {best_b.trial_id} "
+          f"val_accuracy {best_b.score:.4f} test_accuracy {test_b:.4f} ({data.sizes['validation']} validation, "
+          f"{data.sizes['test']} test photos: one photo = {1 / data.sizes['test']:.4f} of test accuracy)")
+    per_trial = [(t.trial_id, t.score) for t in sorted(plain.oracle.trials.values(), key=lambda t: int(t.trial_id))]
+    ours_scores = {t.trial_id: t.score for t in ours.oracle.trials.values()}
+    print("val_accuracy per trial, plain / ours: " + ", ".join(
+        f"{i}: {s:.3f}/{ours_scores.get(i, float('nan')):.3f}" for i, s in per_trial))
+
+    overhead_s = walls["tracked"] - walls["untracked"]
+    speedup = wall_a / walls["tracked"]
+    print(f"speedup (a)/(b) {speedup:.2f}x; tracking overhead (b)-(c) {overhead_s:.1f}s of {walls['tracked']:.1f}s; "
+          f"model exports in the background {ours.exports.busy:.1f}s" if ours.exports else "", flush=True)
+
+    fixed = {"fixed_cost_head_s": float("nan"), "fixed_cost_finetune_s": float("nan")}
+    if not args.no_fixed_cost:
+        from benchmarks.bench_fixed_cost import measure
+
+        os.environ["TLSWEEP_CACHE"] = str(work / "cache_fixed")
+        fixed = measure(Path(args.fixed_cost_data or dataset), image_size=args.image_size,
+                        repeats=args.fixed_cost_repeats)
+    print(f"speedup={speedup:.2f} tracking_overhead={overhead_s / walls['tracked']:.4f} "
+          f"tracking_overhead_s={overhead_s:.1f} fixed_cost_head_s={fixed['fixed_cost_head_s']:.2f} "
+          f"fixed_cost_finetune_s={fixed['fixed_cost_finetune_s']:.2f} trials={len(draws['plain'])} "
+          f"fine_tuning_trials={n_ft} plain_s={wall_a:.1f} ours_s={walls['tracked']:.1f} "
+          f"untracked_s={walls['untracked']:.1f} test_accuracy_plain={test_a:.4f} test_accuracy_ours={test_b:.4f}")
     return 0
 
 

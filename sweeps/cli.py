@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-models", default=None, choices=LOG_MODELS,
                    help="log the SavedModel + pyfunc model of every trial; only of trials that beat the best so "
                    "far; or none, trials keeping a Keras checkpoint that best-export turns into the SavedModel of "
-                   "the winner (fastest); overrides the YAML (default: all)")
+                   "the winner (fastest); overrides the YAML (default: improving). Exports run in a helper process, off "
+                   "the training path")
     p.add_argument("--trial-process", default=None, choices=TRIAL_PROCESSES,
                    help="where trials run: auto (default) runs a trial that trains the whole network (fine-tuning, "
                    "augmentation, features not cached yet) in a fresh process, whose memory is all returned when it "

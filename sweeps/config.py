@@ -57,7 +57,7 @@ class SweepConfig:
     space: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     hyperband: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_consecutive_failed_trials: int = 3
-    log_models: str = "all"
+    log_models: str = "improving"  # the winner always has its model; exports run off the training path
     mixed_precision: str = "auto"  # pipeline.precision.SETTINGS; resolved by each trial on its device
     xla: bool = False  # XLA-compiled training steps, for GPUs
     # Staged search: stage 1 sweeps heads only; stage 2 fine-tunes the top_k stage-1 trials from their
@@ -145,7 +145,7 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         if hp not in FINE_TUNE_ONLY:
             raise UserError(f"stage2 of sweep {where} searches {hp!r}; it searches only {', '.join(FINE_TUNE_ONLY)}")
         _check_entry(hp, entry, where)
-    log_models = raw.get("log_models", "all")
+    log_models = raw.get("log_models", "improving")
     if log_models not in LOG_MODELS:
         raise UserError(f"log_models {log_models!r} in sweep {where} is not one of {', '.join(LOG_MODELS)}")
     trial_process = raw.get("trial_process", "auto")

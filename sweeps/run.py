@@ -156,6 +156,8 @@ def run_sweep(
                         print(f"warning: finished trials could not all be written to MLflow ({type(e).__name__}: {e}); "
                               f"they stay in {t.journal.folder} and are written when the sweep starts again",
                               file=sys.stderr)
+                    if t.exports is not None:  # the models queued for export, unless the sweep was killed
+                        t.exports.close(wait=status != "KILLED")
                 if any(t.journal.store_down for t in tuners):  # the server did not come back (TLSWEEP_STORE_WAIT):
                     pass  # the leaderboard and the parent wait for the next start, which writes the journal out first
                 elif role != "worker":  # workers leave the leaderboard and the parent to the chief

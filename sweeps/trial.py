@@ -36,7 +36,6 @@ import tensorflow as tf
 from pipeline import cost, precision, prebuilt, recipe
 from pipeline.data import DataSplits
 from pipeline.errors import DataError, UserError
-from pipeline.export import export_model
 from pipeline.hparams import RunConfig
 from pipeline.model import is_head
 from pipeline.pruning import PruneCallback
@@ -96,6 +95,7 @@ class TrialOutput:
     curve: list[float] = dataclasses.field(default_factory=list)  # val_accuracy per epoch (from first_epoch)
     first_epoch: int = 0
     pruned_at: int | None = None  # the epoch at which the trial stopped, behind the earlier trials
+    export_pending: bool = False  # its model is to be exported and logged off the training path (sweeps.exports)
 
 
 def run(spec: TrialSpec, data_cache: dict[int, DataSplits], run_id: Callable[[], str] | None = None) -> TrialOutput:
@@ -346,23 +346,20 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
                  "first_epoch": result.first_epoch, "confusion": matrix, "class_names": data.class_names,
                  "grid_images": grid, "grid_labels": labels[: len(grid)],
                  "grid_predicted": probs[: len(grid)].argmax(axis=1)}
-    improving = spec.best is None or result.val_accuracy > spec.best
+    # ties count: every trial that reaches the best score has its model, so the winner has one whichever of them wins
+    improving = spec.best is None or result.val_accuracy >= spec.best
+    # A model to log (all; improving and this trial improved) is exported off the training path
+    # (sweeps.exports, after the trial's run is written): the trial keeps only its Keras checkpoint, as with best.
+    export_pending = spec.log_models == "all" or (spec.log_models == "improving" and improving)
     files, exported, export_seconds = {}, None, 0.0
     staging = Path(tempfile.mkdtemp(prefix="trial-", dir=Path(spec.journal).parent))
-    if spec.log_models == "all" or (spec.log_models == "improving" and improving):
-        exporting = time.perf_counter()
-        full = recipe.full_model(plan, data.num_classes, model)
-        export = export_model(full, staging / layout.SAVEDMODEL_DIR, data.class_names, metadata={
-            "run_id": run_id(), **spec.export_metadata, **spec.run.hyperparameters(), **data.lineage()})
-        sample = grid[:2]
-        exported = (export, sample, full.predict(sample, verbose=0))
-        export_seconds = time.perf_counter() - exporting
-        cost_ = cost.savedmodel_cost(export, full.count_params())
-    else:  # no export: the model in memory (a head: its full classifier, once per architecture)
-        cost_ = model_cost(plan, model, data.num_classes)
-    if spec.log_models == "best":  # best-export builds the SavedModel from this checkpoint and its recipe
+    cost_ = model_cost(plan, model, data.num_classes)  # the export replaces it with the SavedModel's
+    if spec.log_models == "best" or export_pending:  # best-export (or the exporter) builds it from this checkpoint
         name = recipe.checkpoint_name(model)
-        shutil.copy(Path(spec.trial_dir) / name, staging / name)
+        kept = Path(spec.trial_dir) / name
+        if not kept.exists():  # the recipe kept it only when asked to (checkpoint=True)
+            model.save(kept)
+        shutil.copy(kept, staging / name)
         files[f"{layout.CHECKPOINT_DIR}/{name}"] = staging / name
     metrics += [(layout.SIZE_MB, cost_.size_mb, 0), (layout.TOTAL_PARAMS, cost_.total_params, 0),
                 (layout.LATENCY_MS, cost_.latency_ms, 0)]
@@ -375,7 +372,8 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
                         tags=tags)
     shutil.rmtree(staging, ignore_errors=True)
     return TrialOutput(result.val_accuracy, str(entry), is_head(model), export_seconds,
-                       time.perf_counter() - journaling, result.history["val_accuracy"], result.first_epoch, pruned_at)
+                       time.perf_counter() - journaling, result.history["val_accuracy"], result.first_epoch, pruned_at,
+                       export_pending)
 
 
 def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int) -> cost.Cost:

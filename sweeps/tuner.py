@@ -29,6 +29,7 @@ from sweeps import prune as pruning
 from sweeps import signals
 from sweeps import space as space_module
 from sweeps import trial as trials
+from sweeps.exports import ModelExports
 from sweeps.config import SweepConfig
 from sweeps.trial import resident_mb
 from sweeps.workers import Heartbeat, WaitsWhenIdle
@@ -111,6 +112,8 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         self.memory: list[tuple[str, float]] = []  # (trial, resident MB after it was cleaned up)
         # MLflow writes happen on a background thread, through a journal kept beside the tuner's state.
         self.journal = TrialJournal(Path(self.project_dir) / f"journal-{self.tuner_id}")
+        # SavedModel + pyfunc exports (log_models: all, improving) in a helper process, after the journal's write.
+        self.exports: ModelExports | None = ModelExports(say=lambda line: print(line, flush=True) if progress else None)
         # Pruning: thresholds from the sweep's finished trials, given to each trial before it starts.
         self.curves = pruning.Curves(experiment_id, parent_run_id, config.prune, stage) if config.prune else None
 
@@ -143,7 +146,9 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
                 else:
                     output = trials.run_fresh(spec)
             self.journal.blocked += output.journal_seconds
-            self.journal.submit(Path(output.entry), run)
+            written = self.journal.submit(Path(output.entry), run)
+            if output.export_pending and self.exports is not None:  # off the training path (sweeps.exports)
+                self.exports.submit(run, written)
             self._pruned(key, output)
         except BaseException as e:
             # A signal inside TensorFlow may surface as another error: it still stops the sweep.

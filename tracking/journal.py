@@ -79,9 +79,9 @@ class TrialJournal:
         self.submit(entry, run)
         return entry
 
-    def submit(self, entry: Path, run: Future) -> None:
+    def submit(self, entry: Path, run: Future) -> Future:
         """Write a journaled trial (from ``write_entry``, maybe by another process) to MLflow in the background."""
-        self._submit(self._apply, Path(entry), run)
+        return self._submit(self._apply, Path(entry), run)
 
     def fail(self, run: Future, status: str, error: str, trace: str | None = None,
              params: Mapping[str, object] | None = None) -> None:
