@@ -9,12 +9,15 @@ epoch, which travels in the trial's ``TrialSpec`` to whichever process trains it
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping
 
+import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline import pruning
 from tracking import layout
+from tracking.journal import store_answers
 
 
 class Curves:
@@ -30,6 +33,7 @@ class Curves:
         self.curves: dict[str, dict[int, float]] = {}
         self.pruned: set[str] = set()  # trials known to be pruned (not compared against)
         self._read: set[str] = set()  # MLflow runs already looked at
+        self._store_down = False  # the tracking server did not answer at the last refresh (said once)
 
     def add(self, trial: str, values: list[float], first_epoch: int, pruned_at: int | None) -> None:
         """A trial this process just finished (its run may not be in MLflow yet)."""
@@ -64,7 +68,14 @@ class Curves:
 
     def limits(self) -> dict[int, float]:
         """The thresholds for the next trial: ``{epoch: median best-so-far val_accuracy}``, empty while fewer
-        than ``min_trials`` trials finished."""
-        self.refresh()
+        than ``min_trials`` trials finished. While the tracking server does not answer, from what this process knows
+        (its own trials), so that the sweep goes on (its trials are journaled meanwhile)."""
+        if store_answers(mlflow.get_tracking_uri()):
+            self._store_down = False
+            self.refresh()
+        elif not self._store_down:
+            self._store_down = True
+            print("[sweep] pruning compares with this process's own finished trials until the tracking server "
+                  "answers again", file=sys.stderr, flush=True)
         curves = [c for t, c in self.curves.items() if t not in self.pruned]
         return pruning.thresholds(curves, self.min_trials, self.warmup_epochs)

@@ -174,3 +174,33 @@ def test_curves_come_from_finished_unpruned_siblings_of_the_same_stage_in_mlflow
     for r in client.search_runs([exp]):
         if r.info.status == "RUNNING":
             client.set_terminated(r.info.run_id)
+
+
+def test_pruning_goes_on_from_its_own_trials_while_the_tracking_server_does_not_answer(capsys):
+    """A tracking server that died mid-sweep: the thresholds come from this process's own finished trials
+    (said once), not from a read that MLflow would retry for minutes or an exception that fails the trial."""
+    import socket
+    import time
+
+    import mlflow
+
+    from sweeps.prune import Curves
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
+    try:
+        curves = Curves("0", "parent", {"min_trials": 2, "warmup_epochs": 0})
+        curves.add("0", [0.5, 0.6], 0, None)
+        curves.add("1", [0.7, 0.8], 0, None)
+        start = time.perf_counter()
+        assert curves.limits() == {0: pytest.approx(0.6), 1: pytest.approx(0.7)}
+        assert curves.limits() == {0: pytest.approx(0.6), 1: pytest.approx(0.7)}
+        assert time.perf_counter() - start < 10, "no MLflow retries against a server that is down"
+    finally:
+        mlflow.set_tracking_uri(previous)
+    said = capsys.readouterr().err
+    assert said.count("pruning compares with this process's own finished trials until the tracking server "
+                      "answers again") == 1

@@ -272,6 +272,12 @@ def _server(uri: str) -> str | None:
     return uri.rstrip("/") + "/health" if uri.startswith(("http://", "https://")) else None
 
 
+def store_answers(uri: str) -> bool:
+    """Whether the tracking store at ``uri`` can be reached now: a file or database store always; an `mlflow server`
+    when its health check answers (a refused connection answers at once, instead of MLflow's minutes of retries)."""
+    return _server(uri) is None or _answers(uri)
+
+
 def _answers(uri: str, timeout: float = 3.0) -> bool:
     import urllib.request
 
