@@ -91,6 +91,8 @@ class ModelExports:
             except subprocess.TimeoutExpired:
                 helper.terminate()
                 helper.wait()
+        if helper is not None and helper.stdout is not None:
+            helper.stdout.close()
 
     # -- the background thread -------------------------------------------------------------------
 
@@ -118,23 +120,26 @@ class ModelExports:
 
     def _export(self, run_id: str) -> str | None:
         """One export in the helper; None when it was logged, else the helper's reason."""
-        if self._helper is None or self._helper.poll() is not None:
+        helper = self._helper  # close() may drop it meanwhile (a killed sweep): this export keeps its own reference
+        if helper is None or helper.poll() is not None:
+            if self._stop:
+                return "the sweep stopped before this export"
             import mlflow
 
             root = str(Path(__file__).resolve().parents[1])
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                    "MLFLOW_TRACKING_URI": self.tracking_uri or mlflow.get_tracking_uri()}
-            self._helper = subprocess.Popen([sys.executable, "-m", HELPER_MODULE, str(os.getpid())], env=env,
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            helper = self._helper = subprocess.Popen([sys.executable, "-m", HELPER_MODULE, str(os.getpid())], env=env,
+                                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            self._helper.stdin.write(run_id + "\n")
-            self._helper.stdin.flush()
-            answer = self._helper.stdout.readline().strip()
-        except (BrokenPipeError, OSError) as e:
+            helper.stdin.write(run_id + "\n")
+            helper.stdin.flush()
+            answer = helper.stdout.readline().strip()
+        except (BrokenPipeError, OSError, ValueError) as e:  # ValueError: close() closed its pipes meanwhile
             return f"the export process ended: {e}"
         if answer == "ok":
             return None
-        return answer.removeprefix("error ") or f"the export process ended with code {self._helper.poll()}"
+        return answer.removeprefix("error ") or f"the export process ended with code {helper.poll()}"
 
 
 def main(argv: list[str]) -> int:

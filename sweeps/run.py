@@ -157,7 +157,11 @@ def run_sweep(
                               f"they stay in {t.journal.folder} and are written when the sweep starts again",
                               file=sys.stderr)
                     if t.exports is not None:  # the models queued for export, unless the sweep was killed
-                        t.exports.close(wait=status != "KILLED")
+                        try:
+                            t.exports.close(wait=status != "KILLED")
+                        except KeyboardInterrupt:  # Ctrl-C / SIGTERM while waiting for them: drop the rest
+                            t.exports.close(wait=False)
+                            status = "KILLED"
                 if any(t.journal.store_down for t in tuners):  # the server did not come back (TLSWEEP_STORE_WAIT):
                     pass  # the leaderboard and the parent wait for the next start, which writes the journal out first
                 elif role != "worker":  # workers leave the leaderboard and the parent to the chief
@@ -165,6 +169,11 @@ def run_sweep(
                         summarize(experiment, parent)
                     finally:  # the parent is closed even if the leaderboard cannot be written
                         runs.end_parent(parent, status)
+        for t in tuners:
+            if t.journal.gone is not None:  # the server never came back: one error line, no leaderboard to read
+                raise t.journal.gone
+        if status == "KILLED":  # stopped while waiting for the model exports: the parent is closed as KILLED
+            raise KeyboardInterrupt
         return parent
 
 

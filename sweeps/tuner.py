@@ -16,7 +16,7 @@ import time
 import traceback
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import keras
 import keras_tuner as kt
@@ -153,9 +153,9 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         except BaseException as e:
             # A signal inside TensorFlow may surface as another error: it still stops the sweep.
             if (stop := signals.interruption(e)) is not None:
-                self.journal.fail(run, "KILLED", "interrupted (Ctrl-C or SIGTERM)", params=params)
+                self._record_end(run, "KILLED", "interrupted (Ctrl-C or SIGTERM)", params=params)
                 raise stop
-            self.journal.fail(run, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc(), params=params)
+            self._record_end(run, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc(), params=params)
             failure = one_line(e)
             if os.environ.get(VERBOSE_ENV):  # --verbose: the traceback here too, not only in MLflow
                 traceback.print_exc()
@@ -189,6 +189,16 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
             checkpoint=config.tuner == "hyperband" or self.stage == "1" or config.log_models == "best",
             prune=self.curves.limits() if self.curves else None,
         )
+
+    def _record_end(self, run: Any, status: str, error: str, trace: str | None = None,
+                    params: Mapping[str, object] | None = None) -> None:
+        """Close the trial's run as FAILED or KILLED. A store that cannot be written (the tracking server gone past
+        TLSWEEP_STORE_WAIT) must not hide the signal or the trial's own error: it is said in one line, and the
+        run is closed when the sweep starts again (its journal is replayed first)."""
+        try:
+            self.journal.fail(run, status, error, trace, params=params)
+        except Exception as e:  # noqa: BLE001 - the store's error is not the trial's
+            print(f"warning: trial run not closed as {status} in MLflow ({one_line(e)})", file=sys.stderr, flush=True)
 
     def _pruned(self, key: str, output: trials.TrialOutput) -> None:
         """Remember the trial's curve for the next trials' thresholds; say when it was pruned."""

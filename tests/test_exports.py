@@ -49,7 +49,7 @@ def test_the_sweep_ends_with_the_models_of_its_improving_trials(tmp_path, tracki
                        state_dir=str(tmp_path / "state"), verbose=0, tuner_out=tuners)
     assert tuners[0].config.log_models == "improving"
     exp = mlflow.get_experiment_by_name("exports").experiment_id
-    kids = sorted(MlflowClient().search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'"),
+    kids = sorted(MlflowClient().search_runs([exp], f"tags.`{layout.PARENT_RUN_ID}` = '{parent}'"),
                   key=lambda r: r.info.start_time)
     assert len(kids) == 3 and all(k.info.status == "FINISHED" for k in kids)
     best, improved = None, []

@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from test_distributed import Sweep, running_trial, server, start, trial_processes_under  # noqa: F401 - server: a fixture
-from tracking.layout import TRIAL_ID, WORKER
+from tracking.layout import (BEST_RUN_ID, CHECKPOINT_DIR, KIND, PARENT_RUN_ID, PLOTS_DIR, SWEEP, TEST_ACCURACY,
+                             TRIAL_ID, VAL_ACCURACY, WORKER)
 
 # test_distributed's tiny space; random: Keras Tuner's grid oracle cannot resume a killed chief (README, Status)
 FAULT_SWEEP = {"tuner": "random", "max_trials": 4}
@@ -30,17 +31,17 @@ def every_trial_once(uri: str, trials: int, experiment: str = "dist") -> list:
     each with its curve, test score, plots and checkpoint."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`tlsweep.kind` = 'sweep'")
+    (parent,) = client.search_runs([exp.experiment_id], f"tags.`{KIND}` = '{SWEEP}'")
     assert parent.info.status == "FINISHED"
-    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    kids = client.search_runs([exp.experiment_id], f"tags.`{PARENT_RUN_ID}` = '{parent.info.run_id}'")
     seen = sorted((k.data.tags[TRIAL_ID], k.info.status) for k in kids)
     assert seen == [(str(i), "FINISHED") for i in range(trials)], f"each trial once, nothing else: {seen}"
     for kid in kids:
-        assert len(client.get_metric_history(kid.info.run_id, "val_accuracy")) >= 2
-        assert "test_accuracy" in kid.data.metrics
-        assert len(client.list_artifacts(kid.info.run_id, "plots")) == 3
-        assert client.list_artifacts(kid.info.run_id, "checkpoint")
-    assert parent.data.tags["tlsweep.best_run_id"] in {k.info.run_id for k in kids}
+        assert len(client.get_metric_history(kid.info.run_id, VAL_ACCURACY)) >= 2
+        assert TEST_ACCURACY in kid.data.metrics
+        assert len(client.list_artifacts(kid.info.run_id, PLOTS_DIR)) == 3
+        assert client.list_artifacts(kid.info.run_id, CHECKPOINT_DIR)
+    assert parent.data.tags[BEST_RUN_ID] in {k.info.run_id for k in kids}
     return kids
 
 

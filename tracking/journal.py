@@ -112,11 +112,18 @@ class TrialJournal:
             self.blocked += time.perf_counter() - start
 
     def close(self) -> None:
-        self.flush()
-        self._pool.shutdown()
-        if self._renderer is not None:
-            self._renderer.stdin.close()  # it exits at end of input; nothing to wait for
-            self._renderer = None
+        try:
+            self.flush()
+        finally:  # the writer's threads and the plot renderer end even when a write failed
+            self._pool.shutdown()
+            if self._renderer is not None:
+                self._renderer.stdin.close()  # it exits at end of input; nothing to wait for
+                self._renderer = None
+
+    @property
+    def gone(self) -> Exception | None:
+        """The error of a tracking server that did not come back within TLSWEEP_STORE_WAIT, else None."""
+        return self._gone
 
     # -- recovery --------------------------------------------------------------------------------
 
