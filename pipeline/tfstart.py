@@ -66,9 +66,11 @@ def filtered_stderr(noise: re.Pattern) -> Iterator[None]:
 # libjpeg's jerror.h; seen here for a truncated JPEG: "Improper call to JPEG library in state 201"). The lines that
 # name the skipped files say it instead.
 DECODER_NOISE = re.compile(
-    r"^(.*JPEG.*|Input file read error|Bogus .*|Unsupported marker type .*|Huffman table .* was not defined"
+    r"^(Premature end of JPEG file|Not a JPEG file: .*|Improper call to JPEG library in state \d+"
+    r"|Invalid JPEG file structure: .*|Unsupported JPEG process: .*|JPEG datastream contains no image"
+    r"|Corrupt JPEG data: .*|Input file read error|Bogus .*|Unsupported marker type .*|Huffman table .* was not defined"
     r"|Quantization table .* was not defined|Empty input file|Invalid SOS parameters.*|Invalid component ID .*"
-    r"|Corrupt .*|Backing store not supported|Sampling factors too large.*|libpng (warning|error): .*)\s*$"
+    r"|Backing store not supported|Sampling factors too large.*|libpng (warning|error): .*)\s*$"
 )
 
 

@@ -58,3 +58,15 @@ def test_no_tensorflow_startup_lines_reach_the_user(tmp_path, command, error):
     assert proc.returncode == 2, proc.stderr
     assert error in proc.stderr.splitlines()[-1], proc.stderr
     assert not [m for m in MARKERS if m in proc.stderr], proc.stderr
+
+
+def test_only_the_image_libraries_own_lines_are_held_back_while_decoding():
+    from pipeline.tfstart import DECODER_NOISE
+
+    for line in ("Improper call to JPEG library in state 201\n", "Premature end of JPEG file\n",
+                 "Corrupt JPEG data: 42 extraneous bytes before marker 0xd9\n", "Not a JPEG file: starts with 0x89 0x50\n",
+                 "libpng warning: iCCP: known incorrect sRGB profile\n"):
+        assert DECODER_NOISE.match(line), line
+    for line in ("skipped (not a readable image): /data/roses/1.jpeg\n", "warning: JPEG files in train/ are large\n",
+                 "Corrupted checkpoint in /tmp/x\n", "Traceback (most recent call last):\n"):
+        assert not DECODER_NOISE.match(line), line
