@@ -92,13 +92,18 @@ def load_data(
     split: str | None = None,
     data_dir: str | None = None,
     cache: bool = True,
+    decode: bool = True,
 ) -> DataSplits:
-    """Load ``dataset`` (tfds name or folder) resized to ``image_size`` square RGB images."""
+    """Load ``dataset`` (tfds name or folder) resized to ``image_size`` square RGB images. With ``decode=False``
+    only a folder whose images are already in the image cache is loaded (mapped); else ``NotDecoded`` is raised:
+    a process getting ready ahead of its trial must not decode beside the trial that is decoding them."""
     if not isinstance(image_size, int) or image_size < 8:
         raise UserError(f"image size must be an integer of at least 8 px, got {image_size!r}")
     folder = _folder(dataset)
     if folder is not None:
-        return _load_folder(folder, image_size, seed, split, cache)
+        return _load_folder(folder, image_size, seed, split, cache, decode)
+    if not decode:
+        raise NotDecoded(f"{dataset} is a tfds data set, read and decoded by each process")
     data = _load_tfds(dataset, image_size, split, data_dir)
     if cache:
         check_memory(sum(data.sizes.values()), image_size)
@@ -194,7 +199,12 @@ def _default_tfds_split(info) -> str:
 # --- folders -------------------------------------------------------------------------------------
 
 
-def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cache: bool) -> DataSplits:
+class NotDecoded(Exception):
+    """``load_data(..., decode=False)`` of images that are not in the image cache yet (not a user error)."""
+
+
+def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cache: bool,
+                 decode_all: bool = True) -> DataSplits:
     subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
     val_name = "validation" if "validation" in subdirs else "val" if "val" in subdirs else None
     skipped: list[str] = []
@@ -250,6 +260,8 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
         kept = {name: set(paths) for name, (_, _, paths) in arrays.items()}
         files = {name: [it for it in files[name] if str(it[0]) in kept[name]] for name in files}
         splits = image_cache.MappedSplits({name: (x, y) for name, (x, y, _) in arrays.items()})
+    elif not decode_all:
+        raise NotDecoded(f"the images of {root} at {image_size} px are not in the image cache yet")
     else:
         dropped: list[str] = []
         splits = _decode_folder(files, decode, dropped, cache)

@@ -110,12 +110,13 @@ def plan(config: RunConfig) -> Plan:
 
 
 def load_data_for(plan: Plan, dataset: str, split: str | None, cache: dict[int, DataSplits] | None = None,
-                  data_dir: str | None = None) -> DataSplits:
-    """The data set at the plan's image size, decoded once per process (``cache``: image size -> data)."""
+                  data_dir: str | None = None, decode: bool = True) -> DataSplits:
+    """The data set at the plan's image size, decoded once per process (``cache``: image size -> data).
+    ``decode=False``: only mapped from the image cache, else ``pipeline.data.NotDecoded``."""
     cache = {} if cache is None else cache
     if plan.image_size not in cache:
         cache[plan.image_size] = load_data(dataset, plan.image_size, seed=plan.config.seed, split=split,
-                                           data_dir=data_dir)
+                                           data_dir=data_dir, decode=decode)
     return cache[plan.image_size]
 
 

@@ -289,7 +289,8 @@ def _prepare(hint: Path) -> tuple[TrialSpec, dict[int, DataSplits]] | None:
     try:
         spec = TrialSpec.from_json((hint / REQUEST).read_text())
         plan, cache = spec.plan(), {}
-        recipe.load_data_for(plan, spec.dataset, spec.split, cache)  # the memory-mapped images, as run() loads them
+        # the memory-mapped images, as run() loads them; never decoded here beside the trial that decodes them
+        recipe.load_data_for(plan, spec.dataset, spec.split, cache, decode=False)
         if trains_network(spec, cache):
             prebuilt.prebuild(plan)
         return spec, cache

@@ -42,3 +42,23 @@ def test_any_change_to_the_folder_or_the_size_decodes_again(tmp_path, monkeypatc
     assert len(list((tmp_path / "cache" / "images").iterdir())) == 4
     load_data(str(folder), 16, seed=3, cache=False)  # no cache asked: nothing written
     assert len(list((tmp_path / "cache" / "images").iterdir())) == 4
+
+
+def test_a_process_getting_ready_only_maps_images_decoded_before_and_never_decodes_them(tmp_path, monkeypatch):
+    """The warm spare loads with ``decode=False``: it must not decode beside the trial that is decoding."""
+    import pytest
+
+    from pipeline.data import NotDecoded
+
+    monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path / "cache"))
+    folder = make_class_folder(tmp_path / "photos", per_class=6, classes=("blue", "red"))
+    with pytest.raises(NotDecoded):
+        load_data(str(folder), 16, seed=3, decode=False)
+    assert not (tmp_path / "cache" / "images").exists() or not list((tmp_path / "cache" / "images").iterdir())
+    first = load_data(str(folder), 16, seed=3)
+    mapped = load_data(str(folder), 16, seed=3, decode=False)
+    assert _arrays(mapped) == _arrays(first) and mapped.fingerprint == first.fingerprint
+    with pytest.raises(NotDecoded):
+        load_data(str(folder), 24, seed=3, decode=False)  # another size: not decoded yet
+    with pytest.raises(NotDecoded):
+        load_data("tf_flowers", 16, decode=False)  # tfds: each process reads its own

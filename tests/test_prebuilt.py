@@ -45,6 +45,7 @@ def test_random_weights_are_never_built_ahead():
 def test_a_spare_prepares_for_a_trial_like_the_one_before(tmp_path, class_folder):
     spec = _spec(tmp_path, class_folder, 0)
     (tmp_path / "t0" / REQUEST).write_text(spec.to_json())
+    load_data(str(class_folder), 32, seed=spec.run.seed)  # decoded by the trial it follows (a spare only maps)
     try:
         hint, cache = trials._prepare(tmp_path / "t0")
         assert hint == spec and set(cache) == {32}
