@@ -194,7 +194,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
                     params: Mapping[str, object] | None = None) -> None:
         """Close the trial's run as FAILED or KILLED. A store that cannot be written (the tracking server gone past
         TLSWEEP_STORE_WAIT) must not hide the signal or the trial's own error: it is said in one line, and the
-        run is closed when the sweep starts again (its journal is replayed first)."""
+        same command run again closes the runs left RUNNING (``runs.close_orphans``)."""
         try:
             self.journal.fail(run, status, error, trace, params=params)
         except Exception as e:  # noqa: BLE001 - the store's error is not the trial's
