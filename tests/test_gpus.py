@@ -162,7 +162,9 @@ def test_gpus_0_1_runs_two_pinned_workers_every_trial_once_and_resumes(tmp_path,
 
 @pytest.mark.slow
 def test_sigterm_stops_every_process_it_started_and_the_same_command_resumes(tmp_path, class_folder):
-    command = _command(tmp_path, class_folder)
+    # Trials long enough that the signal lands mid-sweep: with 2-epoch trials of 1 to 5 s on an idle machine the
+    # sweep could end before its signal arrived (and then rightly be FINISHED, not KILLED).
+    command = _command(tmp_path, class_folder, space={**SWEEP["space"], "epochs": {"fixed": 12}})
     log = (tmp_path / "launcher.log").open("w")
     proc = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
