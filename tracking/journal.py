@@ -162,13 +162,13 @@ class TrialJournal:
             try:
                 return fn(*args)
             except Exception:
-                if _server(mlflow.get_tracking_uri()) is None or _answers(mlflow.get_tracking_uri()):
+                if store_answers(mlflow.get_tracking_uri()):
                     raise  # not an outage: a real error
                 # the server went away while writing: wait for it, then write the whole step again
 
     def _wait_for_store(self) -> None:
         uri = mlflow.get_tracking_uri()
-        if _server(uri) is None or _answers(uri):
+        if store_answers(uri):
             if self.store_down:
                 self.store_down, self._gone = False, None
                 self.say(f"[sweep] the tracking server {uri} answers again; the journaled trials are written to it")
