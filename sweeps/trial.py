@@ -102,8 +102,6 @@ def run(spec: TrialSpec, data_cache: dict[int, DataSplits], run_id: Callable[[],
     """Train the trial (``pipeline.recipe``) and journal it. Failures raise Keras Tuner's errors:
     ``FailedTrialError`` (the sweep goes on) or ``FatalError`` (the data set is unusable: the sweep stops)."""
     start = time.perf_counter()
-    global _cost_dir
-    _cost_dir = Path(spec.journal).parent  # model_cost: measured once per architecture per sweep
     pruner = PruneCallback(spec.prune) if spec.prune else None
     with trial_errors():
         plan = spec.plan()
@@ -354,7 +352,7 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
     export_pending = spec.log_models == "all" or (spec.log_models == "improving" and improving)
     files, exported, export_seconds = {}, None, 0.0
     staging = Path(tempfile.mkdtemp(prefix="trial-", dir=Path(spec.journal).parent))
-    cost_ = model_cost(plan, model, data.num_classes)  # the export replaces it with the SavedModel's
+    cost_ = model_cost(plan, model, data.num_classes, Path(spec.journal).parent)  # an export replaces it
     if spec.log_models == "best" or export_pending:  # best-export (or the exporter) builds it from this checkpoint
         name = recipe.checkpoint_name(model)
         kept = Path(spec.trial_dir) / name
@@ -377,14 +375,14 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
                        export_pending)
 
 
-def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int) -> cost.Cost:
+def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int, state_dir: Path | None = None) -> cost.Cost:
     """The cost of a trial's classifier without an export: measured on the model in memory, or for a head on
     the full classifier assembled from it, once per architecture in this process and, through a file in the
     sweep's state folder, once per architecture per sweep (fresh trial processes share it; the cost does not
     depend on the trained weights, and measuring the latency of a full network took seconds per trial)."""
     c = plan.config
     key = (c.backbone, plan.image_size, num_classes, c.augment, c.mixed_precision)
-    stored = _cost_file(key)
+    stored = _cost_file(key, state_dir)
     if stored is not None and stored.exists():
         with contextlib.suppress(OSError, ValueError, TypeError):
             return cost.cost_of_head(key, None, known=cost.Cost(**json.loads(stored.read_text())))
@@ -397,14 +395,12 @@ def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int) -> cost.
     return measured
 
 
-_cost_dir: Path | None = None  # the sweep's state folder (beside its journal), set by ``run``
-
-
-def _cost_file(key: tuple) -> Path | None:
-    if _cost_dir is None:
+def _cost_file(key: tuple, state_dir: Path | None) -> Path | None:
+    """Where a sweep keeps the cost of one architecture (``state_dir``: its state folder, beside its journal)."""
+    if state_dir is None:
         return None
     digest = hashlib.sha256(json.dumps(list(key), default=str).encode()).hexdigest()[:16]
-    return _cost_dir / f"cost-{digest}.json"
+    return state_dir / f"cost-{digest}.json"
 
 
 def resident_mb() -> float:
