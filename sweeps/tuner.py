@@ -54,6 +54,31 @@ class SpaceHyperModel(kt.HyperModel):
         return space_module.define(hp, self.space)
 
 
+class DefaultFirst:
+    """Mixin for an oracle: a search's first trial is the space's default point, the baseline run every other
+    trial is measured against (Keras Tuner's random and Bayesian oracles would draw it at random, and a short
+    sweep might never try the configuration its author chose as the default)."""
+
+    def populate_space(self, trial_id: str) -> dict[str, Any]:
+        if self.trials:  # resumed, retried or distributed: only a search with no trial yet starts here
+            return super().populate_space(trial_id)
+        hps = kt.HyperParameters()
+        values = {}
+        for hp in self.hyperparameters.space:  # as Keras Tuner's own draws: active values only
+            hps.merge([hp])
+            if hps.is_active(hp):
+                values[hp.name] = hp.default
+        return {"status": kt.engine.trial.TrialStatus.RUNNING, "values": values}
+
+
+class RandomSearchOracle(DefaultFirst, kt.oracles.RandomSearchOracle):
+    """Keras Tuner's random search, starting from the default point."""
+
+
+class BayesianOptimizationOracle(DefaultFirst, kt.oracles.BayesianOptimizationOracle):
+    """Keras Tuner's Bayesian optimization, starting from the default point (one of its random initial points)."""
+
+
 def make_oracle(config: SweepConfig) -> kt.Oracle:
     objective = kt.Objective(config.objective, direction="max")
     # Keras Tuner takes seed 0 for "no seed" and draws a random one: a sweep with seed 0 would draw other
@@ -61,9 +86,9 @@ def make_oracle(config: SweepConfig) -> kt.Oracle:
     seed = config.seed if config.seed != 0 else ZERO_SEED
     common = dict(objective=objective, seed=seed, max_consecutive_failed_trials=config.max_consecutive_failed_trials)
     if config.tuner == "random":
-        return kt.oracles.RandomSearchOracle(max_trials=config.max_trials, **common)
+        return RandomSearchOracle(max_trials=config.max_trials, **common)
     if config.tuner == "bayesian":
-        return kt.oracles.BayesianOptimizationOracle(max_trials=config.max_trials, **common)
+        return BayesianOptimizationOracle(max_trials=config.max_trials, **common)
     if config.tuner == "grid":
         return kt.oracles.GridSearchOracle(max_trials=config.max_trials, **common)
     hb = config.hyperband

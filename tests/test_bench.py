@@ -8,13 +8,13 @@ import yaml
 
 from benchmarks import bench
 from sweeps.config import parse_sweep
-from sweeps.tuner import SpaceHyperModel
+from sweeps.tuner import SpaceHyperModel, make_oracle
 
 
 def _draws(seed: int, trials: int = 6) -> list[dict]:
     """What a seeded random search over the bench's space draws, without training anything."""
     config = parse_sweep(yaml.safe_load(bench.sweep_yaml(trials, 1, 1, 8, 32, seed)), "bench")
-    oracle = kt.oracles.RandomSearchOracle(objective=kt.Objective("val_accuracy", "max"), max_trials=trials, seed=seed)
+    oracle = make_oracle(config)
     oracle._set_project_dir("/tmp/unused", "bench")  # never written: trials are only created, not saved
     space = oracle.get_space()
     SpaceHyperModel(config.space).build(space)  # the space as a tuner registers it (fine_tune's default is true)
