@@ -42,6 +42,8 @@ class TrainResult:
     features: dict | None = dataclasses.field(default=None, repr=False)  # the cached features used, if any
     # (labels, probabilities) on the test split, from the pass that gave test_loss and test_accuracy
     test_predictions: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    # the same on the validation split, from the final model (what a sweep's ensemble is chosen on)
+    val_predictions: tuple[np.ndarray, np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def val_accuracy(self) -> float:
@@ -191,13 +193,18 @@ def train(
     )
     if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
         evaluating, tracer = time.perf_counter(), FirstStepTimer()
-        if cut is not None and backbone_trainable(model):
-            x, y = cut[1]["test"]
-            probs = (cut[0].top.predict(x, batch_size=batch_size, verbose=0, callbacks=[tracer]) if len(x)
-                     else np.zeros((0, data.num_classes)))
-            result.test_predictions = (y, probs)
-        else:
-            result.test_predictions = predictions(model, data, "test", batch_size, features, tracer=tracer)
+        for split in ("test", "validation"):
+            if cut is not None and backbone_trainable(model):
+                x, y = cut[1][split]
+                probs = (cut[0].top.predict(x, batch_size=batch_size, verbose=0, callbacks=[tracer]) if len(x)
+                         else np.zeros((0, data.num_classes)))
+                found = (y, probs)
+            else:
+                found = predictions(model, data, split, batch_size, features, tracer=tracer)
+            if split == "test":
+                result.test_predictions = found
+            else:
+                result.val_predictions = found
         result.test_loss, result.test_accuracy = loss_and_accuracy(*result.test_predictions)
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy
         result.eval_seconds = seconds["eval"] + time.perf_counter() - evaluating

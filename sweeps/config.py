@@ -22,7 +22,8 @@ from pipeline.precision import AUTO
 SWEEPS_DIR = Path(__file__).resolve().parent
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 TOP_KEYS = ("tuner", "max_trials", "objective", "seed", "space", "hyperband", "description",
-            "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla", "stage2", "trial_process", "prune")
+            "max_consecutive_failed_trials", "log_models", "mixed_precision", "xla", "stage2", "trial_process", "prune",
+            "ensemble")
 STAGE2_KEYS = ("top_k", "trials_per_config", "space")
 # Which trials log a SavedModel + pyfunc model: every trial; a trial that beats those before it; or
 # none ("best": trials log their Keras checkpoint, a few KB for a head, and best-export exports the winner).
@@ -36,6 +37,7 @@ TRIAL_PROCESSES = ("auto", "fresh", "same")
 # or a mapping of PRUNE_KEYS.
 PRUNE_DEFAULTS = {"rule": "median", "min_trials": 3, "warmup_epochs": 2}
 PRUNE_KEYS = tuple(PRUNE_DEFAULTS)
+ENSEMBLE_DEFAULT = 5  # `ensemble: true`
 TFLITE_MODES = ("float16", "dynamic")  # best-export's TFLite options
 KINDS = ("choice", "float", "int", "boolean", "fixed")
 ENTRY_KEYS = (*KINDS, "default", "sampling", "step")
@@ -65,6 +67,9 @@ class SweepConfig:
     stage2: dict[str, Any] = dataclasses.field(default_factory=dict)
     trial_process: str = "auto"  # see TRIAL_PROCESSES
     prune: dict[str, Any] | None = None  # PRUNE_KEYS, or None: no pruning
+    # After the search: an ensemble of up to this many picks of the trials with a logged model, chosen greedily on
+    # validation (sweeps.ensemble); kept only when it beats the best trial there. 0: none (on in the shipped sweeps).
+    ensemble: int = 0
     source: str = ""
 
     def with_overrides(self, **overrides: Any) -> "SweepConfig":
@@ -163,6 +168,11 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
     if prune and tuner == "hyperband":
         raise UserError(f"prune in sweep {where} does not apply to tuner: hyperband, which stops trials itself; "
                         "set prune: false")
+    ensemble = raw.get("ensemble", False)
+    ensemble = {True: ENSEMBLE_DEFAULT, False: 0}.get(ensemble, ensemble) if isinstance(ensemble, bool) else ensemble
+    if not isinstance(ensemble, int) or ensemble < 0:
+        raise UserError(f"ensemble in sweep {where} must be true, false or the most trials an ensemble picks (a whole "
+                        f"number >= 0; 0 = none), got {raw.get('ensemble')!r}")
     flags = {}
     for key in ("xla",):
         flags[key] = raw.get(key, False)
@@ -173,7 +183,7 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
         space=space, hyperband=dict(hyperband),
         max_consecutive_failed_trials=_whole(raw, "max_consecutive_failed_trials", 3, 1, where), log_models=log_models,
         mixed_precision=precision.setting(raw.get("mixed_precision", AUTO), where), stage2=stage2,
-        trial_process=trial_process, prune=prune, source=source, **flags,
+        trial_process=trial_process, prune=prune, ensemble=ensemble, source=source, **flags,
     )
 
 

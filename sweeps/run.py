@@ -166,6 +166,8 @@ def run_sweep(
                     pass  # the leaderboard and the parent wait for the next start, which writes the journal out first
                 elif role != "worker":  # workers leave the leaderboard and the parent to the chief
                     try:
+                        if config.ensemble and status == "FINISHED":
+                            _ensemble(experiment, parent, config.ensemble)
                         summarize(experiment, parent)
                     finally:  # the parent is closed even if the leaderboard cannot be written
                         runs.end_parent(parent, status)
@@ -227,12 +229,25 @@ def _log_settings(parent: str, config: SweepConfig, dataset: str, split: str | N
         client.set_tag(parent, layout.RESUMED, "true")
         return
     settings = (dataset, config.name, config.tuner, config.max_trials, config.objective, config.seed, split or "default",
-                config.log_models, config.trial_process, config.mixed_precision, config.xla, config.prune or False)
+                config.log_models, config.trial_process, config.mixed_precision, config.xla, config.prune or False,
+                config.ensemble)
     runs.log_params(parent, {**dict(zip(layout.SWEEP_PARAMS, settings, strict=True)),
                              **{f"hyperband.{k}": v for k, v in config.hyperband.items()}})
     client.log_dict(parent, {"space": config.space, "source": config.source}, layout.SEARCH_SPACE)
     if config.source:
         client.log_artifact(parent, config.source, layout.SWEEP_FILE_DIR)
+
+
+def _ensemble(experiment: str, parent: str, size: int) -> None:
+    """The sweep's ensemble (sweeps.ensemble). Its trials are all logged by now: an ensemble that cannot be built
+    says why in one line and the sweep ends as it would without it."""
+    from sweeps import ensemble
+
+    try:
+        ensemble.build(experiment, parent, size, say=lambda line: print(line, flush=True))
+    except Exception as e:  # noqa: BLE001 - the trials are safe in MLflow; the leaderboard must still be written
+        print(f"warning: the sweep's ensemble could not be built ({type(e).__name__}: {e}); the trials are "
+              "unaffected; set ensemble: false in the sweep file to skip it", file=sys.stderr, flush=True)
 
 
 def summarize(experiment: str, parent: str) -> lb.pd.DataFrame:

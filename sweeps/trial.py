@@ -360,6 +360,11 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
             model.save(kept)
         shutil.copy(kept, staging / name)
         files[f"{layout.CHECKPOINT_DIR}/{name}"] = staging / name
+        if result.val_predictions is not None and result.test_predictions is not None:  # an ensemble candidate
+            np.savez(staging / layout.PROBABILITIES, val_labels=result.val_predictions[0],
+                     val_probs=result.val_predictions[1], test_labels=result.test_predictions[0],
+                     test_probs=result.test_predictions[1])
+            files[f"{layout.PROBABILITIES_DIR}/{layout.PROBABILITIES}"] = staging / layout.PROBABILITIES
     metrics += [(layout.SIZE_MB, cost_.size_mb, 0), (layout.TOTAL_PARAMS, cost_.total_params, 0),
                 (layout.LATENCY_MS, cost_.latency_ms, 0)]
     # train: data, features and training; wall: the whole trial as the sweep waits for it

@@ -14,8 +14,8 @@ from pipeline.hparams import DEFAULTS
 PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag for nested runs
 
 # -- tags ----------------------------------------------------------------------------------------
-KIND = "tlsweep.kind"  # SWEEP for parents, TRIAL for children
-SWEEP, TRIAL = "sweep", "trial"
+KIND = "tlsweep.kind"  # SWEEP for parents, TRIAL for children, ENSEMBLE for the sweep's ensemble of trials
+SWEEP, TRIAL, ENSEMBLE = "sweep", "trial", "ensemble"
 SWEEP_KEY = "tlsweep.sweep"  # identifies a sweep across restarts: "<experiment>:<sweep name>"
 TRIAL_ID = "kt.trial_id"
 WORKER = "kt.tuner_id"  # which Keras Tuner process ran the trial
@@ -31,8 +31,10 @@ ERROR = "error"  # why a trial failed (its traceback is ERROR_FILE)
 PRUNED = "tlsweep.pruned"  # the epoch at which a trial behind the earlier trials stopped (the run is FINISHED)
 COST_OF = "tlsweep.cost_of"  # what SIZE_MB and LATENCY_MS measured: COST_SAVEDMODEL or COST_KERAS
 COST_SAVEDMODEL, COST_KERAS = "savedmodel", "keras"
+# on an ENSEMBLE run: its member trials' run ids, each as often as it was picked ("<run id>,<run id>,...")
+ENSEMBLE_MEMBERS = "tlsweep.ensemble_members"
 TAGS = (KIND, SWEEP_KEY, TRIAL_ID, WORKER, TUNER, STAGE, HEARTBEAT, CLOSED_BY, BEST, BEST_RUN_ID, RESUMED, MODEL_URI,
-        ERROR, PRUNED, COST_OF)
+        ERROR, PRUNED, COST_OF, ENSEMBLE_MEMBERS)
 
 # -- params --------------------------------------------------------------------------------------
 HYPERPARAMETERS = tuple(DEFAULTS)  # each under its own name
@@ -49,7 +51,7 @@ TRIAL_PARAMS = (*HYPERPARAMETERS, SEED, SPLIT, RESOLVED_IMAGE_SIZE, FEATURE_CACH
                 DEVICE, PRECISION)
 # the parent's: the sweep settings
 SWEEP_PARAMS = ("dataset", "sweep", "tuner", "max_trials", "objective", "seed", "split", "log_models", "trial_process",
-                "mixed_precision", "xla", "prune")
+                "mixed_precision", "xla", "prune", "ensemble")
 
 # -- metrics -------------------------------------------------------------------------------------
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")  # per epoch, both phases on one step axis
@@ -107,8 +109,12 @@ SWEEP_FILE_DIR = "sweep"  # the parent's copy of the sweep YAML
 LEADERBOARD_CSV = "leaderboard.csv"
 LEADERBOARD_MD = "leaderboard.md"
 MODEL_EXPORT = "export"  # the pyfunc model's artifact holding the trial's SavedModel export (its only copy)
+# beside a logged model or checkpoint: the final model's class probabilities on the validation and test splits
+# (arrays val_labels, val_probs, test_labels, test_probs), from which the sweep chooses its ensemble
+PROBABILITIES_DIR, PROBABILITIES = "probabilities", "probabilities.npz"
 ARTIFACTS = (PLOTS_DIR, *TRIAL_PLOTS, *SWEEP_PLOTS, ERROR_FILE, SAVEDMODEL_DIR, MODEL_DIR, CHECKPOINT_DIR,
-             SEARCH_SPACE, SWEEP_FILE_DIR, LEADERBOARD_CSV, LEADERBOARD_MD, MODEL_EXPORT)
+             SEARCH_SPACE, SWEEP_FILE_DIR, LEADERBOARD_CSV, LEADERBOARD_MD, MODEL_EXPORT, PROBABILITIES_DIR,
+             PROBABILITIES)
 
 # -- inputs (MLflow 3 datasets, one per split; tracking/datasets.py) -----------------------------
 DATASET_CONTEXT = "mlflow.data.context"  # MLflow's own input tag naming a dataset's role

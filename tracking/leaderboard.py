@@ -23,13 +23,15 @@ CV_COLUMNS = (layout.CV_ACCURACY, layout.CV_ACCURACY_STD)  # k-fold cross-valida
 
 
 def trial_runs(experiment: str, parent_id: str | None = None) -> pd.DataFrame:
-    """All trial runs of ``experiment`` (optionally of one sweep), one row each."""
+    """All trial runs of ``experiment`` (optionally of one sweep), and its ensembles, one row each."""
     if mlflow.get_experiment_by_name(experiment) is None:
         raise UserError(f"no MLflow experiment named {experiment!r} in {mlflow.get_tracking_uri()}; run a sweep first")
-    query = f"tags.`{KIND}` = '{TRIAL}'"
-    if parent_id:
-        query += f" and tags.`{PARENT_RUN_ID}` = '{parent_id}'"
-    return mlflow.search_runs(experiment_names=[experiment], filter_string=query, output_format="pandas")
+    found = []
+    for kind in (TRIAL, layout.ENSEMBLE):  # a sweep's ensemble ranks with its trials (sweeps.ensemble)
+        query = f"tags.`{KIND}` = '{kind}'" + (f" and tags.`{PARENT_RUN_ID}` = '{parent_id}'" if parent_id else "")
+        found.append(mlflow.search_runs(experiment_names=[experiment], filter_string=query, output_format="pandas"))
+    found = [f for f in found if not f.empty] or found[:1]
+    return pd.concat(found, ignore_index=True) if len(found) > 1 else found[0]
 
 
 def leaderboard(runs: pd.DataFrame, objective: str = OBJECTIVE) -> pd.DataFrame:
