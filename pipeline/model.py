@@ -195,14 +195,14 @@ def compile_model(model: keras.Model, learning_rate: float, jit_compile: bool | 
 def average_of(members: list[keras.Model]) -> keras.Model:
     """One classifier that averages the class probabilities of ``members`` (trained classifiers; a member listed
     twice counts twice). It takes raw 0..255 pixels at the largest member's size and resizes them inside for the
-    smaller ones (bilinear with antialiasing, as the data pipeline resizes), so it exports, serves and converts
+    smaller ones (bilinear; without antialiasing, which TFLite has no builtin op for), so it exports, serves and converts
     like any classifier. Members keep their weights; the ensemble is not trained."""
     size = max(int(m.input_shape[1]) for m in members)
     image = keras.Input(shape=(size, size, 3), name="image")
     outputs: dict[int, object] = {}
     for i, member in enumerate(dict.fromkeys(members)):
         own = int(member.input_shape[1])
-        x = image if own == size else keras.layers.Resizing(own, own, antialias=True, name=f"resize_{i}")(image)
+        x = image if own == size else keras.layers.Resizing(own, own, name=f"resize_{i}")(image)
         outputs[id(member)] = member(x, training=False)
     picked = [outputs[id(m)] for m in members]
     probs = picked[0] if len(picked) == 1 else keras.layers.Average(name="average")(picked)

@@ -229,7 +229,10 @@ def model_card(experiment: str, run: mlflow.entities.Run) -> str:
     lines = [
         f"# Model card: {experiment}", "",
         f"- MLflow run: `{run.info.run_id}` (experiment `{experiment}`, trial {run.data.tags.get(layout.TRIAL_ID)})",
-        f"- Backbone: `{p.get('backbone')}` at {p.get(layout.RESOLVED_IMAGE_SIZE)} px, weights `{p.get('weights')}`",
+        (f"- Ensemble of the trial runs {run.data.tags[layout.ENSEMBLE_MEMBERS]} (each as often as it counts), "
+         f"backbones `{p.get('backbone')}`, input {p.get(layout.RESOLVED_IMAGE_SIZE)} px"
+         if layout.ENSEMBLE_MEMBERS in run.data.tags else
+         f"- Backbone: `{p.get('backbone')}` at {p.get(layout.RESOLVED_IMAGE_SIZE)} px, weights `{p.get('weights')}`"),
         f"- Classes: {p.get('class_names')}",
         f"- Data: `{p.get('data_name')}` ({p.get('data_source')}), split `{p.get('split_spec')}`, sizes "
         f"train {p.get('train_size')} / validation {p.get('validation_size')} / test {p.get('test_size')}, "

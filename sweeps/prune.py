@@ -54,7 +54,7 @@ class Curves:
             if run_id in self._read:
                 continue
             self._read.add(run_id)
-            if tags.get(layout.STAGE, "") != self.stage:
+            if tags.get(layout.KIND) != layout.TRIAL or tags.get(layout.STAGE, "") != self.stage:  # not an ensemble
                 continue
             if layout.PRUNED in tags:
                 self.pruned.add(trial)

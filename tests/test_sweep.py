@@ -242,7 +242,7 @@ def test_log_models_best_keeps_checkpoints_and_best_export_builds_the_winner(tmp
     assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
     for kid in kids:
         head_only = kid.data.params["fine_tune"] == "False"
-        assert {a.path for a in client.list_artifacts(kid.info.run_id)} == {"plots", "checkpoint"}
+        assert {a.path for a in client.list_artifacts(kid.info.run_id)} == {"plots", "checkpoint", "probabilities"}
         assert [a.path for a in client.list_artifacts(kid.info.run_id, "checkpoint")] == [
             "checkpoint/head.keras" if head_only else "checkpoint/model.keras"]
         assert "tlsweep.model_uri" not in kid.data.tags

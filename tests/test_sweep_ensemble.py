@@ -112,3 +112,24 @@ def test_trials_log_probabilities_and_an_ensemble_is_exported_scored_and_ranked_
     assert f"ensemble {names}" in set(table["trial_id"]) and len(table) == 4 + (built is not None)
     # the same members again: no second run
     assert ensemble.existing("ens", parent, members) == run_id
+
+
+def test_an_ensemble_of_members_at_two_sizes_exports_and_converts_to_tflite(tmp_path):
+    from pipeline.export import ExportedModel, TFLiteModel, export_model, to_tflite
+    from pipeline.model import average_of, build_model
+
+    small = build_model("efficientnet_lite0", 3, 32, weights="none", seed=1)
+    large = build_model("efficientnet_lite0", 3, 40, weights="none", seed=2)
+    small.name, large.name = "trial_0", "trial_1"
+    model = average_of([small, large, large])
+    assert model.input_shape == (None, 40, 40, 3)
+    images = np.random.RandomState(0).uniform(0, 255, (3, 40, 40, 3)).astype(np.float32)
+    import keras
+
+    by_hand = (small.predict(keras.ops.image.resize(images, (32, 32)), verbose=0)
+               + 2 * large.predict(images, verbose=0)) / 3
+    export = export_model(model, tmp_path / "e", ["a", "b", "c"])
+    served = ExportedModel(export).predict(images)
+    assert np.allclose(served, by_hand, atol=1e-5), "the large member counts twice, the small one sees 32 px"
+    lite = TFLiteModel(to_tflite(export, "float16")).predict(images)  # builtin ops only (no antialiased resize)
+    assert np.abs(lite - served).max() < 0.02
