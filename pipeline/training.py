@@ -135,8 +135,11 @@ def train(
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(early_stopping_patience),
                                                 restore_best_weights=True)
 
-    def run(phase: str, first: int, last: int) -> None:
+    def run(phase: str, first: int, last: int, phase_start: int = 0) -> None:
         start = time.perf_counter()
+        for callback in callbacks:  # e.g. pruning compares fine-tuning epochs by their index in the phase
+            if hasattr(callback, "on_phase_begin"):
+                callback.on_phase_begin(phase, phase_start)
         net, train_in, val_in = model, None, None
         if phase == "head" and features is not None:
             net = model if is_head(model) else head_on_features(model)
@@ -184,7 +187,7 @@ def train(
                 seconds["trace_eval"] = tracer.extra()
             set_trainable(model, unfreeze_from)
             compile_model(model, fine_tune_learning_rate, jit_compile=jit_compile)  # recompile after `trainable`
-        run("fine_tune", max(initial_epoch, fine_tune_start), stop)
+        run("fine_tune", max(initial_epoch, fine_tune_start), stop, fine_tune_start)
 
     result = TrainResult(
         merged, fine_tune_start if fine_tunes and stop > fine_tune_start and "head" not in stopped else None,

@@ -21,7 +21,8 @@ from tracking.journal import store_answers
 
 
 class Curves:
-    """The sweep's finished, unpruned trials' ``val_accuracy`` by epoch, keyed by trial id."""
+    """The sweep's finished, unpruned trials' ``val_accuracy`` by epoch (keys: ``pipeline.pruning.aligned``), keyed
+    by trial id."""
 
     def __init__(self, experiment_id: str, parent_id: str, settings: Mapping[str, Any], stage: str = ""):
         self.experiment_id, self.parent_id = experiment_id, parent_id
@@ -35,13 +36,14 @@ class Curves:
         self._read: set[str] = set()  # MLflow runs already looked at
         self._store_down = False  # the tracking server did not answer at the last refresh (said once)
 
-    def add(self, trial: str, values: list[float], first_epoch: int, pruned_at: int | None) -> None:
+    def add(self, trial: str, values: list[float], first_epoch: int, pruned_at: int | None,
+            fine_tune_start: int | None = None) -> None:
         """A trial this process just finished (its run may not be in MLflow yet)."""
         if pruned_at is not None:
             self.pruned.add(trial)
             self.curves.pop(trial, None)
         else:
-            self.curves[trial] = {first_epoch + i: float(v) for i, v in enumerate(values)}
+            self.curves[trial] = pruning.aligned_curve(values, first_epoch, fine_tune_start)
 
     def refresh(self) -> None:
         """Read the sweep's finished sibling runs that are new since the last call (one query, plus one
@@ -63,11 +65,13 @@ class Curves:
             if trial in self.curves or trial in self.pruned:
                 continue
             history = client.get_metric_history(run_id, layout.VAL_ACCURACY)
+            start = run.data.metrics.get(layout.FINE_TUNE_START)  # absent: it did not fine-tune
             if history:
-                self.curves[trial] = {int(m.step): float(m.value) for m in history}
+                self.curves[trial] = {pruning.aligned(int(m.step), None if start is None else int(start)): float(m.value)
+                                      for m in history}
 
     def limits(self) -> dict[int, float]:
-        """The thresholds for the next trial: ``{epoch: median best-so-far val_accuracy}``, empty while fewer
+        """The thresholds for the next trial: ``{key: median best-so-far val_accuracy}``, empty while fewer
         than ``min_trials`` trials finished. While the tracking server does not answer, from what this process knows
         (its own trials), so that the sweep goes on (its trials are journaled meanwhile)."""
         if store_answers(mlflow.get_tracking_uri()):

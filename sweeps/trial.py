@@ -96,6 +96,7 @@ class TrialOutput:
     first_epoch: int = 0
     pruned_at: int | None = None  # the epoch at which the trial stopped, behind the earlier trials
     export_pending: bool = False  # its model is to be exported and logged off the training path (sweeps.exports)
+    fine_tune_start: int | None = None  # the first fine-tuning epoch of the axis (None: it did not fine-tune)
 
 
 def run(spec: TrialSpec, data_cache: dict[int, DataSplits], run_id: Callable[[], str] | None = None) -> TrialOutput:
@@ -329,6 +330,7 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
         layout.FEATURE_SECONDS: result.feature_seconds, layout.RSS_MB: resident_mb(),
         layout.EVAL_SECONDS: result.eval_seconds, layout.TRACE_SECONDS: result.trace_seconds,
         layout.EVAL_TRACE_SECONDS: result.eval_trace_seconds,
+        **({layout.FINE_TUNE_START: result.fine_tune_start} if result.fine_tune_start is not None else {}),
         **interval_metrics(result.val_accuracy, data.sizes["validation"], result.test_accuracy, data.sizes["test"]),
         **({layout.CV_ACCURACY: outcome.cv.mean, layout.CV_ACCURACY_STD: outcome.cv.std,
             layout.CV_SECONDS: outcome.cv.seconds} if outcome.cv else {}),
@@ -377,7 +379,7 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
     shutil.rmtree(staging, ignore_errors=True)
     return TrialOutput(result.val_accuracy, str(entry), is_head(model), export_seconds,
                        time.perf_counter() - journaling, result.history["val_accuracy"], result.first_epoch, pruned_at,
-                       export_pending)
+                       export_pending, result.fine_tune_start)
 
 
 def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int, state_dir: Path | None = None) -> cost.Cost:

@@ -229,7 +229,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         """Remember the trial's curve for the next trials' thresholds; say when it was pruned."""
         if self.curves is None:
             return
-        self.curves.add(key, output.curve, output.first_epoch, output.pruned_at)
+        self.curves.add(key, output.curve, output.first_epoch, output.pruned_at, output.fine_tune_start)
         if output.pruned_at is not None and self.progress:
             print(f"[sweep] trial {key} pruned after epoch {output.pruned_at + 1}: behind the median of the earlier "
                   f"trials there; it counts with the val_accuracy it reached", flush=True)

@@ -5,7 +5,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
-from pipeline.pruning import PruneCallback, best_so_far, should_prune, thresholds
+from pipeline.pruning import PruneCallback, aligned_curve, best_so_far, should_prune, thresholds
 from sweeps.config import PRUNE_DEFAULTS, load_sweep, parse_sweep
 from tracking import layout
 
@@ -72,10 +72,11 @@ def test_prune_settings_and_hyperband():
     assert load_sweep("tf_flowers").with_overrides(tuner="hyperband").prune is None  # TUNER=hyperband
 
 
-@pytest.mark.parametrize("name", ["tf_flowers", "tf_flowers_staged", "default", "cats_vs_dogs"])
+@pytest.mark.parametrize("name", ["tf_flowers_staged", "default", "cats_vs_dogs"])
 def test_shipped_full_sweeps_prune_and_quick_does_not(name):
     assert load_sweep(name).prune == PRUNE_DEFAULTS
     assert load_sweep("quick").prune is None
+    assert load_sweep("tf_flowers").prune is None  # its heads converge in seconds and fine-tuning reorders them
 
 
 PRUNING_SWEEP = {
@@ -154,9 +155,11 @@ def test_curves_come_from_finished_unpruned_siblings_of_the_same_stage_in_mlflow
     exp = mlflow.create_experiment("curves")
     parent = client.create_run(exp).info.run_id
 
-    def child(trial, values, status="FINISHED", **tags):
-        run = client.create_run(exp, tags={layout.PARENT_RUN_ID: parent, layout.TRIAL_ID: trial, **tags}).info.run_id
-        client.log_batch(run, metrics=[Metric(layout.VAL_ACCURACY, v, 0, s) for s, v in enumerate(values)])
+    def child(trial, values, status="FINISHED", fine_tune_start=None, **tags):
+        run = client.create_run(exp, tags={layout.PARENT_RUN_ID: parent, layout.TRIAL_ID: trial,
+                                           layout.KIND: layout.TRIAL, **tags}).info.run_id
+        client.log_batch(run, metrics=[Metric(layout.VAL_ACCURACY, v, 0, s) for s, v in enumerate(values)]
+                         + ([Metric(layout.FINE_TUNE_START, fine_tune_start, 0, 0)] if fine_tune_start else []))
         client.set_terminated(run, status)
 
     child("0", [0.5, 0.6, 0.7])
@@ -164,6 +167,7 @@ def test_curves_come_from_finished_unpruned_siblings_of_the_same_stage_in_mlflow
     child("2", [0.1, 0.1], **{layout.PRUNED: "1"})  # pruned: not a reference
     child("3", [0.0, 0.0, 0.0], status="KILLED")  # not finished
     child("4", [0.0, 0.0, 0.0], **{layout.STAGE: "2"})  # another stage
+    child("ensemble 0+1", [0.0], **{layout.KIND: layout.ENSEMBLE})  # the sweep's ensemble: no curve
     curves = Curves(exp, parent, {"min_trials": 2, "warmup_epochs": 1})
     assert curves.limits() == {1: pytest.approx(0.7), 2: pytest.approx(0.8)}
     curves.add("5", [0.9, 0.95, 0.99], 0, None)  # this process's own trial, before MLflow has it
@@ -171,6 +175,9 @@ def test_curves_come_from_finished_unpruned_siblings_of_the_same_stage_in_mlflow
     curves.add("6", [0.0, 0.0], 0, 1)
     assert curves.limits()[2] == pytest.approx(0.9), "a pruned trial of its own is no reference either"
     assert Curves(exp, parent, {"min_trials": 3, "warmup_epochs": 0}).limits() == {}
+    child("7", [0.2, 0.3, 0.95], fine_tune_start=2)  # its third epoch is its first fine-tuning epoch
+    aligned = Curves(exp, parent, {"min_trials": 1, "warmup_epochs": 0}).limits()
+    assert aligned[-1] == pytest.approx(0.95) and aligned[2] == pytest.approx(0.8), "phases read from MLflow"
     for r in client.search_runs([exp]):
         if r.info.status == "RUNNING":
             client.set_terminated(r.info.run_id)
@@ -204,3 +211,25 @@ def test_pruning_goes_on_from_its_own_trials_while_the_tracking_server_does_not_
     said = capsys.readouterr().err
     assert said.count("pruning compares with this process's own finished trials until the tracking server "
                       "answers again") == 1
+
+
+def test_epochs_are_compared_phase_by_phase():
+    # A trial with a 2-epoch head and one with a 3-epoch head: fine-tuning epoch 0 of each is compared with the
+    # other's fine-tuning epoch 0, not with whatever epoch 2 of the axis was.
+    short = aligned_curve([0.5, 0.6, 0.9, 0.95], 0, fine_tune_start=2)
+    long = aligned_curve([0.4, 0.5, 0.55, 0.8, 0.85], 0, fine_tune_start=3)
+    assert short == {0: 0.5, 1: 0.6, -1: 0.9, -2: 0.95} and long == {0: 0.4, 1: 0.5, 2: 0.55, -1: 0.8, -2: 0.85}
+    limits = thresholds([short, long], min_trials=2, warmup_epochs=1)
+    # medians of the best so far: head epoch 1 (0.6, 0.5), fine-tuning epoch 0 (0.9, 0.8), epoch 1 (0.95, 0.85)
+    assert limits == {1: pytest.approx(0.55), -1: pytest.approx(0.85), -2: pytest.approx(0.9)}
+    callback = PruneCallback({str(k): v for k, v in limits.items()})  # as JSON brings them
+    import keras
+
+    callback.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    callback.on_phase_begin("head", 0)
+    for epoch, value in enumerate([0.5, 0.6, 0.6]):  # a 3-epoch head, as good as the others' heads
+        callback.on_epoch_end(epoch, {"val_accuracy": value})
+    assert callback.pruned_at is None, "head epoch 2 has no threshold: only one earlier trial reached it"
+    callback.on_phase_begin("fine_tune", 3)
+    callback.on_epoch_end(3, {"val_accuracy": 0.8})  # fine-tuning epoch 0: below the median 0.85 there
+    assert callback.pruned_at == 3 and callback.model.stop_training
