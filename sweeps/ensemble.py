@@ -55,7 +55,7 @@ def select(val_probs: Sequence[np.ndarray], labels: np.ndarray, size: int) -> li
 def candidates(experiment: str, parent: str) -> tuple[lb.pd.DataFrame, list[dict[str, np.ndarray]]]:
     """The sweep's finished trials that logged their probabilities (best first), and those probabilities."""
     table = lb.leaderboard(lb.trial_runs(experiment, parent))
-    done = table[(table["status"] == "FINISHED") & (table["trial_id"].astype(str) != layout.ENSEMBLE)]
+    done = table[table["status"] == "FINISHED"]  # an ensemble run logs no probabilities: never a candidate
     client, rows, probs = MlflowClient(), [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _, row in done.iterrows():
@@ -92,8 +92,6 @@ def build(experiment: str, parent: str, size: int, say=print) -> str | None:
         say(f"[sweep] ensemble: no average of {len(rows)} trials with models beats the best trial on validation "
             f"({alone:.4f}); none kept")
         return None
-    say(f"[sweep] ensemble of trials {names}: val_accuracy {together:.4f} from their logged probabilities, against "
-        f"{alone:.4f} for the best trial; building and evaluating it")
     members = [str(rows.iloc[i]["run_id"]) for i in picks]
     found = existing(experiment, parent, members)
     if found:
@@ -116,20 +114,18 @@ def existing(experiment: str, parent: str, members: list[str]) -> str | None:
 def log_run(experiment: str, parent: str, members: list[str], names: str, say=print) -> str:
     """Assemble the members' trained classifiers into one, export it, score the export on the validation and test
     images, and log it all as an ensemble run under the sweep's parent; returns the run's id."""
-    from pipeline import cost, recipe
+    from pipeline import recipe
     from pipeline.data import load_data
     from pipeline.export import ExportedModel, export_model, load_keras_model
     from pipeline.hparams import RunConfig
     from pipeline.model import average_of
     from pipeline.training import loss_and_accuracy
     from sweeps.best import model_classes
-    from tracking import pyfunc, runs
-    from tracking.intervals import interval_metrics
+    from tracking import runs
 
-    client = MlflowClient()
-    member_runs = {run_id: client.get_run(run_id) for run_id in dict.fromkeys(members)}
+    member_runs = {run_id: MlflowClient().get_run(run_id) for run_id in dict.fromkeys(members)}
     first = member_runs[members[0]]
-    classes = model_classes(first)
+    classes, params = model_classes(first), first.data.params
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_id, run in member_runs.items():
@@ -140,38 +136,51 @@ def log_run(experiment: str, parent: str, members: list[str], names: str, say=pr
             model.name = f"trial_{run.data.tags.get(layout.TRIAL_ID, run_id)}"  # unique inside the ensemble
             models[run_id] = model
         model = average_of([models[m] for m in members])
-        params = first.data.params
         export = export_model(model, Path(tmp) / layout.SAVEDMODEL_DIR, classes,
                               metadata={"ensemble_members": members, "experiment": experiment})
         served = ExportedModel(export)
         data = load_data(params["data_name"], served.image_size, seed=int(params[layout.SEED]),
                          split=None if params.get(layout.SPLIT, "default") == "default" else params[layout.SPLIT])
         scores = {}
-        for split in ("validation", "test"):
+        for split in ("validation", "test"):  # the export's own scores: what best-export checks it against
             batches = [(x.numpy(), y.numpy()) for x, y in data.batches(split, 64)]
             labels = np.concatenate([y for _, y in batches]) if batches else np.zeros((0,), np.int32)
             probs = (np.concatenate([served.predict(x) for x, _ in batches]) if batches
                      else np.zeros((0, len(classes)), np.float32))
             scores[split] = loss_and_accuracy(labels, probs)
-        (val_loss, val_acc), (test_loss, test_acc) = scores["validation"], scores["test"]
         exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
         run_id = runs.create_child(exp_id, parent, f"ensemble {names}", {
             layout.KIND: layout.ENSEMBLE, layout.TRIAL_ID: f"{layout.ENSEMBLE} {names}",
             layout.ENSEMBLE_MEMBERS: ",".join(members)})
-        backbones = " & ".join(dict.fromkeys(r.data.params.get("backbone", "?") for r in member_runs.values()))
-        runs.log_params(run_id, {"backbone": backbones, layout.RESOLVED_IMAGE_SIZE: served.image_size,
-                                 layout.SEED: params[layout.SEED], layout.SPLIT: params.get(layout.SPLIT, "default"),
-                                 **{k: params[k] for k in layout.LINEAGE_PARAMS if k in params}})
-        measured = cost.savedmodel_cost(export, model.count_params())
-        metrics = {layout.VAL_ACCURACY: val_acc, layout.VAL_LOSS: val_loss, layout.TEST_ACCURACY: test_acc,
-                   layout.TEST_LOSS: test_loss, layout.SIZE_MB: measured.size_mb,
-                   layout.TOTAL_PARAMS: measured.total_params, layout.LATENCY_MS: measured.latency_ms,
-                   **interval_metrics(val_acc, data.sizes["validation"], test_acc, data.sizes["test"])}
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()
-                                          if v == v])
-        client.set_tag(run_id, layout.COST_OF, measured.of)
-        sample = np.zeros((1, served.image_size, served.image_size, 3), np.float32)
-        pyfunc.log_export(run_id, str(export), sample, served.predict(sample))
+        try:
+            _log(run_id, served, model.count_params(), member_runs, params, data.sizes, scores)
+        except BaseException as e:  # the run never stays RUNNING
+            runs.end_run(run_id, "FAILED", error=f"{type(e).__name__}: {e}")
+            raise
     runs.end_run(run_id, "FINISHED")
+    (_, val_acc), (_, test_acc) = scores["validation"], scores["test"]
     say(f"[sweep] ensemble of trials {names} (run {run_id}): val_accuracy {val_acc:.4f}, test_accuracy {test_acc:.4f}")
     return run_id
+
+
+def _log(run_id: str, served, total_params: int, member_runs: dict, params: dict, sizes: dict, scores: dict) -> None:
+    """The ensemble run's params, metrics (measured on its export ``served``), cost and pyfunc model."""
+    from pipeline import cost
+    from tracking import pyfunc, runs
+    from tracking.intervals import interval_metrics
+
+    (val_loss, val_acc), (test_loss, test_acc) = scores["validation"], scores["test"]
+    backbones = " & ".join(dict.fromkeys(r.data.params.get("backbone", "?") for r in member_runs.values()))
+    runs.log_params(run_id, {"backbone": backbones, layout.RESOLVED_IMAGE_SIZE: served.image_size,
+                             layout.SEED: params[layout.SEED], layout.SPLIT: params.get(layout.SPLIT, "default"),
+                             **{k: params[k] for k in layout.LINEAGE_PARAMS if k in params}})
+    measured = cost.savedmodel_cost(served.path, total_params)
+    metrics = {layout.VAL_ACCURACY: val_acc, layout.VAL_LOSS: val_loss, layout.TEST_ACCURACY: test_acc,
+               layout.TEST_LOSS: test_loss, layout.SIZE_MB: measured.size_mb,
+               layout.TOTAL_PARAMS: measured.total_params, layout.LATENCY_MS: measured.latency_ms,
+               **interval_metrics(val_acc, sizes["validation"], test_acc, sizes["test"])}
+    now, client = int(time.time() * 1000), MlflowClient()
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v])
+    client.set_tag(run_id, layout.COST_OF, measured.of)
+    sample = np.zeros((1, served.image_size, served.image_size, 3), np.float32)
+    pyfunc.log_export(run_id, str(served.path), sample, served.predict(sample))
