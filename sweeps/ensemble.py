@@ -7,11 +7,12 @@ default ``log_models: improving``, each trial that matched or beat the best befo
 validation and test probabilities the trial logged (``probabilities/probabilities.npz``). Trained models of
 different backbones err on different images, so their average is often right where each alone is not.
 
-The ensemble is kept only when it beats the best trial's validation accuracy. It is then one classifier
-(``pipeline.model.average_of``: raw 0..255 pixels in, each member at its own size inside), evaluated again on the
-validation and test images as exported, and logged as a run of the sweep (kind ``ensemble``) with the same
-metrics, intervals, cost and pyfunc model as a trial: the leaderboard ranks it with the trials, and best-export,
-predict and TFLite take it as they take a trial. The test split is never used to choose.
+The ensemble is kept only when it beats the best trial's validation accuracy, first from the logged probabilities,
+then as exported: one classifier (``pipeline.model.average_of``: raw 0..255 pixels in at the largest member's size,
+resized inside for the others) evaluated again on the validation and test images. It is then logged as a run of
+the sweep (kind ``ensemble``) with the same metrics, intervals, cost and pyfunc model as a trial: the leaderboard
+ranks it with the trials, and best-export, predict and TFLite take it as they take a trial. The test split is never
+used to choose.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def build(experiment: str, parent: str, size: int, say=print) -> str | None:
         return found
     say(f"[sweep] ensemble of trials {names}: val_accuracy {together:.4f} from their logged probabilities, against "
         f"{alone:.4f} for the best trial; exporting it and evaluating the export")
-    return log_run(experiment, parent, members, names, say)
+    return log_run(experiment, parent, members, names, say, must_beat=alone)
 
 
 def existing(experiment: str, parent: str, members: list[str]) -> str | None:
@@ -111,9 +112,12 @@ def existing(experiment: str, parent: str, members: list[str]) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def log_run(experiment: str, parent: str, members: list[str], names: str, say=print) -> str:
+def log_run(experiment: str, parent: str, members: list[str], names: str, say=print,
+            must_beat: float | None = None) -> str | None:
     """Assemble the members' trained classifiers into one, export it, score the export on the validation and test
-    images, and log it all as an ensemble run under the sweep's parent; returns the run's id."""
+    images, and log it all as an ensemble run under the sweep's parent; returns the run's id. ``must_beat``: the
+    best trial's validation accuracy, which the export itself must beat, else nothing is logged (None returned):
+    a member trained at a smaller size sees the export's input resized again, which can cost it accuracy."""
     from pipeline import recipe
     from pipeline.data import load_data
     from pipeline.export import ExportedModel, export_model, load_keras_model
@@ -148,6 +152,12 @@ def log_run(experiment: str, parent: str, members: list[str], names: str, say=pr
             probs = (np.concatenate([served.predict(x) for x, _ in batches]) if batches
                      else np.zeros((0, len(classes)), np.float32))
             scores[split] = loss_and_accuracy(labels, probs)
+        exported_val = scores["validation"][1]
+        if must_beat is not None and not exported_val > must_beat:
+            say(f"[sweep] ensemble of trials {names}: its export scores val_accuracy {exported_val:.4f}, not above the "
+                f"best trial's {must_beat:.4f} (members at other image sizes see the export's input resized again); "
+                "none kept")
+            return None
         exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
         run_id = runs.create_child(exp_id, parent, f"ensemble {names}", {
             layout.KIND: layout.ENSEMBLE, layout.TRIAL_ID: f"{layout.ENSEMBLE} {names}",

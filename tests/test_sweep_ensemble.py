@@ -112,6 +112,13 @@ def test_trials_log_probabilities_and_an_ensemble_is_exported_scored_and_ranked_
     assert f"ensemble {names}" in set(table["trial_id"]) and len(table) == 4 + (built is not None)
     # the same members again: no second run
     assert ensemble.existing("ens", parent, members) == run_id
+    # an export that does not beat the best trial on validation is not logged, and says so
+    said.clear()
+    assert ensemble.log_run("ens", parent, members[:2], "x", say=said.append, must_beat=1.0) is None
+    assert said[0].startswith("[sweep] ensemble of trials x: its export scores val_accuracy ")
+    assert said[0].endswith(", not above the best trial's 1.0000 (members at other image sizes see the export's "
+                            "input resized again); none kept")
+    assert len(lb.trial_runs("ens", parent)) == 4 + (built is not None)
 
 
 def test_an_ensemble_of_members_at_two_sizes_exports_and_converts_to_tflite(tmp_path):
