@@ -1,24 +1,26 @@
 """Where a fresh process's first training step of the top goes (issue 13: the tracing in a fine-tuning trial's
 fixed cost), measured apart from data: EfficientNet-Lite0 at 224 px, cut at ``fine_tune_at`` 0.75
-(``pipeline/cut.py``), random activations of the cut's shape.
+(``pipeline/cut.py``), random activations of the cut's shape, batch 32.
 
-One process measures one setting (run it several times: a fresh process each, as a trial is). It splits the
-first training step as ``fit`` pays it into
+One process measures one setting; run it several times (a fresh process each, as a trial is).
 
-- ``symbolic_build_s``: Keras's ``_maybe_symbolic_build`` (optimizer variables, metrics);
-- ``trace_s``: tracing the train function to a graph (``get_concrete_function``: Python running
-  ``train_step`` once symbolically; Keras 3 wraps its step functions in ``do_not_convert``, so no autograph);
-- ``first_call_s``: the first execution of that traced function (TensorFlow instantiates the graph and
-  runs grappler's optimizers on it, then runs it once);
-- ``step_s``: the median of the later steps (what every step costs);
+- ``--mode fit`` (default): the top's ``fit`` (2 epochs of ``--train`` batches, 8 validation batches), then
+  ``predict``, as a trial pays them: ``fit_first_s``/``fit_second_s`` (first and second training step),
+  ``fit_val_*`` and ``fit_predict_*`` the same, ``*_excess_s`` = first minus second, ``fit_step_median_s``
+  (a later training step); and the first call of the traced train and test functions inside ``fit`` split
+  into ``fit_<kind>_trace_s`` (tracing: Python running ``train_step`` symbolically; Keras 3 wraps its step
+  functions in ``do_not_convert``, so no autograph) and ``fit_<kind>_first_run_s`` (the first execution:
+  grappler, instantiating the graph, running it once).
+- ``--mode parts``: the same split done by hand (``_symbolic_build``, ``get_concrete_function``, calls).
 
-and the same for the validation (test) function and the prediction function (``--mode parts``); or
-(``--mode fit``, the default) ``fit``'s and ``predict``'s own first and second steps as a trial pays them
-(``fit_first_s``, ``fit_second_s``, ...; ``*_excess_s`` = first minus second). Options: ``--grappler k=v,...`` (``tf.config.optimizer.set_experimental_options``), ``--run-eagerly``,
-``--steps-per-execution N``, ``--jit``. ``--vlog`` prints grappler's own per-pass times (TF's VLOG of
-``meta_optimizer``) to stderr. The last line is ``key=value`` pairs.
+Settings: ``--prebuild optimizer`` (build the optimizer's variables before ``fit``, as ``pipeline.training``
+now does; ``none`` is Keras's default, which creates them inside the first trace, so ``tf.function`` traces
+the train step twice), ``--grappler k=v,...`` (``tf.config.optimizer.set_experimental_options``),
+``--run-eagerly``, ``--steps-per-execution N``, ``--jit``, ``--warm`` (a tiny model fitted first).
+``--vlog`` prints grappler's own per-pass times (TF's VLOG of ``meta_optimizer``) to stderr. The last line
+is the setting and ``key=value`` pairs. Figures and findings: README, "On GPU runners: fixed cost per trial".
 
-    nice -n 19 python -m benchmarks.bench_trace [--grappler disable_meta_optimizer=true]
+    nice -n 19 python -m benchmarks.bench_trace --prebuild optimizer [--grappler disable_meta_optimizer=true]
 """
 
 from __future__ import annotations
@@ -221,11 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     out["fit_val_first_s"], out["fit_val_second_s"] = timer.steps["test"]
     fresh.predict(xv, batch_size=32, verbose=0, callbacks=[timer])
     out["fit_predict_first_s"], out["fit_predict_second_s"] = timer.steps["predict"]
-    for kind in ("train", "test"):
-        cell = dict(zip(getattr(fresh, f"{kind}_function").__code__.co_freevars,
-                        getattr(fresh, f"{kind}_function").__closure__))["multi_step_on_iterator"]
-        if hasattr(cell.cell_contents, "experimental_get_tracing_count"):
-            out[f"fit_{kind}_traces"] = cell.cell_contents.experimental_get_tracing_count()
     out["fit_step_median_s"] = statistics.median(steps.times[2:]) / args.steps_per_execution  # per step
     out["fit_train_excess_s"] = out["fit_first_s"] - out["fit_second_s"]
     out["fit_val_excess_s"] = out["fit_val_first_s"] - out["fit_val_second_s"]
