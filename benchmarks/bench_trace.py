@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, out: dict[str, float]) -> int:
     """The last line: the setting and every figure, ``key=value``."""
-    label = ";".join(filter(None, [args.grappler, "run_eagerly" * args.run_eagerly, "jit" * args.jit, "warm" * args.warm,
+    label = ";".join(filter(None, [args.grappler, "run_eagerly" * args.run_eagerly, "jit" * args.jit,
+                                   "warm" * args.warm,
                                    f"prebuild={args.prebuild}" * (args.prebuild != "none"),
                                    f"spe={args.steps_per_execution}" * (args.steps_per_execution > 1)])) or "default"
     print(f"setting={label} " + " ".join(f"{k}={v:.3f}" for k, v in out.items()), flush=True)
