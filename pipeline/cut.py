@@ -137,11 +137,16 @@ def _path(key: str, root: Path | None) -> Path:
 
 
 def load(key: str, root: Path | None = None) -> Activations | None:
-    """Activations and labels per split from the cache, or None when they are not there yet."""
+    """Activations and labels per split from the cache, or None when they are not there yet.
+
+    The activations are memory-mapped (read-only), not read: the input pipeline copies them once into its
+    own tensors anyway, and reading them first was a second copy of 100+ MB on a fine-tuning trial's path
+    (flowers at 224 px: 0.05 to 1.0 s, measured in fresh processes). A cache replaced or removed while mapped
+    stays readable (the mapping keeps the old file)."""
     path = _path(key, root)
     if not (path / "done").exists():
         return None
-    return {s: (np.load(path / f"{s}_x.npy"), np.load(path / f"{s}_y.npy")) for s in SPLITS}
+    return {s: (np.load(path / f"{s}_x.npy", mmap_mode="r"), np.load(path / f"{s}_y.npy")) for s in SPLITS}
 
 
 def load_or_compute(cut: Cut, data: DataSplits, key: str, batch_size: int = 64,

@@ -114,3 +114,22 @@ def test_pooled_features_from_the_cut_are_the_frozen_feature_cache(data, tmp_pat
     for name in ("train", "validation", "test"):
         np.testing.assert_allclose(via_cut[name][0], direct[name][0], atol=1e-5)
         np.testing.assert_array_equal(via_cut[name][1], direct[name][1])
+
+
+def test_cached_activations_are_memory_mapped_read_only_and_the_same(tmp_path):
+    """A fine-tuning trial maps the cached activations instead of reading 100+ MB before its input pipeline
+    copies them (issue 13, fixed cost); the values are the ones saved."""
+    path = tmp_path / "k"
+    path.mkdir()
+    saved = {}
+    for i, s in enumerate(("train", "validation", "test")):
+        saved[s] = (np.full((3 + i, 2, 2, 4), i, np.float32), np.arange(3 + i, dtype=np.int32))
+        np.save(path / f"{s}_x.npy", saved[s][0])
+        np.save(path / f"{s}_y.npy", saved[s][1])
+    assert cuts.load("k", root=tmp_path) is None  # not done yet: another process may still be writing it
+    (path / "done").touch()
+    loaded = cuts.load("k", root=tmp_path)
+    for s, (x, y) in saved.items():
+        assert isinstance(loaded[s][0], np.memmap) and not loaded[s][0].flags.writeable
+        np.testing.assert_array_equal(loaded[s][0], x)
+        np.testing.assert_array_equal(loaded[s][1], y)

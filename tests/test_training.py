@@ -115,3 +115,32 @@ def test_a_callback_that_stops_the_head_phase_ends_the_run_without_fine_tuning(c
     assert all(len(result.history[k]) == 2 for k in METRICS), "no further head epoch, no fine-tuning"
     assert result.fine_tune_start is None and result.fine_tune_seconds == 0
     assert result.val_accuracy == result.history["val_accuracy"][-1] and 0 <= result.test_accuracy <= 1
+
+
+def test_each_phase_traces_its_train_step_once(class_folder, tmp_path, monkeypatch):
+    """A ``tf.function`` that creates variables on its first call is traced twice; the optimizer's variables are
+    built before ``fit`` so that the head's and the top's train steps are traced once each (issue 13: about 1 s
+    of a fine-tuning trial's fixed cost)."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    from pipeline import cut as cuts
+    from pipeline import features
+    from pipeline.backbones import get_spec
+
+    traced: dict[str, int] = {}
+    original = TensorFlowTrainer.train_step
+
+    def counting(self, data):  # runs in Python only while the step is traced
+        traced[self.name] = traced.get(self.name, 0) + 1
+        return original(self, data)
+
+    monkeypatch.setattr(TensorFlowTrainer, "train_step", counting)
+    keras.utils.set_random_seed(0)
+    data = load_data(str(class_folder), 32, seed=0)
+    model = build_model("efficientnet_lite0", data.num_classes, 32, weights="imagenet", seed=0)
+    cached, _ = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 32)
+    split = cuts.split(model, 105)
+    at_cut = (split, cuts.load_or_compute(split, data, "k", root=tmp_path)[0])
+    train(model, data, features=cached, cut=at_cut, epochs=2, fine_tune_epochs=2, unfreeze_from=105,
+          batch_size=8, seed=0, verbose=0)
+    assert traced == {"head": 1, "top": 1}
