@@ -61,6 +61,7 @@ def cross_validate(features: dict[str, tuple[np.ndarray, np.ndarray]], num_class
     train+validation features and score it on the fold left out, for each of ``folds`` folds."""
     from pipeline.features import feature_batches
     from pipeline.model import build_head, compile_model
+    from pipeline.training import build_optimizer
 
     x = np.concatenate([features["train"][0], features["validation"][0]])
     y = np.concatenate([features["train"][1], features["validation"][1]])
@@ -71,6 +72,7 @@ def cross_validate(features: dict[str, tuple[np.ndarray, np.ndarray]], num_class
         train = np.setdiff1d(np.arange(len(y)), held_out, assume_unique=True)
         head = build_head(x.shape[1], num_classes, dropout, seed=seed)
         compile_model(head, learning_rate)
+        build_optimizer(head)  # the train step traced once per fold, not twice
         head.fit(feature_batches((x[train], y[train]), batch_size, shuffle=True, seed=seed), epochs=epochs,
                  verbose=0, shuffle=False)
         probs = np.asarray(head(x[held_out], training=False))  # no predict(): a new head per fold would retrace it

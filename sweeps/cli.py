@@ -139,13 +139,16 @@ def _experiment(dataset: str, experiment: str | None) -> str:
 
 
 def _print_board(experiment: str, parent: str | None, top: int) -> int:
+    from tracking import layout
     from tracking import leaderboard as lb
 
     table = lb.leaderboard(lb.trial_runs(experiment, parent))
     cols = ["trial_id", "status", "backbone", "fine_tune_at", "dropout", "batch_size", "learning_rate",
             "val_accuracy", "val_95", *lb.CV_COLUMNS, "tied", "test_accuracy", "test_95", "latency_ms", "size_mb",
             "pruned", "wall_seconds", "run_id"]
-    print(f"\nleaderboard of {experiment!r} ({len(table)} trials, best first by val_accuracy; "
+    ensembles = int(table["trial_id"].astype(str).str.startswith(f"{layout.ENSEMBLE} ").sum())
+    counted = f"{len(table) - ensembles} trials" + (f" and {ensembles} ensemble" if ensembles else "")
+    print(f"\nleaderboard of {experiment!r} ({counted}, best first by val_accuracy; "
           "[95 % Wilson interval]; tied: inside the best's val interval):")
     shown = lb.shown(table)
     print(lb.to_markdown(shown[[c for c in cols if c in shown]].head(top)))
