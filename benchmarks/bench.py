@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1,
-                        help="the searches' seed (1: 4 of the 6 default trials fine-tune, from both cuts)")
+                        help="the searches' seed (1: 5 of the 6 default trials fine-tune, from both cuts)")
     parser.add_argument("--fixed-cost-data", default=None,
                         help="data for the fixed-cost measurement (default: the same subset; give the flower_photos "
                         "folder for the issue's figure, which takes far longer the first time: it builds the caches)")
