@@ -32,8 +32,10 @@ def test_a_trial_that_logs_its_model_returns_before_the_model_is_exported(tmp_pa
     assert "model" not in entry, "no SavedModel was written on the trial's path"
     assert not list(journal.rglob(MODEL_DIR)) and not list(journal.rglob("saved_model.pb"))
     # what it keeps instead: its checkpoint, logged with the run (best-export works even if the sweep is killed now)
-    (logged,) = entry["files"].values()
+    # and its validation and test probabilities (what the sweep's ensemble is chosen from)
+    logged, probabilities = sorted(entry["files"].values())
     assert logged.startswith(f"{layout.CHECKPOINT_DIR}/") and (tmp_path / "t0" / logged.split("/")[1]).is_file()
+    assert probabilities == f"{layout.PROBABILITIES_DIR}/{layout.PROBABILITIES}"
     # a trial that does not log its model is marked so
     quiet = trials.run(TrialSpec(**{**spec.__dict__, "log_models": "improving", "best": 1.0,
                                     "trial_dir": str(tmp_path / "t1")}), {})

@@ -54,6 +54,7 @@ def swept_with_models(tmp_path, tracking_store, class_folder):
     return tmp_path, parent
 
 
+@pytest.mark.slow  # a real sweep of three trials, two ensembles built and exported: about a minute here
 def test_trials_log_probabilities_and_an_ensemble_is_exported_scored_and_ranked_like_a_trial(swept_with_models):
     tmp_path, parent = swept_with_models
     rows, probs = ensemble.candidates("ens", parent)
@@ -121,6 +122,7 @@ def test_trials_log_probabilities_and_an_ensemble_is_exported_scored_and_ranked_
     assert len(lb.trial_runs("ens", parent)) == 4 + (built is not None)
 
 
+@pytest.mark.slow  # two classifiers built, exported and converted to TFLite
 def test_an_ensemble_of_members_at_two_sizes_exports_and_converts_to_tflite(tmp_path):
     from pipeline.export import ExportedModel, TFLiteModel, export_model, to_tflite
     from pipeline.model import average_of, build_model
