@@ -170,9 +170,9 @@ def parse_sweep(raw: dict, name: str, source: str = "") -> SweepConfig:
                         "set prune: false")
     ensemble = raw.get("ensemble", False)
     ensemble = {True: ENSEMBLE_DEFAULT, False: 0}.get(ensemble, ensemble) if isinstance(ensemble, bool) else ensemble
-    if not isinstance(ensemble, int) or ensemble < 0:
+    if not isinstance(ensemble, int) or ensemble < 0 or ensemble == 1:
         raise UserError(f"ensemble in sweep {where} must be true, false or the most trials an ensemble picks (a whole "
-                        f"number >= 0; 0 = none), got {raw.get('ensemble')!r}")
+                        f"number >= 2, or 0 for none), got {raw.get('ensemble')!r}")
     flags = {}
     for key in ("xla",):
         flags[key] = raw.get(key, False)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import UserError
 from pipeline.export import ExportedModel
 from sweeps import ensemble
 from sweeps.config import parse_sweep
@@ -39,9 +40,10 @@ def test_the_sweep_setting_takes_true_false_or_a_number_and_says_what_it_wants()
     assert parse_sweep({"ensemble": True}, "s").ensemble == 5
     assert parse_sweep({"ensemble": 3}, "s").ensemble == 3
     assert parse_sweep({"ensemble": False}, "s").ensemble == 0
-    with pytest.raises(Exception, match=r"ensemble in sweep s must be true, false or the most trials an ensemble "
-                                        r"picks \(a whole number >= 0; 0 = none\), got 'yes'"):
-        parse_sweep({"ensemble": "yes"}, "s")
+    for bad, shown in (("yes", "'yes'"), (1, "1"), (-2, "-2"), (2.5, "2.5")):
+        with pytest.raises(UserError, match=r"ensemble in sweep s must be true, false or the most trials an ensemble "
+                                            rf"picks \(a whole number >= 2, or 0 for none\), got {shown}$"):
+            parse_sweep({"ensemble": bad}, "s")
 
 
 @pytest.fixture
