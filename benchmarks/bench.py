@@ -25,6 +25,7 @@ fixed_cost_finetune_s=<s> trials=<n> fine_tuning_trials=<n> ...``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -125,8 +126,8 @@ def plain_keras_tuner(data: Any, config: Any, image_size: int, seed: int, workdi
 
     # Keras Tuner's own Tuner with the sweep's oracle (its random search, first trial at the default point): the
     # oracle only chooses values, so both sides try the same trials; everything that costs time here is plain KT.
-    tuner = kt.Tuner(oracle=make_oracle(config), hypermodel=TwoPhase(), directory=workdir, project_name="plain",
-                     overwrite=True)
+    oracle = make_oracle(dataclasses.replace(config, seed=seed))  # its own seed: a test makes it draw otherwise
+    tuner = kt.Tuner(oracle=oracle, hypermodel=TwoPhase(), directory=workdir, project_name="plain", overwrite=True)
     tuner.search(verbose=0)
     failed = [t.message for t in tuner.oracle.trials.values() if t.status != "COMPLETED"]
     if failed:
