@@ -162,9 +162,12 @@ def test_gpus_0_1_runs_two_pinned_workers_every_trial_once_and_resumes(tmp_path,
 
 @pytest.mark.slow
 def test_sigterm_stops_every_process_it_started_and_the_same_command_resumes(tmp_path, class_folder):
-    # Trials long enough that the signal lands mid-sweep: with 2-epoch trials of 1 to 5 s on an idle machine the
-    # sweep could end before its signal arrived (and then rightly be FINISHED, not KILLED).
-    command = _command(tmp_path, class_folder, space={**SWEEP["space"], "epochs": {"fixed": 12}})
+    # Trials long enough that the signal lands mid-sweep: short trials (head-only ones take 2 to 5 s here) could
+    # all end before the signal arrived, and the sweep would then rightly be FINISHED, not KILLED. Seen twice on an
+    # idle machine; so every trial fine-tunes, for many epochs.
+    command = _command(tmp_path, class_folder, space={**SWEEP["space"], "epochs": {"fixed": 12},
+                                                      "fine_tune": {"fixed": True}, "fine_tune_epochs": {"fixed": 60},
+                                                      "learning_rate": {"choice": [0.01, 0.005]}})  # 6 points
     log = (tmp_path / "launcher.log").open("w")
     proc = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
