@@ -149,12 +149,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"{source} is neither an image file nor a folder")
     k = min(args.top_k, len(model.class_names))
     for path in paths:
-        try:
-            image = read_image(path, model.image_size)
+        try:  # at each of the model's input sizes (one, or an ensemble's several)
+            images = {name: read_image(path, size)[None].astype(np.float32) for name, size in model.inputs.items()}
         except UserError as e:
             print(f"{path}: skipped: {e}")
             continue
-        probs = model.predict(image[None].astype(np.float32))[0]
+        probs = model.predict(images)[0]
         top = np.argsort(probs)[::-1][:k]
         print(f"{path}: " + ", ".join(f"{model.class_names[i]} {probs[i]:.3f}" for i in top))
     return 0

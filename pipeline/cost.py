@@ -16,6 +16,7 @@ import dataclasses
 import statistics
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, Hashable
 
 import keras
@@ -34,10 +35,13 @@ class Cost:
     of: str  # SAVEDMODEL or KERAS
 
 
-def latency_ms(call: Callable[[np.ndarray], object], shape: tuple[int, ...], runs: int = RUNS,
-               warmup: int = WARMUP) -> float:
-    """Median milliseconds of ``call(image)`` on one float32 image ``[1, *shape]`` after ``warmup`` calls."""
-    image = np.random.default_rng(0).uniform(0, 255, (1, *shape)).astype(np.float32)
+def latency_ms(call: Callable[[np.ndarray], object], shape: tuple[int, ...] | Mapping[str, tuple[int, ...]],
+               runs: int = RUNS, warmup: int = WARMUP) -> float:
+    """Median milliseconds of ``call(image)`` on one float32 image ``[1, *shape]`` after ``warmup`` calls (``shape``
+    a mapping of input name -> shape: ``call`` gets a mapping of one image each)."""
+    rng = np.random.default_rng(0)
+    image = ({k: rng.uniform(0, 255, (1, *v)).astype(np.float32) for k, v in shape.items()}
+             if isinstance(shape, Mapping) else rng.uniform(0, 255, (1, *shape)).astype(np.float32))
     for _ in range(warmup):
         call(image)
     times = []
@@ -59,8 +63,8 @@ def savedmodel_size_mb(export_dir: str | Path) -> float:
 def savedmodel_cost(export_dir: str | Path, total_params: int) -> Cost:
     """Size and latency of an export's SavedModel, loaded as serving loads it."""
     serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
-    (spec,) = serve.structured_input_signature[1].values()
-    latency = latency_ms(lambda x: serve(tf.constant(x)), tuple(int(d) for d in spec.shape[1:]))
+    shapes = {name: tuple(int(d) for d in spec.shape[1:]) for name, spec in serve.structured_input_signature[1].items()}
+    latency = latency_ms(lambda x: serve(**{k: tf.constant(v) for k, v in x.items()}), shapes)
     return Cost(savedmodel_size_mb(export_dir), int(total_params), latency, SAVEDMODEL)
 
 

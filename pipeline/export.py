@@ -1,7 +1,8 @@
 """Serving-ready export: a TF SavedModel directory with ``labels.txt`` and a ``.keras`` file.
 
-``tf.saved_model.load(out).signatures["serving_default"]`` takes a float32 batch
-``[N, H, W, 3]`` of raw 0..255 pixels and returns class probabilities ``[N, classes]``.
+``tf.saved_model.load(out).signatures["serving_default"]`` takes a float32 batch ``image`` ``[N, H, W, 3]`` of raw
+0..255 pixels and returns class probabilities ``[N, classes]``. An ensemble whose members were trained at several
+image sizes takes one such batch per size instead, ``image_<size>`` (the same photos, each resized to that size).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import keras
@@ -44,8 +46,9 @@ def export_model(
         _write_savedmodel(model, saved)
         (saved / LABELS).write_text("".join(f"{c}\n" for c in class_names))
         model.save(saved / KERAS_FILE)
-        size = int(model.input_shape[1])
-        meta = {"image_size": size, "class_names": list(class_names), "input": "float32 [N, H, W, 3] raw 0..255"}
+        sizes = {t.name: int(t.shape[1]) for t in model.inputs}
+        meta = {"image_size": max(sizes.values()), "class_names": list(class_names),
+                "input": ", ".join(f"{name}: float32 [N, {s}, {s}, 3] raw 0..255" for name, s in sizes.items())}
         (saved / METADATA).write_text(json.dumps({**meta, **(metadata or {})}, indent=2, default=str))
         if out.exists():
             shutil.rmtree(out)
@@ -60,9 +63,29 @@ def _write_savedmodel(model: keras.Model, path: Path) -> None:
     # layers default to training=True, so serving would augment. Serve with training=False.
     archive = keras.export.ExportArchive()
     archive.track(model)
-    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="image")
-    archive.add_endpoint("serving_default", lambda image: model(image, training=False), input_signature=[spec])
+    specs = [tf.TensorSpec([None, *t.shape[1:]], tf.float32, name=t.name) for t in model.inputs]
+    if len(specs) == 1:
+        archive.add_endpoint("serving_default", lambda image: model(image, training=False), input_signature=specs)
+    else:  # an ensemble fed at several sizes: one named input each
+        archive.add_endpoint("serving_default", lambda *images: model(list(images), training=False),
+                             input_signature=specs)
     archive.write_out(str(path), verbose=False)
+
+
+def feeds(names: Mapping[str, object], images: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A model's inputs by name: ``images`` itself for a model with one input, else the mapping it is."""
+    if isinstance(images, Mapping):
+        if set(images) != set(names):
+            raise ValueError(f"the model takes the inputs {sorted(names)}, given {sorted(images)}")
+        return {k: np.asarray(images[k], np.float32) for k in names}
+    if len(names) != 1:
+        raise ValueError(f"the model takes {len(names)} inputs ({', '.join(names)}: the images at each size); "
+                         "pass a mapping of input name -> batch")
+    return {next(iter(names)): np.asarray(images, np.float32)}
+
+
+def batch_count(images: np.ndarray | Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(images.values())) if isinstance(images, Mapping) else images)
 
 
 class ExportedModel:
@@ -76,16 +99,59 @@ class ExportedModel:
         self.class_names = (path / LABELS).read_text().splitlines()
         self._loaded = tf.saved_model.load(str(path))
         self._serve = self._loaded.signatures["serving_default"]
-        (spec,) = self._serve.structured_input_signature[1].values()
-        self.image_size = int(spec.shape[1])
+        specs = self._serve.structured_input_signature[1]
+        self.inputs = {name: int(specs[name].shape[1]) for name in sorted(specs)}  # input name -> image size
+        self.image_size = max(self.inputs.values())  # the one size, or an ensemble's largest
 
-    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities for a float batch of raw 0..255 pixels at ``image_size``."""
-        outs = []
-        for i in range(0, len(images), batch_size):
-            result = self._serve(tf.constant(images[i : i + batch_size], tf.float32))
+    @property
+    def input_shape(self) -> tuple[int, int, int] | dict[str, tuple[int, int, int]]:
+        """One image's shape, or each input's for an export with several."""
+        shapes = {name: (s, s, 3) for name, s in self.inputs.items()}
+        return next(iter(shapes.values())) if len(shapes) == 1 else shapes
+
+    def predict(self, images: np.ndarray | Mapping[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities for a float batch of raw 0..255 pixels at ``image_size`` (or, for an export with
+        several inputs, a mapping of input name -> the same photos at that input's size)."""
+        given, outs = feeds(self.inputs, images), []
+        for i in range(0, batch_count(given), batch_size):
+            result = self._serve(**{k: tf.constant(v[i : i + batch_size]) for k, v in given.items()})
             outs.append(next(iter(result.values())).numpy())
         return np.concatenate(outs) if outs else np.zeros((0, len(self.class_names)), np.float32)
+
+    def zeros(self) -> np.ndarray | dict[str, np.ndarray]:
+        """One black image for each input: a sample for signatures."""
+        shape = self.input_shape
+        if isinstance(shape, dict):
+            return {k: np.zeros((1, *v), np.float32) for k, v in shape.items()}
+        return np.zeros((1, *shape), np.float32)
+
+    def load_data(self, dataset: str, seed: int, split: str | None = None) -> "ExportData":
+        """The data set's splits at each input's size (see ``ExportData``)."""
+        from pipeline.data import load_data
+
+        return ExportData({name: load_data(dataset, size, seed=seed, split=split)
+                           for name, size in self.inputs.items()})
+
+
+class ExportData:
+    """A data set's splits as an export takes them: at its one image size, or at each of its inputs' sizes, the
+    same photos in the same order (an ensemble whose members were trained at several sizes)."""
+
+    def __init__(self, by_input: dict[str, object]):
+        self._by_input = by_input
+        first = next(iter(by_input.values()))
+        self.sizes, self.class_names = first.sizes, first.class_names
+
+    def batches(self, split: str, batch_size: int = 64) -> Iterator[tuple[np.ndarray | dict[str, np.ndarray],
+                                                                           np.ndarray]]:
+        """``(images, labels)`` as numpy: images a batch, or a mapping of input name -> batch."""
+        streams = {name: data.batches(split, batch_size) for name, data in self._by_input.items()}
+        for parts in zip(*streams.values(), strict=True):
+            labels = [y.numpy() for _, y in parts]
+            if any(not np.array_equal(labels[0], other) for other in labels[1:]):
+                raise RuntimeError(f"the {split} split came in another order at another image size")
+            images = {name: x.numpy() for name, (x, _) in zip(streams, parts)}
+            yield (next(iter(images.values())) if len(images) == 1 else images), labels[0]
 
 
 def load_keras_model(path: str | os.PathLike) -> keras.Model:
@@ -117,10 +183,12 @@ class TFLiteModel:
 
     def __init__(self, path: str | os.PathLike):
         self._runner = tf.lite.Interpreter(model_path=str(path)).get_signature_runner("serving_default")
+        self.inputs = self._runner.get_input_details()
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        outs = []
-        for image in images:  # one at a time: the interpreter's input shape is fixed at [1, H, W, 3]
-            (probs,) = self._runner(image=np.asarray(image, np.float32)[None]).values()
+    def predict(self, images: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        """As ``ExportedModel.predict``."""
+        given, outs = feeds(self.inputs, images), []
+        for i in range(batch_count(given)):  # one at a time: the interpreter's input shape is fixed at [1, H, W, 3]
+            (probs,) = self._runner(**{k: v[i : i + 1] for k, v in given.items()}).values()
             outs.append(probs[0])
         return np.stack(outs) if outs else np.zeros((0, 0), np.float32)

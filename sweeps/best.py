@@ -12,9 +12,8 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from pipeline import cost, recipe
-from pipeline.data import load_data
 from pipeline.errors import UserError
-from pipeline.export import ExportedModel
+from pipeline.export import ExportData, ExportedModel
 from pipeline.hparams import RunConfig
 from pipeline.stats import accuracy_interval
 from tracking import layout
@@ -90,28 +89,39 @@ def _has_checkpoint(run_id: str) -> bool:
     return any(f.path.startswith(CHECKPOINT_DIR) for f in MlflowClient().list_artifacts(run_id, CHECKPOINT_DIR))
 
 
-def export_checkpoint(run: mlflow.entities.Run) -> str:
-    """Turn a trial's logged Keras checkpoint (``log_models: best``) into its SavedModel + pyfunc model,
-    logged to the trial's run; returns the model URI. The model is assembled by the trial's own recipe
-    (its ``RunConfig``, logged beside the checkpoint), as the trial would have exported it."""
-    from pipeline.export import export_model, load_keras_model
+def trial_model(run: mlflow.entities.Run, folder: str | Path):
+    """The trial's full classifier from its logged Keras checkpoint (downloaded into ``folder``), assembled by the
+    trial's own recipe (its ``RunConfig``, logged beside the checkpoint), as the trial would have exported it."""
+    from pipeline.export import load_keras_model
 
     p = run.data.params
+    if layout.RUN_CONFIG not in p:
+        raise UserError(f"run {run.info.run_id} has no param {layout.RUN_CONFIG!r} (logged by an older tlsweep); "
+                        "run its sweep again with this version to export it")
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR,
+                                                dst_path=str(folder))
+    plan = recipe.plan(RunConfig.from_json(p[layout.RUN_CONFIG]))
+    return recipe.full_model(plan, len(model_classes(run)), load_keras_model(recipe.checkpoint_in(local)))
+
+
+def export_checkpoint(run: mlflow.entities.Run) -> str:
+    """Turn a trial's logged Keras checkpoint (``log_models: best``) into its SavedModel + pyfunc model,
+    logged to the trial's run; returns the model URI."""
+    from pipeline.export import export_model
+
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR,
-                                                          dst_path=tmp))
-        if layout.RUN_CONFIG not in p:
-            raise UserError(f"run {run.info.run_id} has no param {layout.RUN_CONFIG!r} (logged by an older tlsweep); "
-                            "run its sweep again with this version to export it")
-        plan = recipe.plan(RunConfig.from_json(p[layout.RUN_CONFIG]))
-        model = load_keras_model(recipe.checkpoint_in(folder))
-        classes = model_classes(run)
-        model = recipe.full_model(plan, len(classes), model)
-        export = export_model(model, Path(tmp) / layout.SAVEDMODEL_DIR, classes,
-                              metadata={"run_id": run.info.run_id, **p})
+        model = trial_model(run, tmp)
+        export = export_model(model, Path(tmp) / layout.SAVEDMODEL_DIR, model_classes(run),
+                              metadata={"run_id": run.info.run_id, **run.data.params})
         sample = np.zeros((1, *model.input_shape[1:]), np.float32)
         _log_cost(run.info.run_id, cost.savedmodel_cost(export, model.count_params()))
         return pyfunc.log_export(run.info.run_id, str(export), sample, model.predict(sample, verbose=0))
+
+
+def export_data(exported: ExportedModel, params: dict):
+    """The splits of the data set a run trained on (its logged name, seed and split), as ``exported`` takes them."""
+    return exported.load_data(params["data_name"], int(params[layout.SEED]),
+                              None if params.get(layout.SPLIT, "default") == "default" else params[layout.SPLIT])
 
 
 def _log_cost(run_id: str, measured: cost.Cost) -> None:
@@ -163,8 +173,7 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
     MlflowClient().set_registered_model_alias(name, ALIAS, version.version)
 
     exported = ExportedModel(target)
-    data = load_data(params["data_name"], exported.image_size, seed=int(params[layout.SEED]),
-                     split=None if params.get(layout.SPLIT, "default") == "default" else params[layout.SPLIT])
+    data = export_data(exported, params)
     reproduced = exported_accuracy(exported, data)
     logged = float(metrics[layout.TEST_ACCURACY])
     tolerance = 1.0 / max(data.sizes["test"], 1) + 1e-6  # one borderline image at most
@@ -180,7 +189,7 @@ def best_export(experiment: str, export_dir: str = "exports", overwrite: bool = 
     return info
 
 
-def tflite_parity(exported: ExportedModel, data, mode: str, run_id: str, split: str = "test") -> dict:
+def tflite_parity(exported: ExportedModel, data: ExportData, mode: str, run_id: str, split: str = "test") -> dict:
     """Convert to TFLite, compare with the SavedModel on ``split``, log size and parity to the run."""
     from pipeline.export import TFLiteModel, to_tflite
 
@@ -189,14 +198,13 @@ def tflite_parity(exported: ExportedModel, data, mode: str, run_id: str, split: 
     agree = correct = total = 0
     max_diff = 0.0
     for x, y in data.batches(split, 64):
-        ref, got = exported.predict(x.numpy()), lite.predict(x.numpy())
+        ref, got = exported.predict(x), lite.predict(x)
         agree += int((ref.argmax(axis=1) == got.argmax(axis=1)).sum())
-        correct += int((got.argmax(axis=1) == y.numpy()).sum())
+        correct += int((got.argmax(axis=1) == y).sum())
         total += len(y)
         max_diff = max(max_diff, float(np.abs(ref - got).max()))
     variables = sum(f.stat().st_size for f in (exported.path / "variables").glob("*"))
-    shape = (exported.image_size, exported.image_size, 3)
-    latency = cost.latency_ms(lambda x: lite.predict(x), shape)  # CPU, batch 1, as for the SavedModel
+    latency = cost.latency_ms(lambda x: lite.predict(x), exported.input_shape)  # CPU, batch 1, as for the SavedModel
     result = {"mode": mode, "path": str(path), "size_bytes": path.stat().st_size, "savedmodel_bytes": variables,
               "agreement": agree / total if total else float("nan"),
               "test_accuracy": correct / total if total else float("nan"), "max_abs_diff": max_diff,
@@ -208,10 +216,10 @@ def tflite_parity(exported: ExportedModel, data, mode: str, run_id: str, split: 
     return result
 
 
-def exported_accuracy(exported: ExportedModel, data, split: str = "test") -> float:
+def exported_accuracy(exported: ExportedModel, data: ExportData, split: str = "test") -> float:
     correct = total = 0
     for x, y in data.batches(split, 64):
-        correct += int((exported.predict(x.numpy()).argmax(axis=1) == y.numpy()).sum())
+        correct += int((exported.predict(x).argmax(axis=1) == y).sum())
         total += len(y)
     return correct / total if total else float("nan")
 
@@ -230,7 +238,7 @@ def model_card(experiment: str, run: mlflow.entities.Run) -> str:
         f"# Model card: {experiment}", "",
         f"- MLflow run: `{run.info.run_id}` (experiment `{experiment}`, trial {run.data.tags.get(layout.TRIAL_ID)})",
         (f"- Ensemble of the trial runs {run.data.tags[layout.ENSEMBLE_MEMBERS]} (each as often as it counts), "
-         f"backbones `{p.get('backbone')}`, input {p.get(layout.RESOLVED_IMAGE_SIZE)} px"
+         f"backbones `{p.get('backbone')}`, input {p.get(layout.RESOLVED_IMAGE_SIZE)} px (one input per member size)"
          if layout.ENSEMBLE_MEMBERS in run.data.tags else
          f"- Backbone: `{p.get('backbone')}` at {p.get(layout.RESOLVED_IMAGE_SIZE)} px, weights `{p.get('weights')}`"),
         f"- Classes: {p.get('class_names')}",

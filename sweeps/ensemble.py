@@ -8,8 +8,9 @@ validation and test probabilities the trial logged (``probabilities/probabilitie
 different backbones err on different images, so their average is often right where each alone is not.
 
 The ensemble is kept only when it beats the best trial's validation accuracy, first from the logged probabilities,
-then as exported: one classifier (``pipeline.model.average_of``: raw 0..255 pixels in at the largest member's size,
-resized inside for the others) evaluated again on the validation and test images. It is then logged as a run of
+then as exported: one classifier (``pipeline.model.average_of``: raw 0..255 pixels in; members trained at several
+image sizes take one input per size, the photos resized to it as for training) evaluated again on the validation
+and test images. It is then logged as a run of
 the sweep (kind ``ensemble``) with the same metrics, intervals, cost and pyfunc model as a trial: the leaderboard
 ranks it with the trials, and best-export, predict and TFLite take it as they take a trial. The test split is never
 used to choose.
@@ -116,15 +117,11 @@ def log_run(experiment: str, parent: str, members: list[str], names: str, say=pr
             must_beat: float | None = None) -> str | None:
     """Assemble the members' trained classifiers into one, export it, score the export on the validation and test
     images, and log it all as an ensemble run under the sweep's parent; returns the run's id. ``must_beat``: the
-    best trial's validation accuracy, which the export itself must beat, else nothing is logged (None returned):
-    a member trained at a smaller size sees the export's input resized again, which can cost it accuracy."""
-    from pipeline import recipe
-    from pipeline.data import load_data
-    from pipeline.export import ExportedModel, export_model, load_keras_model
-    from pipeline.hparams import RunConfig
+    best trial's validation accuracy, which the export itself must beat, else nothing is logged (None returned)."""
+    from pipeline.export import ExportedModel, export_model
     from pipeline.model import average_of
     from pipeline.training import loss_and_accuracy
-    from sweeps.best import model_classes
+    from sweeps.best import export_data, model_classes, trial_model
     from tracking import runs
 
     member_runs = {run_id: MlflowClient().get_run(run_id) for run_id in dict.fromkeys(members)}
@@ -133,21 +130,17 @@ def log_run(experiment: str, parent: str, members: list[str], names: str, say=pr
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_id, run in member_runs.items():
-            folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=layout.CHECKPOINT_DIR,
-                                                         dst_path=str(Path(tmp) / run_id))
-            plan = recipe.plan(RunConfig.from_json(run.data.params[layout.RUN_CONFIG]))
-            model = recipe.full_model(plan, len(classes), load_keras_model(recipe.checkpoint_in(folder)))
+            model = trial_model(run, Path(tmp) / run_id)
             model.name = f"trial_{run.data.tags.get(layout.TRIAL_ID, run_id)}"  # unique inside the ensemble
             models[run_id] = model
         model = average_of([models[m] for m in members])
         export = export_model(model, Path(tmp) / layout.SAVEDMODEL_DIR, classes,
                               metadata={"ensemble_members": members, "experiment": experiment})
         served = ExportedModel(export)
-        data = load_data(params["data_name"], served.image_size, seed=int(params[layout.SEED]),
-                         split=None if params.get(layout.SPLIT, "default") == "default" else params[layout.SPLIT])
+        data = export_data(served, params)
         scores = {}
         for split in ("validation", "test"):  # the export's own scores: what best-export checks it against
-            batches = [(x.numpy(), y.numpy()) for x, y in data.batches(split, 64)]
+            batches = list(data.batches(split, 64))
             labels = np.concatenate([y for _, y in batches]) if batches else np.zeros((0,), np.int32)
             probs = (np.concatenate([served.predict(x) for x, _ in batches]) if batches
                      else np.zeros((0, len(classes)), np.float32))
@@ -155,8 +148,7 @@ def log_run(experiment: str, parent: str, members: list[str], names: str, say=pr
         exported_val = scores["validation"][1]
         if must_beat is not None and not exported_val > must_beat:
             say(f"[sweep] ensemble of trials {names}: its export scores val_accuracy {exported_val:.4f}, not above the "
-                f"best trial's {must_beat:.4f} (members at other image sizes see the export's input resized again); "
-                "none kept")
+                f"best trial's {must_beat:.4f}; none kept")
             return None
         exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
         run_id = runs.create_child(exp_id, parent, f"ensemble {names}", {
@@ -181,7 +173,7 @@ def _log(run_id: str, served, total_params: int, member_runs: dict, params: dict
 
     (val_loss, val_acc), (test_loss, test_acc) = scores["validation"], scores["test"]
     backbones = " & ".join(dict.fromkeys(r.data.params.get("backbone", "?") for r in member_runs.values()))
-    runs.log_params(run_id, {"backbone": backbones, layout.RESOLVED_IMAGE_SIZE: served.image_size,
+    runs.log_params(run_id, {"backbone": backbones, layout.RESOLVED_IMAGE_SIZE: "+".join(map(str, served.inputs.values())),
                              layout.SEED: params[layout.SEED], layout.SPLIT: params.get(layout.SPLIT, "default"),
                              **{k: params[k] for k in layout.LINEAGE_PARAMS if k in params}})
     measured = cost.savedmodel_cost(served.path, total_params)
@@ -192,5 +184,5 @@ def _log(run_id: str, served, total_params: int, member_runs: dict, params: dict
     now, client = int(time.time() * 1000), MlflowClient()
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items() if v == v])
     client.set_tag(run_id, layout.COST_OF, measured.of)
-    sample = np.zeros((1, served.image_size, served.image_size, 3), np.float32)
+    sample = served.zeros()
     pyfunc.log_export(run_id, str(served.path), sample, served.predict(sample))

@@ -47,3 +47,31 @@ def test_existing_export_directory_is_not_overwritten_unless_asked(model, tmp_pa
 def test_not_an_export(tmp_path):
     with pytest.raises(UserError, match=r"is not an export: expected saved_model.pb and labels.txt"):
         ExportedModel(tmp_path)
+
+
+def test_an_export_with_an_input_per_size_is_scored_on_the_same_photos_at_each_size(tmp_path, class_folder):
+    import keras
+
+    from pipeline.data import load_data
+    from pipeline.model import average_of
+
+    def member(size: int, name: str) -> keras.Model:
+        image = keras.Input((size, size, 3))
+        probs = keras.layers.Dense(3, "softmax")(keras.layers.GlobalAveragePooling2D()(image))
+        return keras.Model(image, probs, name=name)
+
+    exported = ExportedModel(export_model(average_of([member(24, "a"), member(32, "b")]), tmp_path / "e",
+                                          ["blue", "green", "red"]))
+    assert exported.inputs == {"image_24": 24, "image_32": 32} and exported.input_shape == {
+        "image_24": (24, 24, 3), "image_32": (32, 32, 3)}
+    data = exported.load_data(str(class_folder), seed=0, split="60/20/20")
+    alone = {s: load_data(str(class_folder), s, seed=0, split="60/20/20") for s in (24, 32)}
+    assert data.sizes == alone[24].sizes and data.class_names == alone[24].class_names
+    batches = list(data.batches("test", 4))
+    assert sum(len(y) for _, y in batches) == data.sizes["test"] > 4
+    for s in (24, 32):  # the same photos, in the same order, as each size alone gives them
+        expected = np.concatenate([x.numpy() for x, _ in alone[s].batches("test", 4)])
+        np.testing.assert_array_equal(np.concatenate([x[f"image_{s}"] for x, _ in batches]), expected)
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches]),
+                                  np.concatenate([y.numpy() for _, y in alone[24].batches("test", 4)]))
+    assert exported.predict(batches[0][0]).shape == (4, 3)

@@ -24,21 +24,26 @@ def quiet_input_example_warning() -> None:
 quiet_input_example_warning()
 
 
-def log_pyfunc(export_dir: str, sample: np.ndarray, probs: np.ndarray, name: str = MODEL_DIR) -> str:
-    """Log the export as a pyfunc model with a signature; returns its model URI."""
+def log_pyfunc(export_dir: str, sample: np.ndarray | dict[str, np.ndarray], probs: np.ndarray,
+               name: str = MODEL_DIR) -> str:
+    """Log the export as a pyfunc model with a signature (``sample``: a batch, or one per input of an export with
+    several); returns its model URI."""
     import tensorflow as tf
+
+    sample = ({k: v.astype(np.float32) for k, v in sample.items()} if isinstance(sample, dict)
+              else sample.astype(np.float32))
 
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),
         artifacts={MODEL_EXPORT: str(export_dir)},
-        signature=mlflow.models.infer_signature(sample.astype(np.float32), probs.astype(np.float32)),
+        signature=mlflow.models.infer_signature(sample, probs.astype(np.float32)),
         pip_requirements=[f"tensorflow=={tf.__version__}", f"mlflow=={mlflow.__version__}", "numpy"],
     )
     return info.model_uri
 
 
-def log_export(run_id: str, export_dir: str, sample: np.ndarray, probs: np.ndarray) -> str:
+def log_export(run_id: str, export_dir: str, sample: np.ndarray | dict[str, np.ndarray], probs: np.ndarray) -> str:
     """Log an export to ``run_id`` as its pyfunc model (tagged with its URI); returns the model URI.
 
     The SavedModel is stored once, inside the model (its artifact ``export``; ``download_export`` gets it

@@ -2,7 +2,8 @@
 
 Self-contained on purpose: it imports only mlflow, numpy and tensorflow, so the model loads and serves
 (``mlflow models serve``) where this project is not installed. Input: float32 ``[N, H, W, 3]`` raw
-0..255 pixels. Output: class probabilities ``[N, classes]``.
+0..255 pixels (an ensemble of members trained at several sizes: a mapping of its input names, ``image_<size>``,
+to the photos at each size). Output: class probabilities ``[N, classes]``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ class SavedModelClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context: object, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         import tensorflow as tf
 
-        (probs,) = self._serve(tf.constant(np.asarray(model_input, dtype=np.float32))).values()
+        if isinstance(model_input, dict):
+            (probs,) = self._serve(**{k: tf.constant(np.asarray(v, dtype=np.float32))
+                                      for k, v in model_input.items()}).values()
+        else:
+            (probs,) = self._serve(tf.constant(np.asarray(model_input, dtype=np.float32))).values()
         return probs.numpy()
 
 
