@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import keras
 import keras_tuner as kt
+import mlflow
 from keras_tuner.src import config as kt_config
 
 from pipeline import recipe
@@ -33,8 +34,8 @@ from sweeps.exports import ModelExports
 from sweeps.config import SweepConfig
 from sweeps.trial import resident_mb
 from sweeps.workers import Heartbeat, WaitsWhenIdle
-from tracking import layout, system_metrics
-from tracking.journal import TrialJournal
+from tracking import layout, runs, system_metrics
+from tracking.journal import TrialJournal, store_answers
 
 ZERO_SEED = 2**31 - 1  # the oracle's seed for a sweep with seed 0
 VERBOSE_ENV = "TLSWEEP_VERBOSE"  # set by `sweep --verbose`: failed trials print their traceback
@@ -141,6 +142,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         self.exports: ModelExports | None = ModelExports(say=lambda line: print(line, flush=True) if progress else None)
         # Pruning: thresholds from the sweep's finished trials, given to each trial before it starts.
         self.curves = pruning.Curves(experiment_id, parent_run_id, config.prune, stage) if config.prune else None
+        self._first_trial = True  # the first trial handed to this process may have finished before (_finished_before)
 
     # -- one trial -----------------------------------------------------------------------------
 
@@ -153,6 +155,11 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         if self.stage:
             tags[layout.STAGE] = self.stage
         params = {**values, **tuner_values, layout.SEED: self.config.seed, layout.SPLIT: self.split or "default"}
+        if self._first_trial:
+            self._first_trial = False
+            kept = self._finished_before(key)
+            if kept is not None:
+                return kept
         start = time.perf_counter()
         output, in_process, failure = None, True, None
         run = self.journal.start(self.experiment_id, self.parent_run_id, f"trial-{key}", tags)
@@ -198,6 +205,29 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         self.timings["export"] += output.export_seconds
         self._best = output.val_accuracy if self._best is None else max(self._best, output.val_accuracy)
         return {self.config.objective: output.val_accuracy}
+
+    def _finished_before(self, key: str) -> dict[str, float] | None:
+        """The score of a trial that already has a FINISHED run in this sweep, else None.
+
+        A sweep stopped after a trial finished but before the oracle heard of it hands that trial out again when
+        it resumes: first, to the process that ran it. Seen with ``GPUS=``: SIGTERM reached the chief first, and a
+        worker whose trial had just finished (its run written, or its entry journaled) could not report it. Its
+        run is in MLflow by then (``_recover`` replays the journal first), so its logged score is reported instead
+        of training it a second time, which left the trial with two finished runs. Only the first trial of a
+        process is asked about: the ones after it were handed out while this process ran. A store that does not
+        answer now is not waited for: the trial is trained, as before.
+        """
+        if self.journal.store_down or not store_answers(mlflow.get_tracking_uri()):
+            return None
+        found = runs.finished_child(self.experiment_id, self.parent_run_id, key)
+        score = found.data.metrics.get(self.config.objective) if found is not None else None
+        if score is None:
+            return None
+        self._best = score if self._best is None else max(self._best, score)
+        if self.progress:
+            print(f"[sweep] trial {key} had finished before the sweep was stopped (run {found.info.run_id}, "
+                  f"{self.config.objective} {score:.4f}): its result is kept, it is not trained again", flush=True)
+        return {self.config.objective: float(score)}
 
     def _spec(self, trial: kt.engine.trial.Trial, values: dict[str, Any], tuner_values: dict[str, Any],
               params: dict[str, Any], run: Future) -> trials.TrialSpec:
@@ -248,8 +278,8 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
     def _progress(self, key: str, seconds: float, value: float | None, failure: str | None = None) -> None:
         """One line per trial: where the sweep is, how long it has left, the best so far."""
         self._durations.append(seconds)
-        if not self.progress:
-            return
+        if not self.progress or signals.interrupted():  # stopping: a worker would ask a chief that may be gone
+            return  # already, and wait for it (TLSWEEP_CHIEF_TIMEOUT) until the launcher kills it
         trials = getattr(self.oracle, "trials", None)  # None on a worker: the chief's oracle has them
         if trials is None:
             done, total = len(self._durations), None

@@ -89,6 +89,14 @@ def _running_children(experiment_id: str, parent_id: str, worker: str | None = N
     return MlflowClient().search_runs([experiment_id], query)
 
 
+def finished_child(experiment_id: str, parent_id: str, trial: str) -> mlflow.entities.Run | None:
+    """The FINISHED run of one trial (its ``TRIAL_ID`` tag) under this sweep's parent, if there is one."""
+    query = (f"tags.`{PARENT_RUN_ID}` = '{parent_id}' and tags.`{TRIAL_ID}` = '{trial}' "
+             "and attributes.status = 'FINISHED'")
+    found = MlflowClient().search_runs([experiment_id], query, max_results=1)
+    return found[0] if found else None
+
+
 def create_child(experiment_id: str, parent_id: str, name: str, tags: Mapping[str, str]) -> str:
     """A trial's run under the sweep's parent, RUNNING until ``end_run``; returns its id."""
     run = MlflowClient().create_run(
