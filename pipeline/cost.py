@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Callable, Hashable
 
 import keras
