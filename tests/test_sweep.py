@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from sweeps.best import best_export
 from sweeps.cli import main as sweeps_main
 from sweeps.run import run_sweep
-from tracking.layout import TRIAL_ID
+from tracking.layout import OBJECTIVE, TRIAL_ID
 from tracking.pyfunc import download_export
 
 WITHOUT_PROJECT = """
@@ -194,6 +194,33 @@ def test_running_again_continues_without_redoing_trials(swept, class_folder, cap
     # (failed trials, e.g. those whose loss turned NaN, log none)
     for kid in kids:
         assert ("tlsweep.model_uri" in kid.data.tags) == (kid.info.status == "FINISHED"), kid.data.tags[TRIAL_ID]
+
+
+def test_a_trial_that_finished_before_the_oracle_heard_of_it_is_kept_not_trained_again(swept, class_folder, capsys):
+    """A sweep stopped between a trial's run being written and Keras Tuner saving its end: the same command again
+    gets that trial back from the oracle (an ongoing trial is retried on reload), and keeps its finished run."""
+    tmp_path, parent = swept
+    (oracle_file,) = (tmp_path / "state").rglob("oracle.json")
+    state = json.loads(oracle_file.read_text())
+    finished = {r.data.tags[TRIAL_ID]: r for r in children("tiny", parent) if r.info.status == "FINISHED"}
+    last = [t for t in state["end_order"] if t in finished][-1]  # the oracle now thinks it is still running
+    state["ongoing_trials"], state["end_order"] = {"tuner0": last}, [t for t in state["end_order"] if t != last]
+    oracle_file.write_text(json.dumps(state))
+    (trial_file,) = oracle_file.parent.glob(f"trial_{last}/trial.json")
+    trial = json.loads(trial_file.read_text())
+    trial["status"] = "RUNNING"
+    trial_file.write_text(json.dumps(trial))
+    capsys.readouterr()
+    again = run_sweep(str(class_folder), sweep=write_sweep(tmp_path, TINY), experiment="tiny", split="60/20/20",
+                      state_dir=str(tmp_path / "state"), verbose=0)
+    out = capsys.readouterr().out
+    score = finished[last].data.metrics[OBJECTIVE]
+    assert again == parent
+    assert (f"[sweep] trial {last} had finished before the sweep was stopped (run {finished[last].info.run_id}, "
+            f"{OBJECTIVE} {score:.4f}): its result is kept, it is not trained again") in out, out
+    kids = children("tiny", parent)
+    assert sorted(r.data.tags[TRIAL_ID] for r in kids) == sorted({r.data.tags[TRIAL_ID] for r in kids}), "no trial twice"
+    assert len(kids) == 4
 
 
 def test_best_export_registers_and_reproduces(swept, capsys):
