@@ -114,8 +114,9 @@ def export_checkpoint(run: mlflow.entities.Run) -> str:
         export = export_model(model, Path(tmp) / layout.SAVEDMODEL_DIR, model_classes(run),
                               metadata={"run_id": run.info.run_id, **run.data.params})
         sample = np.zeros((1, *model.input_shape[1:]), np.float32)
+        probs = np.asarray(model(sample, training=False))  # eager: predict() would trace a function for one image
         _log_cost(run.info.run_id, cost.savedmodel_cost(export, model.count_params()))
-        return pyfunc.log_export(run.info.run_id, str(export), sample, model.predict(sample, verbose=0))
+        return pyfunc.log_export(run.info.run_id, str(export), sample, probs)
 
 
 def export_data(exported: ExportedModel, params: dict):
