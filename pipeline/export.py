@@ -46,8 +46,9 @@ def export_model(
         _write_savedmodel(model, saved)
         (saved / LABELS).write_text("".join(f"{c}\n" for c in class_names))
         model.save(saved / KERAS_FILE)
-        sizes = {t.name: int(t.shape[1]) for t in model.inputs}
-        meta = {"image_size": max(sizes.values()), "class_names": list(class_names),
+        sizes = dict(zip(input_names(model), (int(t.shape[1]) for t in model.inputs)))
+        meta = {"image_size": max(sizes.values()), "image_sizes": sorted(sizes.values()),
+                "class_names": list(class_names),
                 "input": ", ".join(f"{name}: float32 [N, {s}, {s}, 3] raw 0..255" for name, s in sizes.items())}
         (saved / METADATA).write_text(json.dumps({**meta, **(metadata or {})}, indent=2, default=str))
         if out.exists():
@@ -63,13 +64,20 @@ def _write_savedmodel(model: keras.Model, path: Path) -> None:
     # layers default to training=True, so serving would augment. Serve with training=False.
     archive = keras.export.ExportArchive()
     archive.track(model)
-    specs = [tf.TensorSpec([None, *t.shape[1:]], tf.float32, name=t.name) for t in model.inputs]
+    specs = [tf.TensorSpec([None, *t.shape[1:]], tf.float32, name=name) for t, name in zip(model.inputs,
+                                                                                        input_names(model))]
     if len(specs) == 1:
         archive.add_endpoint("serving_default", lambda image: model(image, training=False), input_signature=specs)
     else:  # an ensemble fed at several sizes: one named input each
         archive.add_endpoint("serving_default", lambda *images: model(list(images), training=False),
                              input_signature=specs)
     archive.write_out(str(path), verbose=False)
+
+
+def input_names(model: keras.Model) -> list[str]:
+    """The serving signature's input names: ``image`` for a model with one input (whatever Keras named it), else
+    the model's own (``image_<size>``, see ``pipeline.model.average_of``)."""
+    return ["image"] if len(model.inputs) == 1 else [t.name for t in model.inputs]
 
 
 def feeds(names: Mapping[str, object], images: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,7 +108,8 @@ class ExportedModel:
         self._loaded = tf.saved_model.load(str(path))
         self._serve = self._loaded.signatures["serving_default"]
         specs = self._serve.structured_input_signature[1]
-        self.inputs = {name: int(specs[name].shape[1]) for name in sorted(specs)}  # input name -> image size
+        self.inputs = {name: int(specs[name].shape[1])  # input name -> image size, smallest first
+                       for name in sorted(specs, key=lambda n: (int(specs[n].shape[1]), n))}
         self.image_size = max(self.inputs.values())  # the one size, or an ensemble's largest
 
     @property

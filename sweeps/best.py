@@ -239,7 +239,8 @@ def model_card(experiment: str, run: mlflow.entities.Run) -> str:
         f"# Model card: {experiment}", "",
         f"- MLflow run: `{run.info.run_id}` (experiment `{experiment}`, trial {run.data.tags.get(layout.TRIAL_ID)})",
         (f"- Ensemble of the trial runs {run.data.tags[layout.ENSEMBLE_MEMBERS]} (each as often as it counts), "
-         f"backbones `{p.get('backbone')}`, input {p.get(layout.RESOLVED_IMAGE_SIZE)} px (one input per member size)"
+         f"backbones `{p.get('backbone')}`, input {p.get(layout.RESOLVED_IMAGE_SIZE)} px"
+         + (" (one input per member size)" if "+" in str(p.get(layout.RESOLVED_IMAGE_SIZE)) else "")
          if layout.ENSEMBLE_MEMBERS in run.data.tags else
          f"- Backbone: `{p.get('backbone')}` at {p.get(layout.RESOLVED_IMAGE_SIZE)} px, weights `{p.get('weights')}`"),
         f"- Classes: {p.get('class_names')}",

@@ -35,6 +35,7 @@ from sweeps.config import SweepConfig
 from sweeps.trial import resident_mb
 from sweeps.workers import Heartbeat, WaitsWhenIdle
 from tracking import layout, runs, system_metrics
+from tracking.entry import param_text
 from tracking.journal import TrialJournal, store_answers
 
 ZERO_SEED = 2**31 - 1  # the oracle's seed for a sweep with seed 0
@@ -157,7 +158,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         params = {**values, **tuner_values, layout.SEED: self.config.seed, layout.SPLIT: self.split or "default"}
         if self._first_trial:
             self._first_trial = False
-            kept = self._finished_before(key)
+            kept = self._finished_before(key, params)
             if kept is not None:
                 return kept
         start = time.perf_counter()
@@ -206,22 +207,26 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         self._best = output.val_accuracy if self._best is None else max(self._best, output.val_accuracy)
         return {self.config.objective: output.val_accuracy}
 
-    def _finished_before(self, key: str) -> dict[str, float] | None:
-        """The score of a trial that already has a FINISHED run in this sweep, else None.
+    def _finished_before(self, key: str, params: Mapping[str, Any]) -> dict[str, float] | None:
+        """The score of a trial that already has a FINISHED run in this sweep with these ``params``, else None.
 
         A sweep stopped after a trial finished but before the oracle heard of it hands that trial out again when
         it resumes: first, to the process that ran it. Seen with ``GPUS=``: SIGTERM reached the chief first, and a
         worker whose trial had just finished (its run written, or its entry journaled) could not report it. Its
         run is in MLflow by then (``_recover`` replays the journal first), so its logged score is reported instead
         of training it a second time, which left the trial with two finished runs. Only the first trial of a
-        process is asked about: the ones after it were handed out while this process ran. A store that does not
-        answer now is not waited for: the trial is trained, as before.
+        process is asked about: the ones after it were handed out while this process ran. The run must have logged
+        the same hyperparameters (a search whose saved state was deleted, its store kept, numbers its trials from 0
+        again). A store that does not answer now, or fails to, is not waited for: the trial is trained, as before.
         """
         if self.journal.store_down or not store_answers(mlflow.get_tracking_uri()):
             return None
-        found = runs.finished_child(self.experiment_id, self.parent_run_id, key)
+        try:
+            found = runs.finished_child(self.experiment_id, self.parent_run_id, key)
+        except Exception:  # noqa: BLE001 - a lookup that fails costs a retraining, never the trial
+            return None
         score = found.data.metrics.get(self.config.objective) if found is not None else None
-        if score is None:
+        if score is None or any(found.data.params.get(k) != param_text(v) for k, v in params.items()):
             return None
         self._best = score if self._best is None else max(self._best, score)
         if self.progress:

@@ -196,9 +196,13 @@ def test_running_again_continues_without_redoing_trials(swept, class_folder, cap
         assert ("tlsweep.model_uri" in kid.data.tags) == (kid.info.status == "FINISHED"), kid.data.tags[TRIAL_ID]
 
 
-def test_a_trial_that_finished_before_the_oracle_heard_of_it_is_kept_not_trained_again(swept, class_folder, capsys):
+@pytest.mark.parametrize("same_values", [True, False])
+def test_a_trial_that_finished_before_the_oracle_heard_of_it_is_kept_not_trained_again(swept, class_folder, capsys,
+                                                                                         same_values):
     """A sweep stopped between a trial's run being written and Keras Tuner saving its end: the same command again
-    gets that trial back from the oracle (an ongoing trial is retried on reload), and keeps its finished run."""
+    gets that trial back from the oracle (an ongoing trial is retried on reload), and keeps its finished run; but
+    only when that run logged the same hyperparameters (else, e.g. a deleted search state and a kept store, the
+    trial of that id is another configuration, and it trains)."""
     tmp_path, parent = swept
     (oracle_file,) = (tmp_path / "state").rglob("oracle.json")
     state = json.loads(oracle_file.read_text())
@@ -209,18 +213,28 @@ def test_a_trial_that_finished_before_the_oracle_heard_of_it_is_kept_not_trained
     (trial_file,) = oracle_file.parent.glob(f"trial_{last}/trial.json")
     trial = json.loads(trial_file.read_text())
     trial["status"] = "RUNNING"
+    if not same_values:
+        values = trial["hyperparameters"]["values"]
+        values["dropout"] = 0.3 if values["dropout"] == 0.1 else 0.1
     trial_file.write_text(json.dumps(trial))
     capsys.readouterr()
     again = run_sweep(str(class_folder), sweep=write_sweep(tmp_path, TINY), experiment="tiny", split="60/20/20",
                       state_dir=str(tmp_path / "state"), verbose=0)
     out = capsys.readouterr().out
     score = finished[last].data.metrics[OBJECTIVE]
+    kept = (f"[sweep] trial {last} had finished before the sweep was stopped (run {finished[last].info.run_id}, "
+            f"{OBJECTIVE} {score:.4f}): its result is kept, it is not trained again")
     assert again == parent
-    assert (f"[sweep] trial {last} had finished before the sweep was stopped (run {finished[last].info.run_id}, "
-            f"{OBJECTIVE} {score:.4f}): its result is kept, it is not trained again") in out, out
     kids = children("tiny", parent)
-    assert sorted(r.data.tags[TRIAL_ID] for r in kids) == sorted({r.data.tags[TRIAL_ID] for r in kids}), "no trial twice"
-    assert len(kids) == 4
+    if same_values:
+        assert kept in out, out
+        assert sorted(r.data.tags[TRIAL_ID] for r in kids) == sorted({r.data.tags[TRIAL_ID] for r in kids}), \
+            "no trial twice"
+        assert len(kids) == 4
+    else:
+        assert kept not in out, out
+        dropouts = sorted(r.data.params["dropout"] for r in kids if r.data.tags[TRIAL_ID] == last)
+        assert dropouts == ["0.1", "0.3"] and len(kids) == 5, "the other configuration trained beside the first"
 
 
 def test_best_export_registers_and_reproduces(swept, capsys):

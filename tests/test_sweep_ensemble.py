@@ -121,7 +121,7 @@ def test_trials_log_probabilities_and_an_ensemble_is_exported_scored_and_ranked_
 
 
 def test_members_at_two_sizes_take_one_input_each_through_export_tflite_pyfunc_and_predict(tmp_path, tracking_store,
-                                                                                          capsys):
+                                                                                          capsys, class_folder):
     import keras
     import mlflow
     from PIL import Image
@@ -161,9 +161,25 @@ def test_members_at_two_sizes_take_one_input_each_through_export_tflite_pyfunc_a
         exported.predict(images["image_40"])
     lite = TFLiteModel(to_tflite(export, "float16")).predict(images)
     assert np.abs(lite - served).max() < 0.02
-    with mlflow.start_run():
+    with mlflow.start_run() as run:
         uri = log_pyfunc(str(export), exported.zeros(), exported.predict(exported.zeros()))
     assert np.allclose(mlflow.pyfunc.load_model(uri).predict(images), served, atol=1e-5)
     assert cli_main(["predict", "--model", str(export), "--images", str(paths[0]), "--top-k", "1"]) == 0
     top = int(np.argmax(served[0]))
     assert capsys.readouterr().out.strip() == f"{paths[0]}: {'abc'[top]} {served[0, top]:.3f}"
+
+    # what best-export and the sweep's ensemble step do with it: score it on a data set at both sizes, cost, TFLite
+    from pipeline import cost
+    from pipeline.data import load_data
+    from sweeps.best import exported_accuracy, tflite_parity
+
+    data = exported.load_data(str(class_folder), seed=0, split="60/20/20")
+    at = {s: load_data(str(class_folder), s, seed=0, split="60/20/20") for s in (32, 40)}
+    (x32, y), (x40, _) = ([np.concatenate(a) for a in zip(*[(x.numpy(), y.numpy()) for x, y in at[s].batches("test", 64)])]
+                          for s in (32, 40))
+    expected = (small.predict(x32, verbose=0) + 2 * large.predict(x40, verbose=0)) / 3
+    assert exported_accuracy(exported, data) == pytest.approx(float(np.mean(expected.argmax(axis=1) == y)))
+    measured = cost.savedmodel_cost(export, model.count_params())
+    assert measured.latency_ms > 0 and measured.size_mb > 0
+    parity = tflite_parity(exported, data, "float16", run.info.run_id)
+    assert parity["agreement"] >= 0.9 and parity["latency_ms"] > 0

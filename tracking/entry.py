@@ -22,6 +22,11 @@ MODEL_DIR = "savedmodel"  # an export to log as the run's model (SavedModel file
 MAX_PARAM = 6000  # MLflow's limit on a parameter value's length
 
 
+def param_text(value: object) -> str:
+    """A param's value as MLflow stores it (the journal writes it so too)."""
+    return str(value)[:MAX_PARAM]
+
+
 def write_entry(folder: str | Path, run_id: str | None, run_spec: Mapping[str, Any], params: Mapping[str, object],
                 metrics: list[tuple[str, float, int]], plot_data: Mapping[str, Any] | None = None,
                 files: Mapping[str, str | Path] | None = None,
@@ -46,7 +51,7 @@ def write_entry(folder: str | Path, run_id: str | None, run_spec: Mapping[str, A
     if plot_data.get("grid_images") is not None:  # pixels go to a file, not into the JSON
         np.save(tmp / GRID_IMAGES, np.asarray(plot_data["grid_images"], dtype=np.uint8))
         plot_data["grid_images"] = GRID_IMAGES
-    record = {"run_id": run_id, "run": dict(run_spec), "params": {k: str(v)[: MAX_PARAM] for k, v in params.items()},
+    record = {"run_id": run_id, "run": dict(run_spec), "params": {k: param_text(v) for k, v in params.items()},
               "metrics": [[k, float(v), int(s)] for k, v, s in metrics if v is not None],
               "timestamp": int(time.time() * 1000), "plots": _jsonable(plot_data), "files": {},
               "tags": {k: str(v) for k, v in (tags or {}).items()}}

@@ -10,7 +10,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
-from tracking.entry import MAX_PARAM
+from tracking.entry import param_text
 from tracking.layout import (CLOSED_BY, ERROR, ERROR_FILE, HEARTBEAT, KIND, PARENT_RUN_ID, SWEEP, SWEEP_KEY, TRIAL,
                              TRIAL_ID, WORKER)
 
@@ -118,7 +118,7 @@ def end_run(run_id: str, status: str, error: str | None = None, trace: str | Non
 
 def log_params(run_id: str, params: Mapping[str, object]) -> None:
     MlflowClient().log_batch(
-        run_id, params=[mlflow.entities.Param(k, str(v)[:MAX_PARAM]) for k, v in sorted(params.items())]
+        run_id, params=[mlflow.entities.Param(k, param_text(v)) for k, v in sorted(params.items())]
     )
 
 
