@@ -60,18 +60,22 @@ def export_model(
 
 
 def _write_savedmodel(model: keras.Model, path: Path) -> None:
-    # Not model.export(): it calls the model with the training flag unset, and Keras augmentation
-    # layers default to training=True, so serving would augment. Serve with training=False.
-    archive = keras.export.ExportArchive()
-    archive.track(model)
+    """The serving signature alone: a ``tf.Module`` holding the model's variables and one traced function.
+
+    Not ``model.export()``: it calls the model with the training flag unset, and Keras augmentation layers default
+    to training=True, so serving would augment; here it is ``training=False``. Not ``keras.export.ExportArchive``
+    either: it also saves the Keras object graph, which wrote every variable twice (measured on a Lite1 trial's
+    model: 35.7 MB and 6.1 s against 18.5 MB and 2.6 s this way, the same outputs)."""
     specs = [tf.TensorSpec([None, *t.shape[1:]], tf.float32, name=name) for t, name in zip(model.inputs,
                                                                                         input_names(model))]
     if len(specs) == 1:
-        archive.add_endpoint("serving_default", lambda image: model(image, training=False), input_signature=specs)
+        serve = tf.function(lambda image: model(image, training=False), input_signature=specs)
     else:  # an ensemble fed at several sizes: one named input each
-        archive.add_endpoint("serving_default", lambda *images: model(list(images), training=False),
-                             input_signature=specs)
-    archive.write_out(str(path), verbose=False)
+        serve = tf.function(lambda *images: model(list(images), training=False), input_signature=specs)
+    module = tf.Module()
+    module.weights = [v.value for v in model.variables]  # the tf.Variables the function reads
+    module.serve = serve
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serve.get_concrete_function()})
 
 
 def input_names(model: keras.Model) -> list[str]:

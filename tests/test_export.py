@@ -75,3 +75,16 @@ def test_an_export_with_an_input_per_size_is_scored_on_the_same_photos_at_each_s
     np.testing.assert_array_equal(np.concatenate([y for _, y in batches]),
                                   np.concatenate([y.numpy() for _, y in alone[24].batches("test", 4)]))
     assert exported.predict(batches[0][0]).shape == (4, 3)
+
+
+def test_the_savedmodel_holds_each_weight_once_and_serves_a_hub_backbone_too(tmp_path, hub_dir, model):
+    from pipeline.cost import savedmodel_size_mb
+
+    out = export_model(model, tmp_path / "lite", ["a", "b", "c"])
+    weights_mb = sum(v.numpy().nbytes for v in model.variables) / 1e6
+    assert weights_mb < savedmodel_size_mb(out) < 1.2 * weights_mb, "each variable once, plus the graph"
+
+    hub = build_model(f"hub:{hub_dir}", 2, 32, weights=None, seed=0)
+    x = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    exported = ExportedModel(export_model(hub, tmp_path / "hub", ["a", "b"]))
+    np.testing.assert_allclose(exported.predict(x), hub.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
