@@ -161,7 +161,8 @@ def test_members_at_two_sizes_take_one_input_each_through_export_tflite_pyfunc_a
         exported.predict(images["image_40"])
     lite = TFLiteModel(to_tflite(export, "float16")).predict(images)
     assert np.abs(lite - served).max() < 0.02
-    with mlflow.start_run() as run:
+    experiment = mlflow.create_experiment("two-sizes", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
         uri = log_pyfunc(str(export), exported.zeros(), exported.predict(exported.zeros()))
     assert np.allclose(mlflow.pyfunc.load_model(uri).predict(images), served, atol=1e-5)
     assert cli_main(["predict", "--model", str(export), "--images", str(paths[0]), "--top-k", "1"]) == 0
