@@ -125,6 +125,17 @@ def test_a_float16_model_trains_with_loss_scaling(class_folder):
     assert all(np.isfinite(result.history["loss"])) and result.history["loss"][-1] < result.history["loss"][0]
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_a_mixed_precision_model_exports_and_serves_its_own_outputs(tmp_path, policy):
+    from pipeline.export import ExportedModel, export_model
+
+    model = build_model("efficientnet_lite0", 3, 32, seed=0, precision=policy)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    served = ExportedModel(export_model(model, tmp_path / "e", ["a", "b", "c"])).predict(x)
+    assert served.dtype == np.float32
+    np.testing.assert_allclose(served, model.predict(x, verbose=0), atol=1e-3)
+
+
 def test_the_feature_cache_key_holds_the_resolved_policy(class_folder):
     data = load_data(str(class_folder), 32, seed=0)
     spec = get_spec("efficientnet_lite0")
