@@ -235,10 +235,13 @@ class Launch:
                 proc.wait(max(deadline - time.monotonic(), 0.1))
         return chief.returncode
 
-    def stop(self, sig: int = signal.SIGINT) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         """The chief, then at once the workers, get ``sig`` (they close their runs as KILLED) and ``STOP_SECONDS`` to
         exit, then SIGKILL; the server goes last. The chief is told first: a chief that saw its workers' trials
-        end before its own signal came would finish the sweep as FINISHED. Safe to call twice."""
+        end before its own signal came would finish the sweep as FINISHED. SIGTERM, not SIGINT: a command started in
+        the background by a shell without job control (``cmd &`` in a script, CI steps) starts with SIGINT ignored,
+        and its children inherit that, so SIGINT stopped nothing there (seen: the workers trained on and the
+        sweep ended FINISHED). Safe to call twice."""
         workers = [p for n, p in self.procs.items() if n != "chief"]
         chief = [self.procs["chief"]] if "chief" in self.procs else []
         for proc in chief + workers:
@@ -287,7 +290,7 @@ def run_on_gpus(gpus: Sequence[str], found_any: bool, sweep_args: Sequence[str],
         launch.start()
         code = launch.wait()
     except BaseException:
-        launch.stop(signal.SIGINT)
+        launch.stop()
         raise
-    launch.stop(signal.SIGINT)  # after a clean end only stragglers (none, normally) and the server are left
+    launch.stop()  # after a clean end only stragglers (none, normally) and the server are left
     return code

@@ -171,7 +171,10 @@ def test_sigterm_stops_every_process_it_started_and_the_same_command_resumes(tmp
                                                       "fine_tune": {"fixed": True}, "fine_tune_epochs": {"fixed": 60},
                                                       "learning_rate": {"choice": [0.01, 0.005]}})  # 6 points
     log = (tmp_path / "launcher.log").open("w")
-    proc = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+    # Started as a script's background command is (`cmd &` without job control): with SIGINT ignored, which its
+    # children inherit. The launcher must stop them anyway (it once sent them SIGINT, and they trained on).
+    proc = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.monotonic() + 600
     while "[sweep] trial " not in (tmp_path / "launcher.log").read_text():
         assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "launcher.log").read_text()[-4000:]

@@ -97,3 +97,54 @@ def test_a_relative_journal_folder_works_from_any_working_directory(tracking_sto
     _finish(journal, run)
     journal.close()
     _check_written(run.result())
+
+
+def test_a_run_is_closed_as_killed_even_when_an_earlier_write_failed(tracking_store, tmp_path):
+    import pytest
+
+    exp, parent = _experiment()
+    journal = TrialJournal(tmp_path / "journal")
+    run = journal.start(exp, parent, "trial-1", {})
+
+    def earlier_write_fails():
+        raise RuntimeError("the previous trial's write failed")
+
+    journal._submit(earlier_write_fails)
+    with pytest.raises(RuntimeError, match="the previous trial's write failed"):
+        journal.fail(run, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
+    assert MlflowClient().get_run(run.result()).info.status == "KILLED", "never left RUNNING"
+    journal.close()
+
+
+def test_a_data_set_logged_by_two_processes_at_once_is_logged_again_when_it_lost_the_race(tracking_store):
+    import mlflow
+    import pytest
+
+    from tracking.datasets import dataset_inputs
+    from tracking.journal import log_inputs
+
+    exp, _ = _experiment()
+    inputs = dataset_inputs({"data_name": "flowers", "data_source": "/data/flowers", "data_fingerprint": "abc",
+                             "split_spec": "75/15/10", "train_size": "3", "validation_size": "1", "test_size": "1"})
+    assert len(inputs) == 3
+
+    class LosesOnce:  # the real client, but its first call fails as the losing writer's did (message from a real run)
+        def __init__(self, error: str):
+            self.calls, self.error = 0, error
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls == 1:
+                raise mlflow.exceptions.MlflowException(self.error)
+            MlflowClient().log_inputs(run_id, datasets=datasets)
+
+    run_id = MlflowClient().create_run(exp).info.run_id
+    race = LosesOnce("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                     "datasets.name, datasets.digest")
+    log_inputs(race, run_id, inputs)
+    assert race.calls == 2 and len(MlflowClient().get_run(run_id).inputs.dataset_inputs) == 3
+    other = LosesOnce("RESOURCE_DOES_NOT_EXIST: no such run")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="no such run"):
+        log_inputs(other, run_id, inputs)
+    assert other.calls == 1, "other errors are not retried"
+    MlflowClient().set_terminated(run_id)

@@ -40,6 +40,24 @@ from tracking.entry import ENTRY, MODEL_DIR, write_entry
 from tracking.layout import PLOTS_DIR
 
 
+DUPLICATE_ROW = ("UNIQUE constraint failed", "Duplicate entry", "duplicate key value")  # SQLite, MySQL, PostgreSQL
+
+
+def log_inputs(client: MlflowClient, run_id: str, inputs: list, attempts: int = 3) -> None:
+    """``client.log_inputs``, again when it lost a race. Two processes logging the same data set at once (two
+    workers whose first trials end together) race in MLflow's SQL store, which looks the data set up and then
+    inserts it: the loser gets a duplicate-row error (seen with ``GPUS=0,1``: ``UNIQUE constraint failed:
+    datasets.experiment_id, datasets.name, datasets.digest``). Once the winner's row is in, the same call succeeds."""
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except mlflow.exceptions.MlflowException as e:
+            if attempt == attempts - 1 or not any(text in str(e) for text in DUPLICATE_ROW):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 class TrialJournal:
     """One background writer per tuner process; ``flush()`` waits for everything queued so far."""
 
@@ -94,8 +112,10 @@ class TrialJournal:
             runs.end_run(run.result(), status, error, trace)
 
         try:
-            self.flush()
-            self._patiently(close)
+            try:
+                self.flush()  # an earlier write that failed is reported, after this run is closed all the same
+            finally:
+                self._patiently(close)
         finally:
             self.blocked += time.perf_counter() - start
 
@@ -236,7 +256,7 @@ class TrialJournal:
         if record.get("tags"):
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(record["tags"].items())])
         if inputs := datasets.dataset_inputs(record["params"]):  # the splits as MLflow 3 datasets
-            client.log_inputs(run_id, datasets=inputs)
+            log_inputs(client, run_id, inputs)
         for name, artifact_path in record["files"].items():
             local = entry / name / Path(artifact_path).name
             if local.is_dir():
