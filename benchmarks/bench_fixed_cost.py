@@ -8,11 +8,12 @@ On flower_photos at 224 px with efficientnet_lite0, as a sweep runs them (``swee
 
 Each kind runs once to warm the shared caches (decoded images, frozen features, activations at the cut: a
 sweep builds each once), then ``--repeats`` times measured. The wall time is taken around the call, on the
-sweep's side; the steps are the trial's own ``head_seconds + fine_tune_seconds`` (Keras ``fit``, validation
-included) and ``eval_seconds`` (the test predictions), less ``trace_seconds + eval_trace_seconds`` (each
-call's first steps beyond typical ones: tracing is not a step), from its journal entry. Everything else is
-fixed cost, printed per trial with where it went (handing the trial to its process; data, build, weights,
-caches and checkpoint around the steps; cost and journal after; tracing). ``--log-models`` is the sweep's setting (``best``: no SavedModel per trial; with ``improving`` the
+sweep's side; the steps are the trial's own ``step_seconds`` (every training, validation and prediction batch
+of its ``fit``, ``evaluate`` and ``predict`` calls, timed by a callback), less ``trace_seconds +
+eval_trace_seconds`` (each call's first steps beyond typical ones: tracing is not a step), from its journal
+entry. Everything else is fixed cost, printed per trial with where it went (handing the trial to its process;
+data, build, weights, caches and checkpoint around the phases; inside ``fit``/``evaluate``/``predict`` between
+the steps; cost and journal after; tracing). ``--log-models`` is the sweep's setting (``best``: no SavedModel per trial; with ``improving`` the
 measured trials do not improve, so do not export). Last line: ``fixed_cost_head_s=<s> fixed_cost_finetune_s=<s>``
 (medians).
 """
@@ -38,19 +39,20 @@ CONFIG = {"epochs": 2, "fine_tune_epochs": 1, "fine_tune_at": 0.75, "log_models"
 
 
 def steps_in(m: dict[str, float]) -> float:
-    """Seconds in training and evaluation steps: ``fit`` (validation included) and the test evaluation, without
-    the first steps' excess over typical ones (tracing is not a step)."""
-    return (m[layout.HEAD_SECONDS] + m[layout.FINE_TUNE_SECONDS] + m[layout.EVAL_SECONDS]
-            - m[layout.TRACE_SECONDS] - m[layout.EVAL_TRACE_SECONDS])
+    """Seconds in the training, validation and test steps themselves (every batch of ``fit``, ``evaluate`` and
+    ``predict``), without the first steps' excess over typical ones (tracing is not a step). What ``fit`` does
+    between its steps (input pipelines, epochs, callbacks) is not a step either: it is fixed cost."""
+    return m[layout.STEP_SECONDS] - m[layout.TRACE_SECONDS] - m[layout.EVAL_TRACE_SECONDS]
 
 
 def breakdown(wall: float, m: dict[str, float]) -> str:
     """One line: the wall time, the steps, the fixed cost and where it went (the parts sum to the fixed cost)."""
     steps = steps_in(m)
+    in_calls = m[layout.HEAD_SECONDS] + m[layout.FINE_TUNE_SECONDS] + m[layout.EVAL_SECONDS]
     parts = {
         "handing the trial over (sweep's wall minus the trial's own wall_seconds)": wall - m[layout.WALL_SECONDS],
-        "before/around the steps (data, build, weights, caches, checkpoint)":
-            m[layout.TRAIN_SECONDS] - m[layout.HEAD_SECONDS] - m[layout.FINE_TUNE_SECONDS] - m[layout.EVAL_SECONDS],
+        "before/around the phases (data, build, weights, caches, checkpoint)": m[layout.TRAIN_SECONDS] - in_calls,
+        "in fit/evaluate/predict between steps (input pipelines, epochs, callbacks)": in_calls - m[layout.STEP_SECONDS],
         "after (cost, journal)": m[layout.WALL_SECONDS] - m[layout.TRAIN_SECONDS],
         "first steps' excess (tracing, input pipeline start) in fit": m[layout.TRACE_SECONDS],
         "in test evaluation": m[layout.EVAL_TRACE_SECONDS],

@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         return report(args, out)
 
     # As a trial pays it: fit (training + validation), then predict, on the top in this fresh process.
-    from pipeline.training import FirstStepTimer
+    from pipeline.training import StepTimer
 
     fresh = net
-    timer = FirstStepTimer()
+    timer = StepTimer()
 
     class StepTimes(keras.callbacks.Callback):
         """Every training step's wall time (the median of the later ones is the per-step cost)."""

@@ -38,6 +38,7 @@ class TrainResult:
     eval_seconds: float = 0.0  # in evaluation steps: the test score before fine-tuning and the test predictions
     trace_seconds: float = 0.0  # of head/fine_tune seconds: first steps beyond a typical one (tracing; estimate)
     eval_trace_seconds: float = 0.0  # the same, of eval_seconds
+    step_seconds: float = 0.0  # in the steps themselves (every batch of fit, evaluate, predict; first ones included)
     cut_index: int | None = None  # first backbone layer of the top that fine-tuned on cached activations
     features: dict | None = dataclasses.field(default=None, repr=False)  # the cached features used, if any
     # (labels, probabilities) on the test split, from the pass that gave test_loss and test_accuracy
@@ -126,7 +127,7 @@ def train(
             pipelines["validation"] = data.batches("validation", batch_size)
         return pipelines["train"], pipelines["validation"]
     merged: dict[str, list[float]] = {k: [] for k in METRICS}
-    seconds = {"head": 0.0, "fine_tune": 0.0, "eval": 0.0, "trace": 0.0, "trace_eval": 0.0}
+    seconds = {"head": 0.0, "fine_tune": 0.0, "eval": 0.0, "trace": 0.0, "trace_eval": 0.0, "steps": 0.0}
     head_test_accuracy = None
     stopped = []  # a callback stopped training (pruning): the run ends there, no further phase
     check_positive("early_stopping_patience", early_stopping_patience, allow_zero=True)
@@ -154,13 +155,14 @@ def train(
         stopping = [stopper] if stopper is not None and phase == "head" else []
         nets[phase] = net
         build_optimizer(net)
-        tracer = FirstStepTimer()
+        tracer = StepTimer()
         history = net.fit(
             train_in, validation_data=val_in, initial_epoch=first, epochs=last,
             callbacks=[*callbacks, *stopping, tracer], verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
         )
         seconds[phase] += time.perf_counter() - start
         seconds["trace"] += tracer.extra()
+        seconds["steps"] += tracer.total
         if getattr(net, "stop_training", False) and not (stopping and stopper.stopped_epoch):
             stopped.append(phase)  # stopped by a callback (pruning), not by early stopping
         kept = stopper.best_epoch - first + 1 if stopping else None  # the epochs up to the weights kept
@@ -181,11 +183,12 @@ def train(
         if initial_epoch <= fine_tune_start or not _compiled(model):
             if evaluate_test:
                 evaluating = time.perf_counter()
-                tracer = FirstStepTimer()
+                tracer = StepTimer()
                 head_test_accuracy = evaluate(model, data, "test", batch_size, features, tracer=tracer,
                                               net=nets.get("head") if features is not None else None)[1]
                 seconds["eval"] = time.perf_counter() - evaluating
                 seconds["trace_eval"] = tracer.extra()
+                seconds["steps"] += tracer.total
             set_trainable(model, unfreeze_from)
             compile_model(model, fine_tune_learning_rate, jit_compile=jit_compile)  # recompile after `trainable`
         run("fine_tune", max(initial_epoch, fine_tune_start), stop, fine_tune_start)
@@ -194,9 +197,10 @@ def train(
         merged, fine_tune_start if fine_tunes and stop > fine_tune_start and "head" not in stopped else None,
         seconds["head"], seconds["fine_tune"], trainable_params(model), first_epoch=initial_epoch, features=features,
         cut_index=cut[0].index if cut is not None else None, trace_seconds=seconds["trace"],
+        step_seconds=seconds["steps"],
     )
     if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
-        evaluating, tracer = time.perf_counter(), FirstStepTimer()
+        evaluating, tracer = time.perf_counter(), StepTimer()
         for split in ("test", "validation"):
             if cut is not None and backbone_trainable(model):
                 x, y = cut[1][split]
@@ -213,25 +217,30 @@ def train(
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy
         result.eval_seconds = seconds["eval"] + time.perf_counter() - evaluating
         result.eval_trace_seconds = seconds["trace_eval"] + tracer.extra()
+        result.step_seconds += tracer.total
     return result
 
 
-class FirstStepTimer(keras.callbacks.Callback):
-    """Times the first two training, validation and prediction steps of one ``fit``/``evaluate``/``predict``: the
-    first one's excess over the second is mostly tracing the step function (Keras traces on the first call)."""
+class StepTimer(keras.callbacks.Callback):
+    """Times the training, validation and prediction steps of one ``fit``/``evaluate``/``predict``: ``total`` is
+    the time in steps (what a trial's fixed cost is measured against: everything else in its wall time is fixed),
+    and the first step's excess over the second is mostly tracing the step function (Keras traces on the first
+    call), which ``extra()`` gives."""
 
     def __init__(self) -> None:
         super().__init__()
         self.steps: dict[str, list[float]] = {"train": [], "test": [], "predict": []}
+        self.total = 0.0
         self._began = 0.0
 
     def _begin(self, kind: str) -> None:
-        if len(self.steps[kind]) < 2:
-            self._began = time.perf_counter()
+        self._began = time.perf_counter()
 
     def _end(self, kind: str) -> None:
+        took = time.perf_counter() - self._began
+        self.total += took
         if len(self.steps[kind]) < 2:
-            self.steps[kind].append(time.perf_counter() - self._began)
+            self.steps[kind].append(took)
 
     def on_train_batch_begin(self, batch, logs=None):  # noqa: D102
         self._begin("train")
@@ -292,7 +301,7 @@ def backbone_trainable(model: keras.Model) -> bool:
 
 def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int = 32,
              features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-             tracer: FirstStepTimer | None = None, net: keras.Model | None = None) -> tuple[float, float]:
+             tracer: StepTimer | None = None, net: keras.Model | None = None) -> tuple[float, float]:
     """``(loss, accuracy)`` of ``model`` on one split (on cached features while the backbone is frozen). ``net``:
     the compiled head that trained on ``features`` (its test function, traced for validation, is reused)."""
     if data.sizes.get(split, 0) == 0:
@@ -311,7 +320,7 @@ def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int =
 
 def predictions(model: keras.Model, data: DataSplits, split: str, batch_size: int = 64,
                 features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                tracer: FirstStepTimer | None = None) -> tuple[np.ndarray, np.ndarray]:
+                tracer: StepTimer | None = None) -> tuple[np.ndarray, np.ndarray]:
     """True labels and predicted probabilities on one split (on cached features while the backbone is frozen)."""
     if features is not None and not backbone_trainable(model):
         x, y = features[split]

@@ -329,7 +329,7 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
         layout.HEAD_SECONDS: result.head_seconds, layout.FINE_TUNE_SECONDS: result.fine_tune_seconds,
         layout.FEATURE_SECONDS: result.feature_seconds, layout.RSS_MB: resident_mb(),
         layout.EVAL_SECONDS: result.eval_seconds, layout.TRACE_SECONDS: result.trace_seconds,
-        layout.EVAL_TRACE_SECONDS: result.eval_trace_seconds,
+        layout.EVAL_TRACE_SECONDS: result.eval_trace_seconds, layout.STEP_SECONDS: result.step_seconds,
         **({layout.FINE_TUNE_START: result.fine_tune_start} if result.fine_tune_start is not None else {}),
         **interval_metrics(result.val_accuracy, data.sizes["validation"], result.test_accuracy, data.sizes["test"]),
         **({layout.CV_ACCURACY: outcome.cv.mean, layout.CV_ACCURACY_STD: outcome.cv.std,

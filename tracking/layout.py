@@ -87,6 +87,7 @@ TRIAL_METRICS = (*EPOCH_METRICS, TEST_ACCURACY, TEST_LOSS, HEAD_TEST_ACCURACY, T
 EVAL_SECONDS = "eval_seconds"  # in evaluation steps: test predictions (and the test score before fine-tuning)
 TRACE_SECONDS = "trace_seconds"  # of head_seconds + fine_tune_seconds: first steps beyond typical ones (tracing)
 EVAL_TRACE_SECONDS = "eval_trace_seconds"  # the same, of eval_seconds
+STEP_SECONDS = "step_seconds"  # in the training, validation and prediction steps themselves (first ones included)
 FINE_TUNE_START = "fine_tune_start_epoch"  # the first fine-tuning epoch on the two-phase axis (pruning aligns on it)
 
 # -- artifacts -----------------------------------------------------------------------------------
