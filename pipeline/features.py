@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.backbones import BackboneSpec
-from pipeline.data import SPLITS, DataSplits
+from pipeline.data import SPLITS, DataSplits, steady
 from pipeline.efficientnet_lite import cache_dir
 
 FEATURES_DIR = "features"
@@ -135,9 +135,24 @@ def save(key: str, out: dict[str, tuple[np.ndarray, np.ndarray]], root: Path | N
 
 def feature_batches(features: tuple[np.ndarray, np.ndarray], batch_size: int, shuffle: bool = False,
                     seed: int = 0) -> tf.data.Dataset:
-    """Batched features, shuffled exactly like ``DataSplits.batches`` shuffles images."""
+    """Batched features, shuffled exactly like ``DataSplits.batches`` shuffles images.
+
+    The pipeline shuffles and batches the row *indices* and gathers each batch's rows from the arrays (which may
+    be memory-mapped caches) as it goes: ``from_tensor_slices`` on the arrays would first copy all of them into a
+    tensor, then every epoch into its shuffle buffer, row by row (the activations at a cut are 100+ MB: measured
+    0.3 to 0.5 s before the first step). The shuffle depends on the seed and the number of rows only, so the
+    batches are the same rows in the same order as before."""
     x, y = features
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    shape_x, shape_y = (None, *x.shape[1:]), (None, *y.shape[1:])
+
+    def gather(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.ascontiguousarray(x[rows]), np.ascontiguousarray(y[rows])
+
+    def rows_of(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        bx, by = tf.numpy_function(gather, [indices], [tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)], stateful=False)
+        return tf.ensure_shape(bx, shape_x), tf.ensure_shape(by, shape_y)
+
+    ds = tf.data.Dataset.range(len(x))
     if shuffle:
         ds = ds.shuffle(max(len(x), 1), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return steady(ds.batch(batch_size).map(rows_of))

@@ -204,7 +204,7 @@ def train(
         for split in ("test", "validation"):
             if cut is not None and backbone_trainable(model):
                 x, y = cut[1][split]
-                probs = (cut[0].top.predict(x, batch_size=batch_size, verbose=0, callbacks=[tracer]) if len(x)
+                probs = (cut[0].top.predict(feature_batches((x, y), batch_size), verbose=0, callbacks=[tracer]) if len(x)
                          else np.zeros((0, data.num_classes)))
                 found = (y, probs)
             else:
@@ -325,7 +325,8 @@ def predictions(model: keras.Model, data: DataSplits, split: str, batch_size: in
     if features is not None and not backbone_trainable(model):
         x, y = features[split]
         net = model if is_head(model) else feature_head(model)
-        return y, (net.predict(x, batch_size=batch_size, verbose=0, callbacks=[tracer] if tracer else None) if len(x)
+        return y, (net.predict(feature_batches((x, y), batch_size), verbose=0, callbacks=[tracer] if tracer else None)
+                   if len(x)
                    else np.zeros((0, data.num_classes)))
     labels, probs = [], []
     for x, y in data.batches(split, batch_size):

@@ -104,3 +104,28 @@ def test_a_full_model_built_from_a_head_fine_tunes_from_where_the_head_stopped(d
     assert result.first_epoch == 2 and len(result.history["val_accuracy"]) == 1
     assert result.head_test_accuracy == pytest.approx(alone.test_accuracy), "it starts from the trained head"
     assert float(full.optimizer.learning_rate) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_feature_batches_are_the_rows_in_the_order_images_are_batched(tmp_path, shuffle):
+    """Batches gathered from a memory-mapped array by shuffled row indices are the rows a shuffle of the rows
+    themselves gives (``DataSplits.batches``' shuffle), epoch after epoch; the last batch is partial."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(43, 3, 3, 2)).astype(np.float32))
+    x, y = np.load(tmp_path / "x.npy", mmap_mode="r"), rng.integers(0, 5, size=43).astype(np.int32)
+    rows = tf.data.Dataset.from_tensor_slices((np.array(x), y))
+    if shuffle:
+        rows = rows.shuffle(43, seed=3, reshuffle_each_iteration=True)
+    expected, got = rows.batch(8), features.feature_batches((x, y), 8, shuffle=shuffle, seed=3)
+    assert got.element_spec == expected.element_spec
+    orders = []
+    for _ in range(3):
+        batches = list(got)
+        assert [len(b[0]) for b in batches] == [8] * 5 + [3]
+        for (ex, ey), (gx, gy) in zip(expected, batches, strict=True):
+            np.testing.assert_array_equal(gx.numpy(), ex.numpy())
+            np.testing.assert_array_equal(gy.numpy(), ey.numpy())
+        orders.append(np.concatenate([b[1].numpy() for b in batches]))
+    assert shuffle == any(not np.array_equal(orders[0], o) for o in orders[1:])  # reshuffled each epoch
