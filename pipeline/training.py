@@ -119,13 +119,11 @@ def train(
     total = epochs + (fine_tune_epochs if fine_tunes else 0)
     stop = total if stop_epoch is None else min(stop_epoch, total)
     nets: dict[str, keras.Model] = {}  # what each phase trained (its traced functions are reused)
-    pipelines: dict[str, object] = {}  # made once, when a phase trains on images (one shuffle sequence)
 
     def images() -> tuple[object, object]:
-        if not pipelines:
-            pipelines["train"] = data.batches("train", batch_size, shuffle=True, seed=seed)
-            pipelines["validation"] = data.batches("validation", batch_size)
-        return pipelines["train"], pipelines["validation"]
+        """Each phase's own pipelines, as on cached features or activations: every phase's epochs see the batches
+        in the same order whichever inputs it trains on, so the caches never change a run's result."""
+        return data.batches("train", batch_size, shuffle=True, seed=seed), data.batches("validation", batch_size)
     merged: dict[str, list[float]] = {k: [] for k in METRICS}
     seconds = {"head": 0.0, "fine_tune": 0.0, "eval": 0.0, "trace": 0.0, "trace_eval": 0.0, "steps": 0.0}
     head_test_accuracy = None

@@ -22,15 +22,15 @@ def data(class_folder):
     return load_data(str(class_folder), 32, seed=0)
 
 
-def _fine_tuned(data, use_cut, tmp_path, seed=0):
+def _fine_tuned(data, use_cut, tmp_path, seed=0, cache=True, epochs=1):
     keras.utils.set_random_seed(seed)
     model = build_model("efficientnet_lite0", data.num_classes, 32, dropout=0.2, seed=seed)
-    cached, _ = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 32)
+    cached = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 32)[0] if cache else None
     at_cut = None
     if use_cut:
         split = cuts.split(model, UNFREEZE)
         at_cut = (split, cuts.load_or_compute(split, data, "k", root=tmp_path)[0])
-    result = train(model, data, features=cached, cut=at_cut, epochs=1, fine_tune_epochs=3, unfreeze_from=UNFREEZE,
+    result = train(model, data, features=cached, cut=at_cut, epochs=epochs, fine_tune_epochs=3, unfreeze_from=UNFREEZE,
                    learning_rate=1e-2, fine_tune_learning_rate=1e-3, batch_size=8, seed=seed, verbose=0)
     return model, result
 
@@ -63,6 +63,22 @@ def test_fine_tuning_on_cut_activations_gives_the_same_losses_and_weights_as_end
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_whole_trial_on_the_caches_is_the_same_as_one_on_the_images(data, tmp_path):
+    """A trial that uses no cache (its head epochs and fine-tuning epochs end to end on the images, as plain Keras
+    runs it) and one on cached features and activations at the cut train the same model: each phase sees the
+    batches in the same order on both (a pipeline shared by both phases would continue its shuffle into the
+    fine-tuning epochs)."""
+    (plain_model, plain), (cut_model, cut) = (_fine_tuned(data, False, tmp_path, cache=False, epochs=2),
+                                              _fine_tuned(data, True, tmp_path, epochs=2))
+    assert not plain.used_feature_cache and cut.used_feature_cache and cut.cut_index == 103
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        np.testing.assert_allclose(plain.history[key], cut.history[key], rtol=1e-4, atol=1e-6)
+    assert cut.test_accuracy == pytest.approx(plain.test_accuracy)
+    for a, b in zip(plain_model.weights, cut_model.weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=a.path)
+
+
 def test_the_top_trains_the_classifiers_own_variables(data, pair):
     """No copying back: the full model (the one exported) computes what the trained top computes."""
     model = pair[1][0]
