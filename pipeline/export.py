@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -119,8 +120,7 @@ class ExportedModel:
     @property
     def input_shape(self) -> tuple[int, int, int] | dict[str, tuple[int, int, int]]:
         """One image's shape, or each input's for an export with several."""
-        shapes = {name: (s, s, 3) for name, s in self.inputs.items()}
-        return next(iter(shapes.values())) if len(shapes) == 1 else shapes
+        return one_or_all({name: (s, s, 3) for name, s in self.inputs.items()})
 
     def predict(self, images: np.ndarray | Mapping[str, np.ndarray], batch_size: int = 64) -> np.ndarray:
         """Class probabilities for a float batch of raw 0..255 pixels at ``image_size`` (or, for an export with
@@ -133,10 +133,7 @@ class ExportedModel:
 
     def zeros(self) -> np.ndarray | dict[str, np.ndarray]:
         """One black image for each input: a sample for signatures."""
-        shape = self.input_shape
-        if isinstance(shape, dict):
-            return {k: np.zeros((1, *v), np.float32) for k, v in shape.items()}
-        return np.zeros((1, *shape), np.float32)
+        return one_or_all({name: np.zeros((1, s, s, 3), np.float32) for name, s in self.inputs.items()})
 
     def load_data(self, dataset: str, seed: int, split: str | None = None) -> "ExportData":
         """The data set's splits at each input's size (see ``ExportData``)."""
@@ -144,6 +141,11 @@ class ExportedModel:
 
         return ExportData({name: load_data(dataset, size, seed=seed, split=split)
                            for name, size in self.inputs.items()})
+
+
+def one_or_all(by_input: dict[str, Any]) -> Any:
+    """What an export with one input takes as is, and one with several as a mapping of input name -> value."""
+    return next(iter(by_input.values())) if len(by_input) == 1 else by_input
 
 
 class ExportData:
@@ -163,8 +165,7 @@ class ExportData:
             labels = [y.numpy() for _, y in parts]
             if any(not np.array_equal(labels[0], other) for other in labels[1:]):
                 raise RuntimeError(f"the {split} split came in another order at another image size")
-            images = {name: x.numpy() for name, (x, _) in zip(streams, parts)}
-            yield (next(iter(images.values())) if len(images) == 1 else images), labels[0]
+            yield one_or_all({name: x.numpy() for name, (x, _) in zip(streams, parts)}), labels[0]
 
 
 def load_keras_model(path: str | os.PathLike) -> keras.Model:
