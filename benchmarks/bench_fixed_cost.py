@@ -13,8 +13,8 @@ of its ``fit``, ``evaluate`` and ``predict`` calls, timed by a callback), less `
 eval_trace_seconds`` (each call's first steps beyond typical ones: tracing is not a step), from its journal
 entry. Everything else is fixed cost, printed per trial with where it went (handing the trial to its process;
 data, build, weights, caches and checkpoint around the phases; inside ``fit``/``evaluate``/``predict`` between
-the steps; cost and journal after; tracing). ``--log-models`` is the sweep's setting (``best``: no SavedModel per trial; with ``improving`` the
-measured trials do not improve, so do not export). Last line: ``fixed_cost_head_s=<s> fixed_cost_finetune_s=<s>``
+the steps; cost and journal after; tracing). ``--log-models`` is the sweep's setting (``best``: no SavedModel
+per trial; with ``improving`` the measured trials do not improve, so do not export). Last line: ``fixed_cost_head_s=<s> fixed_cost_finetune_s=<s>``
 (medians).
 """
 

@@ -202,8 +202,8 @@ def train(
         for split in ("test", "validation"):
             if cut is not None and backbone_trainable(model):
                 x, y = cut[1][split]
-                probs = (cut[0].top.predict(feature_batches((x, y), batch_size), verbose=0, callbacks=[tracer]) if len(x)
-                         else np.zeros((0, data.num_classes)))
+                probs = (cut[0].top.predict(feature_batches((x, y), batch_size), verbose=0, callbacks=[tracer])
+                         if len(x) else np.zeros((0, data.num_classes)))
                 found = (y, probs)
             else:
                 found = predictions(model, data, split, batch_size, features, tracer=tracer)
@@ -289,7 +289,8 @@ def _compiled(model: keras.Model) -> bool:
 def head_on_features(model: keras.Model) -> keras.Model:
     """The classifier's head, compiled with the classifier's own optimizer (its state carries over)."""
     net = feature_head(model)
-    net.compile(optimizer=model.optimizer, loss=model.loss, metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    net.compile(optimizer=model.optimizer, loss=model.loss,
+                metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     return net
 
 
