@@ -212,3 +212,16 @@ def test_an_empty_tfds_split_is_refused():
                                         r"more images per class"):
         with tfds.testing.mock_data(num_examples=0):
             load_data("tf_flowers", 16)
+
+
+def test_training_pipelines_run_without_autotuning_and_prefetch_a_fixed_number_of_batches(class_folder):
+    """An ending iterator with tf.data's autotuning on waited for its optimizer thread, up to 4 s per `fit`
+    (README: Steps timed one by one): the pipelines that training and evaluation read have it off."""
+    from pipeline.features import feature_batches
+
+    data = load_data(str(class_folder), 32, seed=0)
+    x, y = np.zeros((5, 3), np.float32), np.arange(5, dtype=np.int32)
+    for ds in (data.batches("train", 4, shuffle=True, seed=1), data.batches("validation", 4),
+               feature_batches((x, y), 2, shuffle=True), feature_batches((x, y), 2)):
+        assert ds.options().autotune.enabled is False
+    assert [len(b) for b, _ in feature_batches((x, y), 2)] == [2, 2, 1]
