@@ -40,8 +40,10 @@ CONFIG = {"epochs": 2, "fine_tune_epochs": 1, "fine_tune_at": 0.75, "log_models"
 
 def steps_in(m: dict[str, float]) -> float:
     """Seconds in the training, validation and test steps themselves (every batch of ``fit``, ``evaluate`` and
-    ``predict``), without the first steps' excess over typical ones (tracing is not a step). What ``fit`` does
-    between its steps (input pipelines, epochs, callbacks) is not a step either: it is fixed cost."""
+    ``predict``, from the batch's begin callback to its end callback: Keras fetches the batch inside the step, so
+    a step's wait for its input counts as the step), without the first steps' excess over typical ones (tracing
+    is not a step). What the Keras calls do outside their steps (setting a phase up, making its pipelines, epoch
+    ends, callbacks) is not a step either: it is fixed cost."""
     return m[layout.STEP_SECONDS] - m[layout.TRACE_SECONDS] - m[layout.EVAL_TRACE_SECONDS]
 
 
@@ -52,7 +54,8 @@ def breakdown(wall: float, m: dict[str, float]) -> str:
     parts = {
         "handing the trial over (sweep's wall minus the trial's own wall_seconds)": wall - m[layout.WALL_SECONDS],
         "before/around the phases (data, build, weights, caches, checkpoint)": m[layout.TRAIN_SECONDS] - in_calls,
-        "in fit/evaluate/predict between steps (input pipelines, epochs, callbacks)": in_calls - m[layout.STEP_SECONDS],
+        "in the Keras calls outside their steps (phase setup, pipelines made, epoch ends, callbacks)":
+            in_calls - m[layout.STEP_SECONDS],
         "after (cost, journal)": m[layout.WALL_SECONDS] - m[layout.TRAIN_SECONDS],
         "first steps' excess (tracing, input pipeline start) in fit": m[layout.TRACE_SECONDS],
         "in test evaluation": m[layout.EVAL_TRACE_SECONDS],

@@ -45,9 +45,10 @@ PREFETCH = 2  # batches a training or evaluation pipeline keeps ready ahead of t
 def steady(ds: tf.data.Dataset) -> tf.data.Dataset:
     """A batched training or evaluation pipeline, prefetched ``PREFETCH`` batches ahead, with tf.data's autotuning
     off: its optimizer thread gains nothing when a batch is rows copied from memory, and the iterator of a pipeline
-    that ends waits for that thread. Measured at the end of each `fit` on flowers' activations at the cut: 1.6 to
-    4.1 s, in about half the runs, with the steps no faster (`benchmarks/bench_fixed_cost.py`). Maps upstream that
-    ask for ``AUTOTUNE`` parallelism (a tfds data set's resizing) then use every core."""
+    that ends waits for that thread: up to 4.1 s at the end of a `fit` on flowers' activations at the cut, in 3 of 4
+    fits measured, with the steps no faster (README: Steps timed one by one). Maps upstream that ask for
+    ``AUTOTUNE`` parallelism (a tfds data set's resizing, done as it trains) then use every core; the one-time
+    decoding of a folder into the image cache keeps autotuning."""
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.prefetch(PREFETCH).with_options(options)

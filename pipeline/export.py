@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import keras
 import numpy as np
@@ -101,6 +101,9 @@ def batch_count(images: np.ndarray | Mapping[str, np.ndarray]) -> int:
     return len(next(iter(images.values())) if isinstance(images, Mapping) else images)
 
 
+T = TypeVar("T")
+
+
 class ExportedModel:
     """An export loaded for inference with nothing but TensorFlow."""
 
@@ -143,8 +146,9 @@ class ExportedModel:
                            for name, size in self.inputs.items()})
 
 
-def one_or_all(by_input: dict[str, Any]) -> Any:
-    """What an export with one input takes as is, and one with several as a mapping of input name -> value."""
+def one_or_all(by_input: dict[str, T]) -> T | dict[str, T]:
+    """The value alone for an export with one input, else the mapping of input name -> value: a single-input
+    export keeps the plain-array interface every caller had before multi-size ensembles."""
     return next(iter(by_input.values())) if len(by_input) == 1 else by_input
 
 

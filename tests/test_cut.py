@@ -63,7 +63,6 @@ def test_fine_tuning_on_cut_activations_gives_the_same_losses_and_weights_as_end
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_whole_trial_on_the_caches_is_the_same_as_one_on_the_images(data, tmp_path):
     """A trial that uses no cache (its head epochs and fine-tuning epochs end to end on the images, as plain Keras
     runs it) and one on cached features and activations at the cut train the same model: each phase sees the
@@ -79,6 +78,7 @@ def test_a_whole_trial_on_the_caches_is_the_same_as_one_on_the_images(data, tmp_
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=a.path)
 
 
+@pytest.mark.slow
 def test_the_top_trains_the_classifiers_own_variables(data, pair):
     """No copying back: the full model (the one exported) computes what the trained top computes."""
     model = pair[1][0]
