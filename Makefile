@@ -117,7 +117,7 @@ bench: ## plain Keras Tuner vs our default sweep (fine-tuning included), tracked
 bench-memory: ## resident memory after each of 10 fine-tuning trials of a sweep, prints growth_mb= [MEMORY_ARGS="--trial-process same"]
 	$(PY) -m benchmarks.bench_memory $(MEMORY_ARGS)
 
-bench-finetune: ## fine-tuning end to end vs only the top on cached cut activations, flower_photos 224 px [FINETUNE_ARGS=--fine-tune-epochs 2]
+bench-finetune: ## fine-tuning end to end vs only the top on cached cut activations, flower_photos 224 px [FINETUNE_ARGS="--whole-trial": whole trials, head phase included]
 	$(PY) -m benchmarks.bench_finetune $(FINETUNE_ARGS)
 
 bench-fixed-cost: ## a trial's wall time minus its training steps: head trial in-process, fine-tuning trial fresh [FIXED_ARGS=--repeats 2]
