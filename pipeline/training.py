@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+import weakref
+from typing import Callable, Iterable, Iterator, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from pipeline.cut import Activations, Cut, top_trainer
 from pipeline.data import DataSplits
@@ -119,11 +121,16 @@ def train(
     total = epochs + (fine_tune_epochs if fine_tunes else 0)
     stop = total if stop_epoch is None else min(stop_epoch, total)
     nets: dict[str, keras.Model] = {}  # what each phase trained (its traced functions are reused)
+    scored: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> validation labels and probabilities after it
 
-    def images() -> tuple[object, object]:
-        """Each phase's own pipelines, as on cached features or activations: every phase's epochs see the batches
-        in the same order whichever inputs it trains on, so the caches never change a run's result."""
-        return data.batches("train", batch_size, shuffle=True, seed=seed), data.batches("validation", batch_size)
+    def inputs(net: keras.Model, split: str) -> Iterable[tuple[object, np.ndarray]]:
+        """Unshuffled batches of ``split`` for ``net``: the cached activations at the cut for the top, cached features
+        for a head, else images (each call makes its own pipeline, as each phase makes its own training one)."""
+        if cut is not None and net is cut[0].top:
+            return array_batches(cut[1][split], batch_size)
+        if net is model and not is_head(model):
+            return data.batches(split, batch_size)
+        return array_batches(features[split], batch_size)
     merged: dict[str, list[float]] = {k: [] for k in METRICS}
     seconds = {"head": 0.0, "fine_tune": 0.0, "eval": 0.0, "trace": 0.0, "trace_eval": 0.0, "steps": 0.0}
     head_test_accuracy = None
@@ -139,24 +146,23 @@ def train(
         for callback in callbacks:  # e.g. pruning compares fine-tuning epochs by their index in the phase
             if hasattr(callback, "on_phase_begin"):
                 callback.on_phase_begin(phase, phase_start)
-        net, train_in, val_in = model, None, None
+        net, train_in = model, None
         if phase == "head" and features is not None:
             net = model if is_head(model) else head_on_features(model)
             train_in = feature_batches(features["train"], batch_size, shuffle=True, seed=seed)
-            val_in = feature_batches(features["validation"], batch_size)
         elif phase == "fine_tune" and cut is not None:
             net = top_trainer(cut[0], model)  # the classifier's own layers and optimizer
             train_in = feature_batches(cut[1]["train"], batch_size, shuffle=True, seed=seed)
-            val_in = feature_batches(cut[1]["validation"], batch_size)
         else:
-            train_in, val_in = images()
+            train_in = data.batches("train", batch_size, shuffle=True, seed=seed)
         stopping = [stopper] if stopper is not None and phase == "head" else []
         nets[phase] = net
         build_optimizer(net)
         tracer = StepTimer()
+        validating = Validation(net, lambda: inputs(net, "validation"), tracer, scored)  # first: the others read its logs
         history = net.fit(
-            train_in, validation_data=val_in, initial_epoch=first, epochs=last,
-            callbacks=[*callbacks, *stopping, tracer], verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
+            train_in, initial_epoch=first, epochs=last, callbacks=[validating, *callbacks, *stopping, tracer],
+            verbose=verbose, shuffle=False,  # the pipeline shuffles, seeded
         )
         seconds[phase] += time.perf_counter() - start
         seconds["trace"] += tracer.extra()
@@ -182,8 +188,8 @@ def train(
             if evaluate_test:
                 evaluating = time.perf_counter()
                 tracer = StepTimer()
-                head_test_accuracy = evaluate(model, data, "test", batch_size, features, tracer=tracer,
-                                              net=nets.get("head") if features is not None else None)[1]
+                head = nets["head"] if "head" in nets else model if features is None else feature_head(model)
+                head_test_accuracy = loss_and_accuracy(*predict_batches(head, inputs(head, "test"), tracer))[1]
                 seconds["eval"] = time.perf_counter() - evaluating
                 seconds["trace_eval"] = tracer.extra()
                 seconds["steps"] += tracer.total
@@ -199,18 +205,18 @@ def train(
     )
     if evaluate_test:  # one pass over the test split gives the scores and the predictions (confusion matrix)
         evaluating, tracer = time.perf_counter(), StepTimer()
-        for split in ("test", "validation"):
-            if cut is not None and backbone_trainable(model):
-                x, y = cut[1][split]
-                probs = (cut[0].top.predict(feature_batches((x, y), batch_size), verbose=0, callbacks=[tracer])
-                         if len(x) else np.zeros((0, data.num_classes)))
-                found = (y, probs)
-            else:
-                found = predictions(model, data, split, batch_size, features, tracer=tracer)
-            if split == "test":
-                result.test_predictions = found
-            else:
-                result.val_predictions = found
+        if cut is not None and backbone_trainable(model):
+            net = cut[0].top
+        elif features is not None and not backbone_trainable(model):
+            net = nets["head"] if "head" in nets else model if is_head(model) else feature_head(model)
+        else:
+            net = model
+        result.test_predictions = predict_batches(net, inputs(net, "test"), tracer)
+        # The model is the one the last kept epoch validated (early stopping restores that epoch's weights): its
+        # validation probabilities are already known (for ensembles), no second pass over the split.
+        kept = initial_epoch + len(merged["loss"]) - 1
+        result.val_predictions = scored[kept] if kept in scored else predict_batches(net, inputs(net, "validation"),
+                                                                                        tracer)
         result.test_loss, result.test_accuracy = loss_and_accuracy(*result.test_predictions)
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy
         result.eval_seconds = seconds["eval"] + time.perf_counter() - evaluating
@@ -235,10 +241,13 @@ class StepTimer(keras.callbacks.Callback):
         self._began = time.perf_counter()
 
     def _end(self, kind: str) -> None:
-        took = time.perf_counter() - self._began
-        self.total += took
+        self.record(kind, time.perf_counter() - self._began)
+
+    def record(self, kind: str, seconds: float) -> None:
+        """One step of ``kind`` (``train``, ``test`` or ``predict``) that took ``seconds``."""
+        self.total += seconds
         if len(self.steps[kind]) < 2:
-            self.steps[kind].append(took)
+            self.steps[kind].append(seconds)
 
     def on_train_batch_begin(self, batch, logs=None):  # noqa: D102
         self._begin("train")
@@ -261,6 +270,73 @@ class StepTimer(keras.callbacks.Callback):
     def extra(self) -> float:
         """Seconds of the first steps beyond the second ones (0 when a kind ran a single step)."""
         return sum(max(0.0, s[0] - s[1]) for s in self.steps.values() if len(s) == 2)
+
+
+class Validation(keras.callbacks.Callback):
+    """Scores each epoch on the validation split through the model's inference function (``predict_batches``) and
+    puts ``val_loss`` and ``val_accuracy`` into the epoch's logs, as ``fit``'s own validation does (the same
+    cross-entropy and accuracy; callbacks after it, and the history, read them). Why not ``validation_data``: it
+    traces a test step of its own for every model, and the test predictions then trace the inference step anyway;
+    this way one traced function serves both. It keeps each epoch's labels and probabilities in ``scored``."""
+
+    def __init__(self, net: keras.Model, batches: Callable[[], Iterable[tuple[object, object]]],
+                 tracer: "StepTimer | None", scored: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        super().__init__()
+        self.net, self.batches, self.tracer, self.scored = net, batches, tracer, scored
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
+        labels, probs = predict_batches(self.net, self.batches(), self.tracer, kind="test")
+        self.scored[epoch] = (labels, probs)
+        if logs is not None:
+            logs["val_loss"], logs["val_accuracy"] = loss_and_accuracy(labels, probs)
+
+
+_INFERENCE: "weakref.WeakKeyDictionary[keras.Model, Callable]" = weakref.WeakKeyDictionary()
+
+
+def inference(net: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
+    """``net(x, training=False)`` as one function traced once for every batch size (one per model, kept while the
+    model lives). Keras's ``predict`` traces its step for the first batch's shape and again for a last, smaller
+    batch (``reduce_retracing``); this one is traced with the batch dimension unknown from the start."""
+    step = _INFERENCE.get(net)
+    if step is None:
+        ref = weakref.ref(net)  # the traced graph holds the variables, never the model (the cache stays weak)
+        spec = tf.TensorSpec([None, *net.inputs[0].shape[1:]], net.inputs[0].dtype)
+        step = tf.function(lambda x: ref()(x, training=False), input_signature=[spec], autograph=False,
+                           jit_compile=getattr(net, "jit_compile", False) is True)
+        _INFERENCE[net] = step
+    return step
+
+
+def array_batches(arrays: tuple[np.ndarray, np.ndarray], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Unshuffled batches of in-memory (or memory-mapped) features or activations and their labels, sliced in order:
+    for scoring, where a tf.data pipeline per pass would only add its start-up."""
+    x, y = arrays
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def predict_batches(net: keras.Model, batches: Iterable[tuple[object, object]], tracer: "StepTimer | None" = None,
+                    kind: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """Labels and predicted probabilities over ``(x, y)`` batches, through ``inference(net)``. ``tracer`` times each
+    step as ``kind`` (``test`` for validation), its input's wait included as in Keras's own loops."""
+    step = inference(net)
+    dtype = step.input_signature[0].dtype
+    labels, probs = [], []
+    batches = iter(batches)
+    while True:
+        began = time.perf_counter()
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            break
+        probs.append(np.asarray(step(tf.cast(x, dtype))))
+        labels.append(np.asarray(y))
+        if tracer is not None:
+            tracer.record(kind, time.perf_counter() - began)
+    if not labels:
+        return np.zeros((0,), np.int32), np.zeros((0, int(net.outputs[0].shape[-1])), np.float32)
+    return np.concatenate(labels), np.concatenate(probs)
 
 
 def loss_and_accuracy(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
@@ -322,19 +398,6 @@ def predictions(model: keras.Model, data: DataSplits, split: str, batch_size: in
                 tracer: StepTimer | None = None) -> tuple[np.ndarray, np.ndarray]:
     """True labels and predicted probabilities on one split (on cached features while the backbone is frozen)."""
     if features is not None and not backbone_trainable(model):
-        x, y = features[split]
         net = model if is_head(model) else feature_head(model)
-        return y, (net.predict(feature_batches((x, y), batch_size), verbose=0, callbacks=[tracer] if tracer else None)
-                   if len(x)
-                   else np.zeros((0, data.num_classes)))
-    labels, probs = [], []
-    for x, y in data.batches(split, batch_size):
-        labels.append(y.numpy())
-        if tracer:
-            tracer.on_predict_batch_begin(len(labels))
-        probs.append(np.asarray(model.predict_on_batch(x)))
-        if tracer:
-            tracer.on_predict_batch_end(len(labels))
-    if not labels:
-        return np.zeros((0,), np.int32), np.zeros((0, data.num_classes), np.float32)
-    return np.concatenate(labels), np.concatenate(probs)
+        return predict_batches(net, array_batches(features[split], batch_size), tracer)
+    return predict_batches(model, data.batches(split, batch_size), tracer)

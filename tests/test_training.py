@@ -144,3 +144,64 @@ def test_each_phase_traces_its_train_step_once(class_folder, tmp_path, monkeypat
     train(model, data, features=cached, cut=at_cut, epochs=2, fine_tune_epochs=2, unfreeze_from=105,
           batch_size=8, seed=0, verbose=0)
     assert traced == {"head": 1, "top": 1}
+
+
+def test_validation_and_test_share_one_inference_function_traced_once(class_folder, tmp_path, monkeypatch):
+    """Validation goes through the inference function the test predictions use, not Keras's test step, and that
+    function is traced once for every batch size: Keras's ``predict`` traced its step again for a last, smaller
+    batch, inside what was timed as a step (issue 13)."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    from pipeline import cut as cuts
+    from pipeline import features, training
+    from pipeline.backbones import get_spec
+
+    keras_steps: list[str] = []
+    for name in ("test_step", "predict_step"):
+        original = getattr(TensorFlowTrainer, name)
+        monkeypatch.setattr(TensorFlowTrainer, name, lambda self, data, _o=original, _n=name: (
+            keras_steps.append(_n), _o(self, data))[1])
+    made = []
+    monkeypatch.setattr(training, "inference", lambda net, _o=training.inference: made.append(_o(net)) or made[-1])
+    keras.utils.set_random_seed(0)
+    data = load_data(str(class_folder), 32, seed=0)
+    assert data.sizes["validation"] % 8 and data.sizes["test"] % 8  # a last, smaller batch in both
+    model = build_model("efficientnet_lite0", data.num_classes, 32, weights="imagenet", seed=0)
+    cached, _ = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 32)
+    split = cuts.split(model, 105)
+    at_cut = (split, cuts.load_or_compute(split, data, "k", root=tmp_path)[0])
+    result = train(model, data, features=cached, cut=at_cut, epochs=2, fine_tune_epochs=2, unfreeze_from=105,
+                   batch_size=8, seed=0, verbose=0)
+    assert keras_steps == []
+    functions = {id(f): f for f in made}.values()
+    assert len(functions) == 2  # the head's and the top's
+    assert [f.experimental_get_tracing_count() for f in functions] == [1, 1]
+    assert len(result.history["val_accuracy"]) == 4 and result.head_test_accuracy is not None
+
+
+def test_validation_scores_are_kerass_own_and_the_kept_probabilities_are_the_final_models(class_folder):
+    """The epoch's ``val_loss``/``val_accuracy`` agree with ``model.evaluate``, and the validation probabilities
+    the run keeps (for ensembles) are the final model's, also when early stopping restored an earlier epoch."""
+    from pipeline import features
+    from pipeline.backbones import get_spec
+    from pipeline.training import predictions
+
+    keras.utils.set_random_seed(0)
+    data = load_data(str(class_folder), 32, seed=0)
+    model = build_model("efficientnet_lite0", data.num_classes, 32, weights="imagenet", seed=0)
+    result = train(model, data, epochs=1, batch_size=8, seed=0, verbose=0)  # on images, head only
+    loss, accuracy = model.evaluate(data.batches("validation", 8), verbose=0)
+    assert result.history["val_loss"] == [pytest.approx(loss, rel=1e-5)]
+    assert result.history["val_accuracy"] == [pytest.approx(accuracy)]
+    np.testing.assert_allclose(result.val_predictions[1], predictions(model, data, "validation", 8)[1], atol=1e-6)
+
+    keras.utils.set_random_seed(0)
+    model = build_model("efficientnet_lite0", data.num_classes, 32, weights="imagenet", seed=0)
+    cached, _ = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 32)
+    result = train(model, data, features=cached, epochs=8, learning_rate=1.0, early_stopping_patience=1,
+                   batch_size=8, seed=0, verbose=0)
+    assert len(result.history["val_loss"]) < 8  # stopped early and restored its best epoch
+    assert result.history["val_loss"][-1] == min(result.history["val_loss"])
+    labels, probs = predictions(model, data, "validation", 8, features=cached)
+    np.testing.assert_array_equal(result.val_predictions[0], labels)
+    np.testing.assert_allclose(result.val_predictions[1], probs, atol=1e-6)
