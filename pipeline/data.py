@@ -83,6 +83,14 @@ class DataSplits:
             ds = ds.shuffle(max(self.sizes[split], 1), seed=seed, reshuffle_each_iteration=True)
         return steady(ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE))
 
+    def first(self, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` images (uint8) and labels of a split, in the unshuffled order of ``batches``: sliced from the
+        image cache when the split is mapped from it (a pipeline would first copy the whole split into TensorFlow)."""
+        if isinstance(self.splits, image_cache.MappedSplits):
+            return self.splits.first(split, n)
+        x, y = next(iter(self.splits[split].batch(n)))
+        return x.numpy(), y.numpy()
+
     def lineage(self) -> dict[str, object]:
         """What a tracker records about where the data came from."""
         return {

@@ -88,6 +88,11 @@ class MappedSplits(Mapping):
             self._made[name] = tf.data.Dataset.from_tensor_slices(self._arrays[name])
         return self._made[name]
 
+    def first(self, name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` images and labels of a split, sliced from the mapping (no pipeline, no copy of the rest)."""
+        x, y = self._arrays[name]
+        return np.array(x[:n]), np.array(y[:n])
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._arrays)
 

@@ -342,7 +342,7 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
         labels, probs = predictions(model, data, split, features=result.features)
     matrix = np.zeros((data.num_classes, data.num_classes), dtype=np.int64)
     np.add.at(matrix, (labels, probs.argmax(axis=1)), 1)
-    grid = next(iter(data.batches(split, GRID_SIZE)))[0].numpy()  # batches are unshuffled: same order
+    grid = data.first(split, GRID_SIZE)[0]  # the order of the unshuffled batches the predictions came from
     plot_data = {"history": result.history, "fine_tune_start": result.fine_tune_start,
                  "first_epoch": result.first_epoch, "confusion": matrix, "class_names": data.class_names,
                  "grid_images": grid, "grid_labels": labels[: len(grid)],

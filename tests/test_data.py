@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 from conftest import make_class_folder, write_image
 from pipeline.data import check_memory, load_data, skipped_lines, unreadable_files
 from pipeline.errors import UserError
+from pipeline.image_cache import MappedSplits
 
 
 def _labels(data, split):
@@ -225,3 +226,18 @@ def test_training_pipelines_run_without_autotuning_and_prefetch_a_fixed_number_o
                feature_batches((x, y), 2, shuffle=True), feature_batches((x, y), 2)):
         assert ds.options().autotune.enabled is False
     assert [len(b) for b, _ in feature_batches((x, y), 2)] == [2, 2, 1]
+
+
+def test_first_examples_are_the_first_rows_of_the_unshuffled_batches(class_folder):
+    """A trial's prediction grid takes the first test images this way (sliced from the image cache, no pipeline)."""
+    import dataclasses
+
+    load_data(str(class_folder), 32, seed=0)  # decoded into the image cache if not there yet
+    data = load_data(str(class_folder), 32, seed=0)
+    assert isinstance(data.splits, MappedSplits)
+    images, labels = next(iter(data.batches("test", 3)))
+    for source in (data, dataclasses.replace(data, splits={k: data.splits[k] for k in data.splits})):  # mapped, tf.data
+        x, y = source.first("test", 3)
+        assert x.dtype == np.uint8 and x.shape == (3, 32, 32, 3)
+        np.testing.assert_array_equal(x, images.numpy())
+        np.testing.assert_array_equal(y, labels.numpy())
