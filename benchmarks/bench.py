@@ -19,7 +19,7 @@ ties); its test accuracy is computed by this script (``test_accuracy``) on the s
 model (a) or from the trial's checkpoint (b). Then the fixed cost per trial
 (``benchmarks.bench_fixed_cost.measure``). Last line:
 ``speedup=<a/b> tracking_overhead=<fraction of b> tracking_overhead_s=<b-c> fixed_cost_head_s=<s>
-fixed_cost_finetune_s=<s> trials=<n> fine_tuning_trials=<n> ...``.
+fixed_cost_finetune_s=<s> fixed_cost_finetune_kept_s=<s> trials=<n> fine_tuning_trials=<n> ...``.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     print(f"speedup (a)/(b) {speedup:.2f}x; tracking overhead (b)-(c) {overhead_s:.1f}s of {walls['tracked']:.1f}s; "
           f"model exports in the background {ours.exports.busy:.1f}s" if ours.exports else "", flush=True)
 
-    fixed = {"fixed_cost_head_s": float("nan"), "fixed_cost_finetune_s": float("nan")}
+    fixed = {f"fixed_cost_{kind}_s": float("nan") for kind in ("head", "finetune", "finetune_kept")}
     if not args.no_fixed_cost:
         from benchmarks.bench_fixed_cost import measure
 
@@ -276,7 +276,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
                         repeats=args.fixed_cost_repeats)
     print(f"speedup={speedup:.2f} tracking_overhead={overhead_s / walls['tracked']:.4f} "
           f"tracking_overhead_s={overhead_s:.1f} fixed_cost_head_s={fixed['fixed_cost_head_s']:.2f} "
-          f"fixed_cost_finetune_s={fixed['fixed_cost_finetune_s']:.2f} trials={len(draws['plain'])} "
+          f"fixed_cost_finetune_s={fixed['fixed_cost_finetune_s']:.2f} "
+          f"fixed_cost_finetune_kept_s={fixed['fixed_cost_finetune_kept_s']:.2f} trials={len(draws['plain'])} "
           f"fine_tuning_trials={n_ft} plain_s={wall_a:.1f} ours_s={walls['tracked']:.1f} "
           f"untracked_s={walls['untracked']:.1f} test_accuracy_plain={test_a:.4f} test_accuracy_ours={test_b:.4f}")
     return 0

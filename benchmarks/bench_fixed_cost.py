@@ -4,7 +4,10 @@ On flower_photos at 224 px with efficientnet_lite0, as a sweep runs them (``swee
 
 - a head trial in the sweep's own process (``trial.run`` with the sweep's decoded-data cache);
 - a fine-tuning trial in a fresh process (``trial.run_fresh``: start Python and TensorFlow, map the data,
-  build, train, evaluate, journal).
+  build, train, evaluate, journal), with the default ``log_models: improving`` and not improving on the best so far
+  (it writes no checkpoint: a sweep's trials after its first mostly do not improve);
+- the same fine-tuning trial keeping its checkpoint (``model.save`` of the classifier, ~0.3 s), as a trial that
+  improves does and every trial under ``log_models: best``.
 
 Each kind runs once to warm the shared caches (decoded images, frozen features, activations at the cut: a
 sweep builds each once), then ``--repeats`` times measured. The wall time is taken around the call, on the
@@ -13,9 +16,8 @@ of its ``fit``, ``evaluate`` and ``predict`` calls, timed by a callback), less `
 eval_trace_seconds`` (each call's first steps beyond typical ones: tracing is not a step), from its journal
 entry. Everything else is fixed cost, printed per trial with where it went (handing the trial to its process;
 data, build, weights, caches and checkpoint around the phases; inside ``fit``/``evaluate``/``predict`` between
-the steps; cost and journal after; tracing). ``--log-models`` is the sweep's setting (``best``: no SavedModel
-per trial; with ``improving`` the measured trials do not improve, so do not export). Last line: ``fixed_cost_head_s=<s> fixed_cost_finetune_s=<s>``
-(medians).
+the steps; cost and journal after; tracing). Last line: ``fixed_cost_head_s=<s> fixed_cost_finetune_s=<s>
+fixed_cost_finetune_kept_s=<s>`` (medians).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from tracking import layout  # noqa: E402 - imports nothing heavy
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flower_photos"
 
 
-CONFIG = {"epochs": 2, "fine_tune_epochs": 1, "fine_tune_at": 0.75, "log_models": "best"}
+CONFIG = {"epochs": 2, "fine_tune_epochs": 1, "fine_tune_at": 0.75}
+KINDS = ("head", "finetune", "finetune_kept")
 
 
 def steps_in(m: dict[str, float]) -> float:
@@ -67,10 +70,10 @@ def breakdown(wall: float, m: dict[str, float]) -> str:
 
 
 def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int = CONFIG["epochs"],
-            fine_tune_epochs: int = CONFIG["fine_tune_epochs"], log_models: str = CONFIG["log_models"],
-            kinds: tuple[str, ...] = ("head", "finetune"), echo: bool = True) -> dict[str, float]:
-    """Median fixed cost per kind of trial after one warm-up trial of each kind: ``fixed_cost_head_s`` and
-    ``fixed_cost_finetune_s`` (``make bench`` calls this with this signature). ``echo`` prints each trial."""
+            fine_tune_epochs: int = CONFIG["fine_tune_epochs"], kinds: tuple[str, ...] = KINDS,
+            echo: bool = True) -> dict[str, float]:
+    """Median fixed cost per kind of trial (``KINDS``) after one warm-up trial of each kind: ``fixed_cost_<kind>_s``
+    (``make bench`` calls this with this signature). ``echo`` prints each trial."""
     from pipeline.hparams import RunConfig
     from sweeps import trial as trials
     from tracking.entry import ENTRY
@@ -80,16 +83,23 @@ def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int 
         "finetune": RunConfig(image_size=image_size, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
                               fine_tune_at=CONFIG["fine_tune_at"]),
     }
+    configs["finetune_kept"] = configs["finetune"]
+    unknown = [k for k in kinds if k not in configs]
+    if unknown:
+        raise SystemExit(f"unknown kinds {', '.join(unknown)}; known: {', '.join(KINDS)}")
     data_cache: dict = {}
     costs: dict[str, list[float]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         journal = Path(tmp) / "journal"
 
         def once(kind: str, n: int) -> tuple[float, float, dict[str, float]]:
+            # the default log_models, and a best above any accuracy: the trial does not improve, keeps no checkpoint;
+            # "_kept": log_models best, it keeps its checkpoint as a trial that improves does
+            log_models = "best" if kind.endswith("_kept") else "improving"
             spec = trials.TrialSpec(
                 run=configs[kind], dataset=str(data), split=None, log_models=log_models, verbose=0,
                 trial_dir=str(Path(tmp) / f"{kind}{n}"), export_metadata={}, run_spec={}, params={},
-                journal=str(journal), best=1.0, checkpoint=log_models == "best")
+                journal=str(journal), best=2.0, checkpoint=log_models == "best")
             Path(spec.trial_dir).mkdir(parents=True)
             before = set(journal.iterdir()) if journal.exists() else set()
             start = time.perf_counter()
@@ -98,6 +108,9 @@ def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int 
             else:
                 trials.run_fresh(spec)
             wall = time.perf_counter() - start
+            wrote = any(Path(spec.trial_dir).glob("*.keras"))
+            if wrote != (log_models == "best"):  # else the two fine-tuning figures would measure the same thing
+                raise RuntimeError(f"the {kind} trial {'wrote' if wrote else 'did not write'} a checkpoint")
             (entry,) = set(journal.iterdir()) - before
             metrics = {k: v for k, v, _ in json.loads((entry / ENTRY).read_text())["metrics"] if _ == 0}
             return wall, steps_in(metrics), metrics
@@ -120,12 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=CONFIG["epochs"])
     parser.add_argument("--fine-tune-epochs", type=int, default=CONFIG["fine_tune_epochs"])
-    parser.add_argument("--log-models", default=CONFIG["log_models"], choices=("best", "improving"))
-    parser.add_argument("--kinds", default="head,finetune")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"some of {', '.join(KINDS)}")
     args = parser.parse_args(argv)
     result = measure(Path(args.data), args.image_size, args.repeats, epochs=args.epochs,
-                     fine_tune_epochs=args.fine_tune_epochs, log_models=args.log_models,
-                     kinds=tuple(args.kinds.split(",")))
+                     fine_tune_epochs=args.fine_tune_epochs, kinds=tuple(args.kinds.split(",")))
     print(" ".join(f"{k}={v:.2f}" for k, v in result.items()))
     return 0
 
