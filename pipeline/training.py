@@ -121,7 +121,7 @@ def train(
     total = epochs + (fine_tune_epochs if fine_tunes else 0)
     stop = total if stop_epoch is None else min(stop_epoch, total)
     nets: dict[str, keras.Model] = {}  # what each phase trained (its traced functions are reused)
-    scored: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # epoch -> validation labels and probabilities after it
+    scored: dict[int, Scored] = {}  # epoch -> the net that validated it, the labels and probabilities
 
     def inputs(net: keras.Model, split: str) -> Iterable[tuple[object, np.ndarray]]:
         """Unshuffled batches of ``split`` for ``net``: the cached activations at the cut for the top, cached features
@@ -215,8 +215,8 @@ def train(
         # The model is the one the last kept epoch validated (early stopping restores that epoch's weights): its
         # validation probabilities are already known (for ensembles), no second pass over the split.
         kept = initial_epoch + len(merged["loss"]) - 1
-        result.val_predictions = scored[kept] if kept in scored else predict_batches(net, inputs(net, "validation"),
-                                                                                        tracer)
+        result.val_predictions = (scored[kept][1:] if kept in scored and scored[kept][0] is net
+                                  else predict_batches(net, inputs(net, "validation"), tracer))
         result.test_loss, result.test_accuracy = loss_and_accuracy(*result.test_predictions)
         result.head_test_accuracy = result.test_accuracy if head_test_accuracy is None else head_test_accuracy
         result.eval_seconds = seconds["eval"] + time.perf_counter() - evaluating
@@ -272,21 +272,25 @@ class StepTimer(keras.callbacks.Callback):
         return sum(max(0.0, s[0] - s[1]) for s in self.steps.values() if len(s) == 2)
 
 
+Scored = tuple[keras.Model, np.ndarray, np.ndarray]  # the net that scored an epoch, labels, probabilities
+
+
 class Validation(keras.callbacks.Callback):
     """Scores each epoch on the validation split through the model's inference function (``predict_batches``) and
     puts ``val_loss`` and ``val_accuracy`` into the epoch's logs, as ``fit``'s own validation does (the same
-    cross-entropy and accuracy; callbacks after it, and the history, read them). Why not ``validation_data``: it
-    traces a test step of its own for every model, and the test predictions then trace the inference step anyway;
-    this way one traced function serves both. It keeps each epoch's labels and probabilities in ``scored``."""
+    cross-entropy and accuracy; callbacks after it, and the history, read them; ``on_train_end``'s logs do not have
+    them). Why not ``validation_data``: it traces a test step of its own for every model, and the test predictions
+    then trace the inference step anyway; this way one traced function serves both. It keeps each epoch's scoring
+    in ``scored``: the net, the labels and the probabilities."""
 
     def __init__(self, net: keras.Model, batches: Callable[[], Iterable[tuple[object, object]]],
-                 tracer: "StepTimer | None", scored: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+                 tracer: "StepTimer | None", scored: dict[int, "Scored"]) -> None:
         super().__init__()
         self.net, self.batches, self.tracer, self.scored = net, batches, tracer, scored
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
         labels, probs = predict_batches(self.net, self.batches(), self.tracer, kind="test")
-        self.scored[epoch] = (labels, probs)
+        self.scored[epoch] = (self.net, labels, probs)
         if logs is not None:
             logs["val_loss"], logs["val_accuracy"] = loss_and_accuracy(labels, probs)
 
@@ -297,7 +301,8 @@ _INFERENCE: "weakref.WeakKeyDictionary[keras.Model, Callable]" = weakref.WeakKey
 def inference(net: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
     """``net(x, training=False)`` as one function traced once for every batch size (one per model, kept while the
     model lives). Keras's ``predict`` traces its step for the first batch's shape and again for a last, smaller
-    batch (``reduce_retracing``); this one is traced with the batch dimension unknown from the start."""
+    batch (``reduce_retracing``); this one is traced with the batch dimension unknown from the start. With XLA
+    (the model compiled with ``jit_compile=True`` when first asked) each new batch shape is still compiled."""
     step = _INFERENCE.get(net)
     if step is None:
         ref = weakref.ref(net)  # the traced graph holds the variables, never the model (the cache stays weak)
@@ -375,21 +380,18 @@ def backbone_trainable(model: keras.Model) -> bool:
 
 
 def evaluate(model: keras.Model, data: DataSplits, split: str, batch_size: int = 32,
-             features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-             tracer: StepTimer | None = None, net: keras.Model | None = None) -> tuple[float, float]:
-    """``(loss, accuracy)`` of ``model`` on one split (on cached features while the backbone is frozen). ``net``:
-    the compiled head that trained on ``features`` (its test function, traced for validation, is reused)."""
+             features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` on one split by Keras's own ``evaluate`` (on cached features while the backbone
+    is frozen): the reference a run's scores, taken through ``predict_batches``, are checked against."""
     if data.sizes.get(split, 0) == 0:
         return float("nan"), float("nan")
     if features is not None and not backbone_trainable(model):
         if not _compiled(model):
             compile_model(model, 1e-3)
-        net = model if is_head(model) else net or head_on_features(model)
-        scores = net.evaluate(feature_batches(features[split], batch_size), verbose=0, return_dict=True,
-                              callbacks=[tracer] if tracer else None)
+        net = model if is_head(model) else head_on_features(model)
+        scores = net.evaluate(feature_batches(features[split], batch_size), verbose=0, return_dict=True)
         return float(scores["loss"]), float(scores["accuracy"])
-    scores = model.evaluate(data.batches(split, batch_size), verbose=0, return_dict=True,
-                            callbacks=[tracer] if tracer else None)
+    scores = model.evaluate(data.batches(split, batch_size), verbose=0, return_dict=True)
     return float(scores["loss"]), float(scores["accuracy"])
 
 

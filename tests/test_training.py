@@ -205,3 +205,19 @@ def test_validation_scores_are_kerass_own_and_the_kept_probabilities_are_the_fin
     labels, probs = predictions(model, data, "validation", 8, features=cached)
     np.testing.assert_array_equal(result.val_predictions[0], labels)
     np.testing.assert_allclose(result.val_predictions[1], probs, atol=1e-6)
+
+
+def test_an_inference_function_does_not_keep_its_model_alive():
+    """Heads train in the sweep's process one after another: the cache of inference functions must let each go."""
+    import gc
+    import weakref
+
+    from pipeline import training
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    probs = training.predict_batches(model, [(np.ones((3, 4), np.float32), np.zeros(3, np.int32))])[1]
+    assert probs.shape == (3, 2) and model in training._INFERENCE
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
