@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 from pathlib import Path
+from typing import Any, Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -174,3 +177,17 @@ def tracking_store(tmp_path, monkeypatch):
     exps = [e.experiment_id for e in client.search_experiments()]
     running = client.search_runs(exps, "attributes.status = 'RUNNING'") if exps else []
     assert not running, f"runs left RUNNING: {[r.info.run_id for r in running]}"
+
+
+@contextlib.contextmanager
+def children_sigint(disposition: Any = signal.default_int_handler) -> Iterator[None]:
+    """Processes started inside get SIGINT as ``disposition`` gives it: ``default_int_handler`` as from a terminal
+    (exec resets a handled signal to its default; background jobs of non-interactive shells, as in CI, inherit it
+    ignored), ``SIG_IGN`` as a script's background command (ignored, inherited through exec). Set in this process
+    around the fork, not in the child: code run between fork and exec (``preexec_fn``) is unsafe in a process with
+    threads (a sweep started that way once died of SIGABRT before its first trial, with gRPC's threads running)."""
+    old = signal.signal(signal.SIGINT, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import children_sigint
 from sweeps.cli import main as sweeps_main
 from tracking.layout import TRIAL_ID, WORKER
 
@@ -43,10 +44,9 @@ def free_port() -> int:
 
 
 def start(args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen:
-    # As from a terminal: background jobs of a non-interactive shell would ignore SIGINT.
-    return subprocess.Popen(args, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    with children_sigint():  # as from a terminal: background jobs of a non-interactive shell would ignore SIGINT
+        return subprocess.Popen(args, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env})
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import children_sigint
 from pipeline.errors import UserError
 from sweeps import gpus
 from test_distributed import SWEEP as DISTRIBUTED_SWEEP
@@ -173,8 +174,8 @@ def test_sigterm_stops_every_process_it_started_and_the_same_command_resumes(tmp
     log = (tmp_path / "launcher.log").open("w")
     # Started as a script's background command is (`cmd &` without job control): with SIGINT ignored, which its
     # children inherit. The launcher must stop them anyway (it once sent them SIGINT, and they trained on).
-    proc = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    with children_sigint(signal.SIG_IGN):
+        proc = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while "[sweep] trial " not in (tmp_path / "launcher.log").read_text():
         assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "launcher.log").read_text()[-4000:]

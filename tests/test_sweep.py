@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import children_sigint
 from sweeps.best import best_export
 from sweeps.cli import main as sweeps_main
 from sweeps.run import run_sweep
@@ -393,23 +394,19 @@ def test_sweep_whose_trials_keep_failing_stops_with_a_clear_message(tmp_path, tr
 @pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_interrupted_sweep_leaves_no_run_running(tmp_path, tracking_store, class_folder, sig):
     import os
-    import signal
-    import subprocess
-    import sys
 
     # augmentation keeps the backbone in every epoch (no feature cache), so the trial is really long
     config = {"tuner": "random", "max_trials": 3,
               "space": {**TINY["space"], "learning_rate": {"fixed": 0.01}, "epochs": {"fixed": 5000},
                         "augment": {"fixed": True}}}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sweeps.cli", "sweep", "--dataset", str(class_folder), "--sweep",
-         write_sweep(tmp_path, config, "long"), "--experiment", "interrupt", "--state-dir", str(tmp_path / "state"),
-         "--tracking-uri", tracking_store, "--quiet"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # as from a terminal: background jobs of non-interactive shells (CI) inherit SIGINT ignored
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    with children_sigint():  # as from a terminal
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sweeps.cli", "sweep", "--dataset", str(class_folder), "--sweep",
+             write_sweep(tmp_path, config, "long"), "--experiment", "interrupt", "--state-dir", str(tmp_path / "state"),
+             "--tracking-uri", tracking_store, "--quiet"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
     try:
         _interrupt_and_check(proc, tracking_store, sig)
     finally:
@@ -425,12 +422,16 @@ def _interrupt_and_check(proc, tracking_store, sig):
     client = MlflowClient(tracking_store)
     deadline = time.time() + 240
     trial = None
-    while time.time() < deadline and trial is None:
+    while time.time() < deadline and trial is None and proc.poll() is None:
         time.sleep(2)
         exp = client.get_experiment_by_name("interrupt")
         found = client.search_runs([exp.experiment_id], "tags.`tlsweep.kind` = 'trial'") if exp else []
         trial = found[0] if found else None
-    assert trial is not None, "the trial never started"
+    if trial is None:  # say why: the sweep's own output
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+        raise AssertionError(f"the trial never started (the sweep's exit code {proc.returncode}):\n{err[-3000:]}")
     time.sleep(3)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
     children = psutil.Process(proc.pid).children(recursive=True)  # the trial's own process, and helpers
