@@ -111,6 +111,8 @@ def run_sweep(
         _recover(tuner_obj, exp_id, parent, role)
         if role == "worker":  # a chief that dies is waited for (bounded) and carried on with when it is back
             workers.reconnecting(tuner_obj.oracle, chief_wait)
+        if role == "chief":  # no worker leaves while another's trial may still be requeued to it
+            workers.wait_for_running_trials(tuner_obj.oracle)
         if role == "chief" and (kept := workers.keep_ongoing(tuner_obj.oracle)):  # started again after it died
             print(f"chief: trial(s) {', '.join(kept)} still run on their workers and stay theirs", flush=True)
         if role == "chief":

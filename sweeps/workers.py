@@ -25,6 +25,7 @@ import os
 import sys
 import threading
 import time
+import types
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable
@@ -176,6 +177,26 @@ class WorkerMonitor(_Periodic):
                       f"{self.timeout:.0f}); trial {trial.trial_id} goes to the next worker that asks", flush=True)
                 requeued.append(trial.trial_id)
         return requeued
+
+
+def wait_for_running_trials(oracle: kt.Oracle) -> None:
+    """On the chief: a worker that asks when the search has no trial left waits (IDLE, see ``WaitsWhenIdle``) while
+    another worker's trial still runs, instead of stopping. Keras Tuner answers STOPPED as soon as ``max_trials``
+    trials exist (or the grid is done), so the surviving workers of a sweep stopped before a dead worker's trial was
+    requeued (``WorkerMonitor``, after the timeout), and nobody ran it: seen in a test whose trials were short. A
+    worker stops once no trial runs anywhere."""
+    create = oracle.create_trial
+
+    @synchronized
+    def create_trial(self: kt.Oracle, tuner_id: str) -> kt.engine.trial.Trial:
+        trial = create(tuner_id)
+        if trial.status == kt.engine.trial.TrialStatus.STOPPED and any(w != tuner_id for w in self.ongoing_trials):
+            self.tuner_ids.add(tuner_id)  # Keras Tuner forgot the worker it told to stop: it is still in the search
+            return kt.engine.trial.Trial(self.hyperparameters.copy(), trial_id=trial.trial_id,
+                                         status=kt.engine.trial.TrialStatus.IDLE)
+        return trial
+
+    oracle.create_trial = types.MethodType(create_trial, oracle)
 
 
 @synchronized

@@ -92,3 +92,21 @@ def test_sending_a_conditional_space_to_workers_prints_nothing(capsys):
     proto = conditions.Parent("fine_tune", [True]).to_proto()  # keras-tuner 1.4.7 printed "True" here
     assert list(proto.parent.values)[0].boolean_value is True
     assert capsys.readouterr().out == ""
+
+
+def test_a_worker_with_no_trial_left_waits_while_another_workers_trial_runs(tmp_path):
+    """Keras Tuner answers STOPPED once max_trials trials exist; had w2 stopped then, w1's trial, requeued when w1
+    fell silent, would have gone to nobody. w2 waits (IDLE) until no trial runs, and takes a requeued one."""
+    oracle = _oracle(tmp_path)
+    workers.wait_for_running_trials(oracle)
+    t0, t1, t2 = (oracle.create_trial(w) for w in ("w1", "w2", "w3"))
+    oracle.end_trial(t1)
+    oracle.end_trial(t2)
+    assert oracle.create_trial("w2").status == kt.engine.trial.TrialStatus.IDLE  # all 3 exist; w1's still runs
+    assert "w2" in oracle.tuner_ids
+    assert workers._requeue(oracle, "w1", t0.trial_id)  # w1 fell silent
+    again = oracle.create_trial("w2")
+    assert again.trial_id == t0.trial_id and again.status == kt.engine.trial.TrialStatus.RUNNING
+    oracle.end_trial(again)
+    assert oracle.create_trial("w2").status == kt.engine.trial.TrialStatus.STOPPED  # nothing runs anywhere
+    assert oracle.create_trial("w3").status == kt.engine.trial.TrialStatus.STOPPED
