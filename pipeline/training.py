@@ -123,6 +123,11 @@ def train(
     nets: dict[str, keras.Model] = {}  # what each phase trained (its traced functions are reused)
     scored: dict[int, Scored] = {}  # epoch -> the net that validated it, the labels and probabilities
 
+    def frozen_scorer() -> keras.Model:
+        """What scores the classifier while its backbone is frozen: the head that trained on cached features (its
+        inference function traced by validation), a head on them, or the model itself on images."""
+        return nets["head"] if "head" in nets else model if features is None or is_head(model) else feature_head(model)
+
     def inputs(net: keras.Model, split: str) -> Iterable[tuple[object, np.ndarray]]:
         """Unshuffled batches of ``split`` for ``net``: the cached activations at the cut for the top, cached features
         for a head, else images (each call makes its own pipeline, as each phase makes its own training one)."""
@@ -188,7 +193,7 @@ def train(
             if evaluate_test:
                 evaluating = time.perf_counter()
                 tracer = StepTimer()
-                head = nets["head"] if "head" in nets else model if features is None else feature_head(model)
+                head = frozen_scorer()
                 head_test_accuracy = loss_and_accuracy(*predict_batches(head, inputs(head, "test"), tracer))[1]
                 seconds["eval"] = time.perf_counter() - evaluating
                 seconds["trace_eval"] = tracer.extra()
@@ -208,7 +213,7 @@ def train(
         if cut is not None and backbone_trainable(model):
             net = cut[0].top
         elif features is not None and not backbone_trainable(model):
-            net = nets["head"] if "head" in nets else model if is_head(model) else feature_head(model)
+            net = frozen_scorer()
         else:
             net = model
         result.test_predictions = predict_batches(net, inputs(net, "test"), tracer)
