@@ -40,3 +40,8 @@ def test_measure_gives_both_fixed_costs(class_folder):
     result = bench.measure(class_folder, image_size=32, repeats=1, echo=False)
     assert set(result) == {"fixed_cost_head_s", "fixed_cost_finetune_s", "fixed_cost_finetune_kept_s"}
     assert all(0 < v < 600 for v in result.values()), result
+
+
+def test_unknown_kinds_are_one_line_naming_the_known():
+    with pytest.raises(SystemExit, match=r"^unknown kinds nope; known: head, finetune, finetune_kept$"):
+        bench.main(["--kinds", "head,nope", "--data", "."])

@@ -117,15 +117,27 @@ def test_a_callback_that_stops_the_head_phase_ends_the_run_without_fine_tuning(c
     assert result.val_accuracy == result.history["val_accuracy"][-1] and 0 <= result.test_accuracy <= 1
 
 
+def _cut_run(class_folder, tmp_path):
+    """2 head epochs on cached features, then 2 fine-tuning epochs of the top on cached activations at 105."""
+    from pipeline import cut as cuts
+    from pipeline import features
+    from pipeline.backbones import get_spec
+
+    keras.utils.set_random_seed(0)
+    data = load_data(str(class_folder), 32, seed=0)
+    model = build_model("efficientnet_lite0", data.num_classes, 32, weights="imagenet", seed=0)
+    cached, _ = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 32)
+    split = cuts.split(model, 105)
+    at_cut = (split, cuts.load_or_compute(split, data, "k", root=tmp_path)[0])
+    return data, train(model, data, features=cached, cut=at_cut, epochs=2, fine_tune_epochs=2, unfreeze_from=105,
+                       batch_size=8, seed=0, verbose=0)
+
+
 def test_each_phase_traces_its_train_step_once(class_folder, tmp_path, monkeypatch):
     """A ``tf.function`` that creates variables on its first call is traced twice; the optimizer's variables are
     built before ``fit`` so that the head's and the top's train steps are traced once each (issue 13: about 1 s
     of a fine-tuning trial's fixed cost)."""
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
-
-    from pipeline import cut as cuts
-    from pipeline import features
-    from pipeline.backbones import get_spec
 
     traced: dict[str, int] = {}
     original = TensorFlowTrainer.train_step
@@ -135,14 +147,7 @@ def test_each_phase_traces_its_train_step_once(class_folder, tmp_path, monkeypat
         return original(self, data)
 
     monkeypatch.setattr(TensorFlowTrainer, "train_step", counting)
-    keras.utils.set_random_seed(0)
-    data = load_data(str(class_folder), 32, seed=0)
-    model = build_model("efficientnet_lite0", data.num_classes, 32, weights="imagenet", seed=0)
-    cached, _ = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 32)
-    split = cuts.split(model, 105)
-    at_cut = (split, cuts.load_or_compute(split, data, "k", root=tmp_path)[0])
-    train(model, data, features=cached, cut=at_cut, epochs=2, fine_tune_epochs=2, unfreeze_from=105,
-          batch_size=8, seed=0, verbose=0)
+    _cut_run(class_folder, tmp_path)
     assert traced == {"head": 1, "top": 1}
 
 
@@ -152,9 +157,7 @@ def test_validation_and_test_share_one_inference_function_traced_once(class_fold
     batch, inside what was timed as a step (issue 13)."""
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
-    from pipeline import cut as cuts
-    from pipeline import features, training
-    from pipeline.backbones import get_spec
+    from pipeline import training
 
     keras_steps: list[str] = []
     for name in ("test_step", "predict_step"):
@@ -163,15 +166,8 @@ def test_validation_and_test_share_one_inference_function_traced_once(class_fold
             keras_steps.append(_n), _o(self, data))[1])
     made = []
     monkeypatch.setattr(training, "inference", lambda net, _o=training.inference: made.append(_o(net)) or made[-1])
-    keras.utils.set_random_seed(0)
-    data = load_data(str(class_folder), 32, seed=0)
+    data, result = _cut_run(class_folder, tmp_path)
     assert data.sizes["validation"] % 8 and data.sizes["test"] % 8  # a last, smaller batch in both
-    model = build_model("efficientnet_lite0", data.num_classes, 32, weights="imagenet", seed=0)
-    cached, _ = features.for_model(model, data, get_spec("efficientnet_lite0"), "imagenet", 32)
-    split = cuts.split(model, 105)
-    at_cut = (split, cuts.load_or_compute(split, data, "k", root=tmp_path)[0])
-    result = train(model, data, features=cached, cut=at_cut, epochs=2, fine_tune_epochs=2, unfreeze_from=105,
-                   batch_size=8, seed=0, verbose=0)
     assert keras_steps == []
     functions = {id(f): f for f in made}.values()
     assert len(functions) == 2  # the head's and the top's
