@@ -148,6 +148,7 @@ def feature_batches(features: tuple[np.ndarray, np.ndarray], batch_size: int, sh
     def gather(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.ascontiguousarray(x[rows]), np.ascontiguousarray(y[rows])
 
+    @tf.autograph.experimental.do_not_convert  # nothing for autograph to convert; converting it cost each process time
     def rows_of(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         bx, by = tf.numpy_function(gather, [indices], [tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)], stateful=False)
         return tf.ensure_shape(bx, shape_x), tf.ensure_shape(by, shape_y)

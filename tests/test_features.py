@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +12,8 @@ from pipeline.backbones import get_spec
 from pipeline.data import load_data
 from pipeline.model import build_head, build_model
 from pipeline.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +111,20 @@ def test_a_full_model_built_from_a_head_fine_tunes_from_where_the_head_stopped(d
     assert result.first_epoch == 2 and len(result.history["val_accuracy"]) == 1
     assert result.head_test_accuracy == pytest.approx(alone.test_accuracy), "it starts from the trained head"
     assert float(full.optimizer.learning_rate) == pytest.approx(1e-5)
+
+
+def test_feature_batches_are_not_converted_by_autograph():
+    """tf.data runs its map functions through autograph unless told not to, and a process pays the conversion the
+    first time (each fresh trial process did, on its path). Checked in a fresh process: in this one an earlier test
+    may have converted the function already."""
+    code = ("import sys, numpy as np; from pipeline.features import feature_batches; "
+            "ds = feature_batches((np.zeros((5, 3), 'float32'), np.zeros(5, 'int32')), 2, shuffle=True); "
+            "assert [len(x) for x, _ in ds] == [2, 2, 1]; "
+            "print(sorted(m for m in sys.modules if m.startswith('__autograph_generated')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
