@@ -10,15 +10,20 @@ rate, fine-tuning or not, ``fine_tune_at`` and the fine-tuning learning rate (so
     fresh trial processes with a warm spare, ``log_models`` default, MLflow tracking into a fresh SQLite store),
     every cache cold (a first sweep on this data);
 (c) the same sweep without MLflow (``sweeps.untracked``: no store, runs, system metrics, model exports, parent
-    or leaderboard), caches cold again: tracking overhead = (b) - (c), in seconds and as a fraction of (b).
+    or leaderboard), caches cold again: tracking overhead = (b) - (c), in seconds and as a fraction of (b);
+(d) with ``--split-overhead``: (b) with ``log_models: best`` (the trials keep their checkpoints, no model is exported
+    during the sweep), in a fresh store, caches cold: the overhead splits into MLflow itself, (d) - (c), and the
+    model exports, (b) - (d) (their helper process's work, and what it takes from the trials on a machine with few
+    cores).
 
 Both searches declare the space the same way (``sweeps.space.define``) with the same seed; the bench **fails
-(exit 1)** if (a), (b) and (c) did not draw the same hyperparameters, trial by trial. Accuracy the same way on
+(exit 1)** if (a), (b), (c) (and (d)) did not draw the same hyperparameters, trial by trial. Accuracy the same way on
 both sides: each trial's score is its last epoch's ``val_accuracy``; the best trial is the highest (the first on
 ties); its test accuracy is computed by this script (``test_accuracy``) on the same test split, from the trained
 model (a) or from the trial's checkpoint (b). Then the fixed cost per trial
 (``benchmarks.bench_fixed_cost.measure``). Last line:
-``speedup=<a/b> tracking_overhead=<fraction of b> tracking_overhead_s=<b-c> fixed_cost_head_s=<s>
+``speedup=<a/b> tracking_overhead=<fraction of b> tracking_overhead_s=<b-c> [tracking_overhead_mlflow_s=<d-c>
+tracking_overhead_exports_s=<b-d>] fixed_cost_head_s=<s>
 fixed_cost_finetune_s=<s> fixed_cost_finetune_kept_s=<s> trials=<n> fine_tuning_trials=<n> ...``.
 """
 
@@ -185,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fixed-cost", action="store_true", help="skip the fixed-cost measurement")
     parser.add_argument("--log-models", default=None, choices=("all", "improving", "best"),
                         help="our sweep's log_models (default: the shipped default); to see what exports cost")
+    parser.add_argument("--split-overhead", action="store_true",
+                        help="also run (d), the tracked sweep with log_models: best (no model exports during it), "
+                             "to split the tracking overhead into MLflow itself (d)-(c) and the exports (b)-(d)")
     args = parser.parse_args(argv)
     if not Path(args.data, "daisy").is_dir():
         print(f"error: no flower_photos at {args.data} (no daisy/ folder in it); pass --data /path/to/flower_photos",
@@ -209,6 +217,9 @@ def run(args: argparse.Namespace, work: Path) -> int:
     sweep = work / "bench.yaml"
     sweep.write_text(text)
     config = parse_sweep(yaml.safe_load(text), "bench")
+    no_exports = work / "bench_no_exports.yaml"  # (d): the same search, its models only checkpointed
+    no_exports.write_text(sweep_yaml(args.trials, args.epochs, args.fine_tune_epochs, args.batch_size, args.image_size,
+                                     args.seed, "best"))
 
     # (a) plain Keras Tuner
     start = time.perf_counter()
@@ -219,22 +230,28 @@ def run(args: argparse.Namespace, work: Path) -> int:
     wall_a = time.perf_counter() - start
     print(f"(a) plain Keras Tuner: {wall_a:.1f}s (decoding {decode:.1f}s included)", flush=True)
 
-    # (b) ours, as shipped, tracked; (c) the same without MLflow. Each with cold caches.
+    # (b) ours, as shipped, tracked; (c) the same without MLflow; (d) tracked, no exports. Each with cold caches.
     walls, tuners = {}, {}
-    for side in ("tracked", "untracked"):
+    letters = {"tracked": "b", "untracked": "c", "no_exports": "d"}
+    for side in ("tracked", "untracked", *(("no_exports",) if getattr(args, "split_overhead", False) else ())):
         os.environ["TLSWEEP_CACHE"] = str(work / f"cache_{side}")
         out: list = []
         start = time.perf_counter()
-        if side == "tracked":
-            run_sweep(dataset, sweep=str(sweep), experiment="bench", state_dir=str(work / f"state_{side}"),
-                      tracking_uri=f"sqlite:///{work / 'mlflow.db'}", verbose=0, tuner_out=out, progress=False)
-        else:
+        if side == "untracked":
             run_untracked(dataset, str(sweep), str(work / f"state_{side}"), tuner_out=out)
+        else:
+            tracked = side == "tracked"  # (d) gets a fresh store of its own, as (b) does
+            run_sweep(dataset, sweep=str(sweep if tracked else no_exports), experiment="bench" if tracked else
+                      "bench-no-exports", state_dir=str(work / f"state_{side}"), verbose=0, tuner_out=out,
+                      tracking_uri=f"sqlite:///{work / ('mlflow.db' if tracked else 'mlflow_no_exports.db')}",
+                      progress=False)
         walls[side], tuners[side] = time.perf_counter() - start, out[0]
-        print(f"({'b' if side == 'tracked' else 'c'}) ours, {side}: {walls[side]:.1f}s", flush=True)
+        print(f"({letters[side]}) ours, {side.replace('_', ' ')}: {walls[side]:.1f}s", flush=True)
     ours = tuners["tracked"]
 
     draws = {"plain": drawn(plain), "ours": drawn(ours), "ours untracked": drawn(tuners["untracked"])}
+    if "no_exports" in tuners:
+        draws["ours without exports"] = drawn(tuners["no_exports"])
     differ = compare_draws(draws)
     if differ:
         print(f"error: the searches drew different hyperparameters, so the bench compares unlike trials: {differ}",
@@ -274,8 +291,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
         os.environ["TLSWEEP_CACHE"] = str(work / "cache_fixed")
         fixed = measure(Path(args.fixed_cost_data or dataset), image_size=args.image_size,
                         repeats=args.fixed_cost_repeats)
+    split = ""
+    if "no_exports" in walls:
+        mlflow_s, exports_s = walls["no_exports"] - walls["untracked"], walls["tracked"] - walls["no_exports"]
+        print(f"tracking overhead split: MLflow without exports (d)-(c) {mlflow_s:.1f}s, model exports (b)-(d) "
+              f"{exports_s:.1f}s", flush=True)
+        split = f"tracking_overhead_mlflow_s={mlflow_s:.1f} tracking_overhead_exports_s={exports_s:.1f} "
     print(f"speedup={speedup:.2f} tracking_overhead={overhead_s / walls['tracked']:.4f} "
-          f"tracking_overhead_s={overhead_s:.1f} fixed_cost_head_s={fixed['fixed_cost_head_s']:.2f} "
+          f"tracking_overhead_s={overhead_s:.1f} {split}fixed_cost_head_s={fixed['fixed_cost_head_s']:.2f} "
           f"fixed_cost_finetune_s={fixed['fixed_cost_finetune_s']:.2f} "
           f"fixed_cost_finetune_kept_s={fixed['fixed_cost_finetune_kept_s']:.2f} trials={len(draws['plain'])} "
           f"fine_tuning_trials={n_ft} plain_s={wall_a:.1f} ours_s={walls['tracked']:.1f} "

@@ -47,18 +47,23 @@ def test_the_bench_space_draws_fine_tuning_trials_and_other_seeds_draw_otherwise
 def _args(tmp_path, class_folder, **kw):
     return argparse.Namespace(data=str(class_folder), per_class=12, trials=2, epochs=1, fine_tune_epochs=1,
                               image_size=32, batch_size=8, seed=kw.pop("seed", 5), fixed_cost_data=None,
-                              fixed_cost_repeats=1, no_fixed_cost=True, **kw)
+                              fixed_cost_repeats=1, no_fixed_cost=True, split_overhead=kw.pop("split_overhead", False),
+                              **kw)
 
 
 @pytest.mark.slow
 def test_the_bench_runs_on_tiny_data_and_fails_when_the_sides_draw_differently(tmp_path, class_folder, monkeypatch,
                                                                                capsys):
     monkeypatch.setenv("TLSWEEP_CACHE", str(tmp_path / "cache"))  # the bench moves it per side; restored after
-    assert bench.run(_args(tmp_path, class_folder), tmp_path / "ok") == 0
+    assert bench.run(_args(tmp_path, class_folder, split_overhead=True), tmp_path / "ok") == 0
     out = capsys.readouterr().out
     last = out.strip().splitlines()[-1]
     assert last.startswith("speedup=") and " tracking_overhead=" in last and " trials=2 " in last
     assert "fixed_cost_head_s=" in last and "same hyperparameters drawn on every side: yes" in out
+    fields = dict(f.split("=") for f in last.split())  # (d), the tracked sweep without exports, splits the overhead
+    assert float(fields["tracking_overhead_mlflow_s"]) + float(fields["tracking_overhead_exports_s"]) == pytest.approx(
+        float(fields["tracking_overhead_s"]), abs=0.11)
+    assert "(d) ours, no exports: " in out
 
     plain = bench.plain_keras_tuner  # the plain side searches with another seed: unlike trials
     monkeypatch.setattr(bench, "plain_keras_tuner", lambda data, config, size, seed, work: plain(
