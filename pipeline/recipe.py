@@ -58,6 +58,11 @@ class Plan:
             return None
         return features.key_for(self.spec, self.config.weights, self.image_size, data, self.precision)
 
+    def architecture(self, num_classes: int) -> tuple:
+        """What the classifier's cost (size, parameters, latency) depends on: not its trained weights."""
+        c = self.config
+        return c.backbone, self.image_size, num_classes, c.augment, c.mixed_precision
+
 
 def validate(config: RunConfig) -> None:
     """Every value of ``config`` in its range, or a ``UserError`` that names it: before any work, not deep in Keras."""

@@ -94,14 +94,19 @@ def trial_model(run: mlflow.entities.Run, folder: str | Path):
     trial's own recipe (its ``RunConfig``, logged beside the checkpoint), as the trial would have exported it."""
     from pipeline.export import load_keras_model
 
+    plan = trial_plan(run)
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR,
+                                                dst_path=str(folder))
+    return recipe.full_model(plan, len(model_classes(run)), load_keras_model(recipe.checkpoint_in(local)))
+
+
+def trial_plan(run: mlflow.entities.Run) -> recipe.Plan:
+    """The trial's recipe, planned from the ``RunConfig`` its run logged."""
     p = run.data.params
     if layout.RUN_CONFIG not in p:
         raise UserError(f"run {run.info.run_id} has no param {layout.RUN_CONFIG!r} (logged by an older tlsweep); "
                         "run its sweep again with this version to export it")
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR,
-                                                dst_path=str(folder))
-    plan = recipe.plan(RunConfig.from_json(p[layout.RUN_CONFIG]))
-    return recipe.full_model(plan, len(model_classes(run)), load_keras_model(recipe.checkpoint_in(local)))
+    return recipe.plan(RunConfig.from_json(p[layout.RUN_CONFIG]))
 
 
 def export_checkpoint(run: mlflow.entities.Run) -> str:
@@ -115,7 +120,8 @@ def export_checkpoint(run: mlflow.entities.Run) -> str:
                               metadata={"run_id": run.info.run_id, **run.data.params})
         sample = np.zeros((1, *model.input_shape[1:]), np.float32)
         probs = np.asarray(model(sample, training=False))  # eager: predict() would trace a function for one image
-        _log_cost(run.info.run_id, cost.savedmodel_cost(export, model.count_params()))
+        architecture = trial_plan(run).architecture(len(model_classes(run)))
+        _log_cost(run.info.run_id, cost.savedmodel_cost(export, model.count_params(), architecture))
         return pyfunc.log_export(run.info.run_id, str(export), sample, probs)
 
 

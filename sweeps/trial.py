@@ -387,8 +387,7 @@ def model_cost(plan: recipe.Plan, model: keras.Model, num_classes: int, state_di
     the full classifier assembled from it, once per architecture in this process and, through a file in the
     sweep's state folder, once per architecture per sweep (fresh trial processes share it; the cost does not
     depend on the trained weights, and measuring the latency of a full network took seconds per trial)."""
-    c = plan.config
-    key = (c.backbone, plan.image_size, num_classes, c.augment, c.mixed_precision)
+    key = plan.architecture(num_classes)
     stored = _cost_file(key, state_dir)
     if stored is not None and stored.exists():
         with contextlib.suppress(OSError, ValueError, TypeError):

@@ -55,6 +55,33 @@ def test_cost_of_a_head_is_measured_once_per_architecture(tiny_model):
     assert first == again and built == [1]
 
 
+def test_savedmodel_latency_is_measured_once_per_architecture_and_the_size_each_time(tmp_path, monkeypatch):
+    """A sweep's export helper exports many trials of one architecture: loading and timing each export took
+    ~1.4 s, and the latency does not depend on the weights."""
+    import tensorflow as tf
+
+    loads = []
+
+    class Loaded:
+        signatures = {"serving_default": type("Serve", (), {
+            "structured_input_signature": ((), {"image": tf.TensorSpec([None, 8, 8, 3], tf.float32)})})()}
+
+    monkeypatch.setattr(cost, "_SAVEDMODEL_LATENCY", {})
+    monkeypatch.setattr(cost.tf.saved_model, "load", lambda path: loads.append(path) or Loaded())
+    monkeypatch.setattr(cost, "latency_ms", lambda call, shapes: 7.0 + len(loads))
+    for name, megabytes in (("a", 1), ("b", 2)):
+        (tmp_path / name / "variables").mkdir(parents=True)
+        (tmp_path / name / "saved_model.pb").write_bytes(b"x" * 1000)
+        (tmp_path / name / "variables" / "v").write_bytes(b"x" * megabytes * 10**6)
+    architecture = ("efficientnet_lite0", 8, 3, False, "auto")
+    first = cost.savedmodel_cost(tmp_path / "a", 10, architecture)
+    again = cost.savedmodel_cost(tmp_path / "b", 10, architecture)
+    assert len(loads) == 1 and first.latency_ms == again.latency_ms == 8.0
+    assert (first.size_mb, again.size_mb) == (pytest.approx(1.001), pytest.approx(2.001)), "each export's own size"
+    assert cost.savedmodel_cost(tmp_path / "b", 10).latency_ms == 9.0, "without an architecture: measured each time"
+    assert len(loads) == 2
+
+
 def test_pareto_front_keeps_the_trials_nothing_beats_on_both():
     costs = [10.0, 5.0, 20.0, 5.0, float("nan"), 30.0]
     values = [0.90, 0.80, 0.95, 0.70, 0.99, 0.94]
