@@ -111,7 +111,7 @@ clean: ## remove sweep state, exports and the local tracking store (asks first)
 clean-cache: ## empty the frozen-feature cache (TLSWEEP_CACHE/features, default ~/.cache/tlsweep/features)
 	rm -rf "$${TLSWEEP_CACHE:-$$HOME/.cache/tlsweep}/features"
 
-bench: ## plain Keras Tuner vs our default sweep (fine-tuning included), tracked and untracked, on a flower_photos subset; fails if the draws differ [BENCH_ARGS=--trials 6 --per-class 40]
+bench: ## plain Keras Tuner vs our default sweep (fine-tuning included), tracked and untracked, on a flower_photos subset; fails if the draws differ [BENCH_ARGS="--trials 6 --per-class 40 --split-overhead"]
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 bench-memory: ## resident memory after each of 10 fine-tuning trials of a sweep, prints growth_mb= [MEMORY_ARGS="--trial-process same"]

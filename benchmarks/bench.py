@@ -11,10 +11,10 @@ rate, fine-tuning or not, ``fine_tune_at`` and the fine-tuning learning rate (so
     every cache cold (a first sweep on this data);
 (c) the same sweep without MLflow (``sweeps.untracked``: no store, runs, system metrics, model exports, parent
     or leaderboard), caches cold again: tracking overhead = (b) - (c), in seconds and as a fraction of (b);
-(d) with ``--split-overhead``: (b) with ``log_models: best`` (the trials keep their checkpoints, no model is exported
-    during the sweep), in a fresh store, caches cold: the overhead splits into MLflow itself, (d) - (c), and the
-    model exports, (b) - (d) (their helper process's work, and what it takes from the trials on a machine with few
-    cores).
+(d) with ``--split-overhead``: (b) with ``log_models: best`` (no model is exported during the sweep; every trial keeps
+    its checkpoint, where (b) keeps only the improving ones'), in a fresh store, caches cold: the overhead splits into
+    MLflow itself, (d) - (c) (the checkpoints of the trials that did not improve included), and the model exports,
+    (b) - (d) (their helper process's work, and what it takes from the trials on a machine with few cores).
 
 Both searches declare the space the same way (``sweeps.space.define``) with the same seed; the bench **fails
 (exit 1)** if (a), (b), (c) (and (d)) did not draw the same hyperparameters, trial by trial. Accuracy the same way on
@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, work: Path) -> int:
     """The bench in ``work`` (a scratch folder); returns the exit code."""
+    if args.split_overhead and getattr(args, "log_models", None) == "best":
+        print("error: --split-overhead compares the sweep with its model exports against one without them; with "
+              "--log-models best there are none to split off: drop one of the two", file=sys.stderr)
+        return 2
     import yaml
 
     from pipeline.data import load_data
@@ -233,7 +237,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     # (b) ours, as shipped, tracked; (c) the same without MLflow; (d) tracked, no exports. Each with cold caches.
     walls, tuners = {}, {}
     letters = {"tracked": "b", "untracked": "c", "no_exports": "d"}
-    for side in ("tracked", "untracked", *(("no_exports",) if getattr(args, "split_overhead", False) else ())):
+    for side in ("tracked", "untracked", *(("no_exports",) if args.split_overhead else ())):
         os.environ["TLSWEEP_CACHE"] = str(work / f"cache_{side}")
         out: list = []
         start = time.perf_counter()

@@ -58,10 +58,12 @@ class Plan:
             return None
         return features.key_for(self.spec, self.config.weights, self.image_size, data, self.precision)
 
-    def architecture(self, num_classes: int) -> tuple:
-        """What the classifier's cost (size, parameters, latency) depends on: not its trained weights."""
+    def architecture(self, num_classes: int) -> tuple[str, int, int, bool, str]:
+        """What the classifier's cost (size, parameters, latency) depends on, its trained weights not: the key under
+        which trials and the export helper measure it once (backbone, image size, classes, augmentation, and the
+        dtype policy as resolved on this device)."""
         c = self.config
-        return c.backbone, self.image_size, num_classes, c.augment, c.mixed_precision
+        return str(c.backbone), int(self.image_size), int(num_classes), bool(c.augment), self.precision
 
 
 def validate(config: RunConfig) -> None:

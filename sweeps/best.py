@@ -101,7 +101,7 @@ def trial_model(run: mlflow.entities.Run, folder: str | Path):
 
 
 def trial_plan(run: mlflow.entities.Run) -> recipe.Plan:
-    """The trial's recipe, planned from the ``RunConfig`` its run logged."""
+    """The trial's recipe, planned from the ``RunConfig`` its run logged: what builds its model and keys its cost."""
     p = run.data.params
     if layout.RUN_CONFIG not in p:
         raise UserError(f"run {run.info.run_id} has no param {layout.RUN_CONFIG!r} (logged by an older tlsweep); "
@@ -114,13 +114,14 @@ def export_checkpoint(run: mlflow.entities.Run) -> str:
     logged to the trial's run; returns the model URI."""
     from pipeline.export import export_model
 
+    classes = model_classes(run)
+    architecture = trial_plan(run).architecture(len(classes))
     with tempfile.TemporaryDirectory() as tmp:
         model = trial_model(run, tmp)
-        export = export_model(model, Path(tmp) / layout.SAVEDMODEL_DIR, model_classes(run),
+        export = export_model(model, Path(tmp) / layout.SAVEDMODEL_DIR, classes,
                               metadata={"run_id": run.info.run_id, **run.data.params})
         sample = np.zeros((1, *model.input_shape[1:]), np.float32)
         probs = np.asarray(model(sample, training=False))  # eager: predict() would trace a function for one image
-        architecture = trial_plan(run).architecture(len(model_classes(run)))
         _log_cost(run.info.run_id, cost.savedmodel_cost(export, model.count_params(), architecture))
         return pyfunc.log_export(run.info.run_id, str(export), sample, probs)
 

@@ -69,6 +69,21 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_savedmodel_latencies():
+    """Each test's exports measure their own SavedModel latency (the export helper keeps one per architecture for
+    a whole sweep; a test must not log one an earlier test measured)."""
+    import sys
+
+    def clear() -> None:
+        if (cost := sys.modules.get("pipeline.cost")) is not None:  # nothing cached before it is imported
+            cost._SAVEDMODEL_LATENCY.clear()
+
+    clear()
+    yield
+    clear()
+
+
 # What the product writes in its working directory; a test must write these in its own tmp_path.
 WORKING_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts", "sweeps_state", "exports", "reports")
 

@@ -73,13 +73,14 @@ def test_savedmodel_latency_is_measured_once_per_architecture_and_the_size_each_
         (tmp_path / name / "variables").mkdir(parents=True)
         (tmp_path / name / "saved_model.pb").write_bytes(b"x" * 1000)
         (tmp_path / name / "variables" / "v").write_bytes(b"x" * megabytes * 10**6)
-    architecture = ("efficientnet_lite0", 8, 3, False, "auto")
+    architecture = ("efficientnet_lite0", 8, 3, False, "float32")
     first = cost.savedmodel_cost(tmp_path / "a", 10, architecture)
     again = cost.savedmodel_cost(tmp_path / "b", 10, architecture)
     assert len(loads) == 1 and first.latency_ms == again.latency_ms == 8.0
     assert (first.size_mb, again.size_mb) == (pytest.approx(1.001), pytest.approx(2.001)), "each export's own size"
     assert cost.savedmodel_cost(tmp_path / "b", 10).latency_ms == 9.0, "without an architecture: measured each time"
-    assert len(loads) == 2
+    other = cost.savedmodel_cost(tmp_path / "b", 10, ("efficientnet_lite0", 8, 3, False, "mixed_float16"))
+    assert len(loads) == 3 and other.latency_ms == 10.0, "another architecture is measured on its own"
 
 
 def test_pareto_front_keeps_the_trials_nothing_beats_on_both():
