@@ -145,12 +145,11 @@ def plain_keras_tuner(data: Any, config: Any, image_size: int, seed: int, workdi
 def ours_test_accuracy(tuner: Any, trial: Any, data: Any) -> float:
     """(b)'s best trial's test accuracy, computed as for (a), on the model rebuilt from the trial's checkpoint."""
     from pipeline import recipe
-    from pipeline.export import load_keras_model
     from pipeline.hparams import RunConfig
 
     values = tuner.hypermodel.build(trial.hyperparameters.copy())
     plan = recipe.plan(RunConfig.from_values(values, seed=tuner.config.seed))
-    model = recipe.full_model(plan, data.num_classes, load_keras_model(tuner.checkpoint(trial.trial_id)))
+    model = recipe.load_checkpoint(plan, data.num_classes, tuner.checkpoint(trial.trial_id))
     return test_accuracy(model, data)
 
 

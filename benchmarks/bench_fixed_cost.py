@@ -6,8 +6,8 @@ On flower_photos at 224 px with efficientnet_lite0, as a sweep runs them (``swee
 - a fine-tuning trial in a fresh process (``trial.run_fresh``: start Python and TensorFlow, map the data,
   build, train, evaluate, journal), with the default ``log_models: improving`` and not improving on the best so far
   (it writes no checkpoint: a sweep's trials after its first mostly do not improve);
-- the same fine-tuning trial keeping its checkpoint (``model.save`` of the classifier, ~0.3 s), as a trial that
-  improves does and every trial under ``log_models: best``.
+- the same fine-tuning trial keeping its checkpoint (the classifier's weights, ``pipeline.weights``), as a trial
+  that improves does and every trial under ``log_models: best``.
 
 Each kind runs once to warm the shared caches (decoded images, frozen features, activations at the cut: a
 sweep builds each once), then ``--repeats`` times measured. The wall time is taken around the call, on the
@@ -15,8 +15,8 @@ sweep's side; the steps are the trial's own ``step_seconds`` (every training, va
 of its ``fit``, ``evaluate`` and ``predict`` calls, timed by a callback), less ``trace_seconds +
 eval_trace_seconds`` (each call's first steps beyond typical ones: tracing is not a step), from its journal
 entry. Everything else is fixed cost, printed per trial with where it went (handing the trial to its process;
-data, build, weights, caches and checkpoint around the phases; inside ``fit``/``evaluate``/``predict`` between
-the steps; cost and journal after; tracing). Last line: ``fixed_cost_head_s=<s> fixed_cost_finetune_s=<s>
+data, build, weights and caches around the phases; inside ``fit``/``evaluate``/``predict`` between
+the steps; cost, checkpoint and journal after; tracing). Last line: ``fixed_cost_head_s=<s> fixed_cost_finetune_s=<s>
 fixed_cost_finetune_kept_s=<s>`` (medians).
 """
 
@@ -56,10 +56,10 @@ def breakdown(wall: float, m: dict[str, float]) -> str:
     in_calls = m[layout.HEAD_SECONDS] + m[layout.FINE_TUNE_SECONDS] + m[layout.EVAL_SECONDS]
     parts = {
         "handing the trial over (sweep's wall minus the trial's own wall_seconds)": wall - m[layout.WALL_SECONDS],
-        "before/around the phases (data, build, weights, caches, checkpoint)": m[layout.TRAIN_SECONDS] - in_calls,
+        "before/around the phases (data, build, weights, caches)": m[layout.TRAIN_SECONDS] - in_calls,
         "in the Keras calls outside their steps (phase setup, pipelines made, epoch ends, callbacks)":
             in_calls - m[layout.STEP_SECONDS],
-        "after (cost, journal)": m[layout.WALL_SECONDS] - m[layout.TRAIN_SECONDS],
+        "after (cost, checkpoint, journal)": m[layout.WALL_SECONDS] - m[layout.TRAIN_SECONDS],
         "first steps' excess (tracing, input pipeline start) in fit": m[layout.TRACE_SECONDS],
         "in test evaluation": m[layout.EVAL_TRACE_SECONDS],
     }
@@ -74,6 +74,7 @@ def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int 
             echo: bool = True) -> dict[str, float]:
     """Median fixed cost per kind of trial (``KINDS``) after one warm-up trial of each kind: ``fixed_cost_<kind>_s``
     (``make bench`` calls this with this signature). ``echo`` prints each trial."""
+    from pipeline import recipe
     from pipeline.hparams import RunConfig
     from sweeps import trial as trials
     from tracking.entry import ENTRY
@@ -99,7 +100,7 @@ def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int 
             spec = trials.TrialSpec(
                 run=configs[kind], dataset=str(data), split=None, log_models=log_models, verbose=0,
                 trial_dir=str(Path(tmp) / f"{kind}{n}"), export_metadata={}, run_spec={}, params={},
-                journal=str(journal), best=2.0, checkpoint=log_models == "best")
+                journal=str(journal), best=2.0)
             Path(spec.trial_dir).mkdir(parents=True)
             before = set(journal.iterdir()) if journal.exists() else set()
             start = time.perf_counter()
@@ -108,7 +109,7 @@ def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int 
             else:
                 trials.run_fresh(spec)
             wall = time.perf_counter() - start
-            wrote = any(Path(spec.trial_dir).glob("*.keras"))
+            wrote = recipe.checkpoint_in(spec.trial_dir).exists()
             if wrote != (log_models == "best"):  # else the two fine-tuning figures would measure the same thing
                 raise RuntimeError(f"the {kind} trial {'wrote' if wrote else 'did not write'} a checkpoint")
             (entry,) = set(journal.iterdir()) - before

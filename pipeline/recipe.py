@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import keras
 
 from pipeline import crossval, features, precision
+from pipeline import weights as weights_file
 from pipeline import cut as cuts
 from pipeline.backbones import BackboneSpec, check_image_size, get_spec
 from pipeline.data import DataSplits, load_data
@@ -27,8 +28,9 @@ from pipeline.hparams import DEFAULTS, RunConfig
 from pipeline.model import build_head, build_model, is_head, resolve_fine_tune_at
 from pipeline.training import TrainResult, train
 
-CHECKPOINT = "model.keras"  # a trained full classifier
+CHECKPOINT = "model.keras"  # a trained full classifier, with its optimizer (what Hyperband continues)
 HEAD_CHECKPOINT = "head.keras"  # a head trained on cached features (a few KB)
+WEIGHTS_CHECKPOINT = "weights.npz"  # a trained full classifier's weights (pipeline.weights), rebuilt by its recipe
 
 
 class Diverged(UserError):
@@ -232,9 +234,33 @@ def checkpoint_name(model: keras.Model) -> str:
 
 
 def checkpoint_in(folder: str | Path) -> Path:
-    """The checkpoint a run kept in ``folder``: the head alone, or the full model."""
-    head = Path(folder) / HEAD_CHECKPOINT
-    return head if head.exists() else Path(folder) / CHECKPOINT
+    """The checkpoint a run kept in ``folder``: the head alone, the full model's weights, or the full model."""
+    for name in (HEAD_CHECKPOINT, WEIGHTS_CHECKPOINT):
+        if (Path(folder) / name).exists():
+            return Path(folder) / name
+    return Path(folder) / CHECKPOINT
+
+
+def keep_checkpoint(model: keras.Model, folder: str | Path) -> Path:
+    """The checkpoint of a trained model in ``folder`` for readers that rebuild it (``load_checkpoint``): the one the
+    run already kept there (``train_run``'s ``checkpoint_dir``), else a head's ``.keras`` or a full model's weights."""
+    kept = Path(folder) / checkpoint_name(model)
+    if kept.exists():
+        return kept
+    if is_head(model):
+        model.save(kept)
+        return kept
+    kept = Path(folder) / WEIGHTS_CHECKPOINT
+    weights_file.save(model, kept)
+    return kept
+
+
+def load_checkpoint(plan: Plan, num_classes: int, path: str | Path) -> keras.Model:
+    """The full classifier from a checkpoint (``checkpoint_in``): a ``.keras`` archive as saved, a head put on the
+    plan's classifier, or the plan's classifier given the weights (``pipeline.weights``)."""
+    if Path(path).name == WEIGHTS_CHECKPOINT:
+        return weights_file.load_into(full_model(plan, num_classes), path)
+    return full_model(plan, num_classes, load_keras_model(path))
 
 
 def trains_network(plan: Plan, data: Callable[[], DataSplits], previous: str | None = None,

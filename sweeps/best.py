@@ -92,12 +92,10 @@ def _has_checkpoint(run_id: str) -> bool:
 def trial_model(run: mlflow.entities.Run, folder: str | Path):
     """The trial's full classifier from its logged Keras checkpoint (downloaded into ``folder``), assembled by the
     trial's own recipe (its ``RunConfig``, logged beside the checkpoint), as the trial would have exported it."""
-    from pipeline.export import load_keras_model
-
     plan = trial_plan(run)
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR,
                                                 dst_path=str(folder))
-    return recipe.full_model(plan, len(model_classes(run)), load_keras_model(recipe.checkpoint_in(local)))
+    return recipe.load_checkpoint(plan, len(model_classes(run)), recipe.checkpoint_in(local))
 
 
 def trial_plan(run: mlflow.entities.Run) -> recipe.Plan:

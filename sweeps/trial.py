@@ -70,7 +70,7 @@ class TrialSpec:
     previous: str | None = None  # Hyperband promotion: the earlier trial's checkpoint, continued
     start_from: str | None = None  # stage 2: the stage-1 checkpoint whose trained head it starts from
     best: float | None = None  # the best objective before this trial (log_models: improving)
-    checkpoint: bool = False  # keep the trained model in trial_dir (Hyperband, stage 1, log_models: best)
+    checkpoint: bool = False  # keep the trained model as .keras in trial_dir, for a later trial (Hyperband, stage 1)
     prune: dict[int, float] | None = None  # pruning thresholds by epoch (pipeline.pruning; None: never stop early)
 
     def to_json(self) -> str:
@@ -356,12 +356,9 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
     staging = Path(tempfile.mkdtemp(prefix="trial-", dir=Path(spec.journal).parent))
     cost_ = model_cost(plan, model, data.num_classes, Path(spec.journal).parent)  # an export replaces it
     if spec.log_models == "best" or export_pending:  # best-export (or the exporter) builds it from this checkpoint
-        name = recipe.checkpoint_name(model)
-        kept = Path(spec.trial_dir) / name
-        if not kept.exists():  # the recipe kept it only when asked to (checkpoint=True)
-            model.save(kept)
-        shutil.copy(kept, staging / name)
-        files[f"{layout.CHECKPOINT_DIR}/{name}"] = staging / name
+        kept = recipe.keep_checkpoint(model, spec.trial_dir)  # the recipe's if it kept one, else the weights
+        shutil.copy(kept, staging / kept.name)
+        files[f"{layout.CHECKPOINT_DIR}/{kept.name}"] = staging / kept.name
         if result.val_predictions is not None and result.test_predictions is not None:  # an ensemble candidate
             np.savez(staging / layout.PROBABILITIES, val_labels=result.val_predictions[0],
                      val_probs=result.val_predictions[1], test_labels=result.test_predictions[0],

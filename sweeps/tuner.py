@@ -246,7 +246,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
             run_spec=run.spec, params=params, journal=str(self.journal.folder),
             initial_epoch=int(tuner_values.get("tuner/initial_epoch", 0)), stop_epoch=tuner_values.get("tuner/epochs"),
             previous=self.checkpoint(previous) if previous else None, start_from=self.start_from, best=self._best,
-            checkpoint=config.tuner == "hyperband" or self.stage == "1" or config.log_models == "best",
+            checkpoint=config.tuner == "hyperband" or self.stage == "1",  # a later trial continues it
             prune=self.curves.limits() if self.curves else None,
         )
 

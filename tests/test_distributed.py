@@ -156,7 +156,7 @@ def check_one_finished_run_per_trial(uri: str, trials: int = 6) -> list:
         assert {"test_accuracy", "wall_seconds", "trainable_params"} <= set(kid.data.metrics)
         assert len(client.list_artifacts(kid.info.run_id, "plots")) == 3
         assert [a.path for a in client.list_artifacts(kid.info.run_id, "checkpoint")] == [
-            f"checkpoint/{'model' if fine_tuned else 'head'}.keras"]
+            "checkpoint/weights.npz" if fine_tuned else "checkpoint/head.keras"]
         assert kid.data.tags[WORKER] in {"w1", "w2"}
     assert parent.data.tags["tlsweep.best_run_id"] in {k.info.run_id for k in finished}
     return kids

@@ -286,7 +286,7 @@ def test_log_models_best_keeps_checkpoints_and_best_export_builds_the_winner(tmp
         head_only = kid.data.params["fine_tune"] == "False"
         assert {a.path for a in client.list_artifacts(kid.info.run_id)} == {"plots", "checkpoint", "probabilities"}
         assert [a.path for a in client.list_artifacts(kid.info.run_id, "checkpoint")] == [
-            "checkpoint/head.keras" if head_only else "checkpoint/model.keras"]
+            "checkpoint/head.keras" if head_only else "checkpoint/weights.npz"]  # a full model's weights
         assert "tlsweep.model_uri" not in kid.data.tags
     info = best_export("lean", export_dir=str(tmp_path / "exports"))
     assert abs(info["reproduced_test_accuracy"] - info["test_accuracy"]) <= 1 / 6 + 1e-6
