@@ -90,8 +90,9 @@ def _has_checkpoint(run_id: str) -> bool:
 
 
 def trial_model(run: mlflow.entities.Run, folder: str | Path):
-    """The trial's full classifier from its logged Keras checkpoint (downloaded into ``folder``), assembled by the
-    trial's own recipe (its ``RunConfig``, logged beside the checkpoint), as the trial would have exported it."""
+    """The trial's full classifier from its logged checkpoint (downloaded into ``folder``: its weights, a head or a
+    ``.keras``), assembled by the trial's own recipe (its ``RunConfig``, logged beside the checkpoint), as the trial
+    would have exported it."""
     plan = trial_plan(run)
     local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR,
                                                 dst_path=str(folder))
@@ -108,7 +109,7 @@ def trial_plan(run: mlflow.entities.Run) -> recipe.Plan:
 
 
 def export_checkpoint(run: mlflow.entities.Run) -> str:
-    """Turn a trial's logged Keras checkpoint (``log_models: best``) into its SavedModel + pyfunc model,
+    """Turn a trial's logged checkpoint (``trial_model``) into its SavedModel + pyfunc model,
     logged to the trial's run; returns the model URI."""
     from pipeline.export import export_model
 
