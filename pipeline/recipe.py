@@ -196,6 +196,7 @@ def train_run(
     if any(math.isnan(v) or math.isinf(v) for k in ("loss", "val_loss") for v in result.history.get(k, [])):
         raise Diverged("loss became NaN/inf; lower the learning rate")
     if checkpoint_dir is not None:
+        (Path(checkpoint_dir) / WEIGHTS_CHECKPOINT).unlink(missing_ok=True)  # checkpoint_in would prefer it
         model.save(Path(checkpoint_dir) / checkpoint_name(model))
     result.feature_seconds = feature_seconds
     result.cut_seconds = cut_seconds
@@ -241,25 +242,31 @@ def checkpoint_in(folder: str | Path) -> Path:
     return Path(folder) / CHECKPOINT
 
 
-def keep_checkpoint(model: keras.Model, folder: str | Path) -> Path:
-    """The checkpoint of a trained model in ``folder`` for readers that rebuild it (``load_checkpoint``): the one the
-    run already kept there (``train_run``'s ``checkpoint_dir``), else a head's ``.keras`` or a full model's weights."""
-    kept = Path(folder) / checkpoint_name(model)
-    if kept.exists():
-        return kept
+def keep_checkpoint(model: keras.Model, folder: str | Path, kept_by_run: bool = False) -> Path:
+    """The checkpoint of a trained model in ``folder`` for readers that rebuild it (``load_checkpoint``): the ``.keras``
+    this run kept there (``kept_by_run``: ``train_run``'s ``checkpoint_dir``), else a head's ``.keras`` or a full
+    model's weights, written afresh (an earlier attempt of the trial in the same folder may have left another)."""
+    if kept_by_run:
+        return Path(folder) / checkpoint_name(model)
+    for name in (HEAD_CHECKPOINT, WEIGHTS_CHECKPOINT, CHECKPOINT):
+        (Path(folder) / name).unlink(missing_ok=True)
     if is_head(model):
-        model.save(kept)
-        return kept
-    kept = Path(folder) / WEIGHTS_CHECKPOINT
-    weights_file.save(model, kept)
+        kept, partial = Path(folder) / HEAD_CHECKPOINT, Path(folder) / f".{HEAD_CHECKPOINT}.partial.keras"
+        model.save(partial)
+    else:
+        kept, partial = Path(folder) / WEIGHTS_CHECKPOINT, Path(folder) / f".{WEIGHTS_CHECKPOINT}.partial"
+        weights_file.save(model, partial)
+    partial.replace(kept)  # a reader never sees half a file
     return kept
 
 
 def load_checkpoint(plan: Plan, num_classes: int, path: str | Path) -> keras.Model:
     """The full classifier from a checkpoint (``checkpoint_in``): a ``.keras`` archive as saved, a head put on the
-    plan's classifier, or the plan's classifier given the weights (``pipeline.weights``)."""
+    plan's classifier, or the plan's classifier given the weights (``pipeline.weights``: built without pretrained
+    weights, which the checkpoint replaces, so that no download or weights file is needed again)."""
     if Path(path).name == WEIGHTS_CHECKPOINT:
-        return weights_file.load_into(full_model(plan, num_classes), path)
+        bare = dataclasses.replace(plan, config=dataclasses.replace(plan.config, weights="none"))
+        return weights_file.load_into(full_model(bare, num_classes), path)
     return full_model(plan, num_classes, load_keras_model(path))
 
 

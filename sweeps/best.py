@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 import tempfile
@@ -105,7 +107,10 @@ def trial_plan(run: mlflow.entities.Run) -> recipe.Plan:
     if layout.RUN_CONFIG not in p:
         raise UserError(f"run {run.info.run_id} has no param {layout.RUN_CONFIG!r} (logged by an older tlsweep); "
                         "run its sweep again with this version to export it")
-    return recipe.plan(RunConfig.from_json(p[layout.RUN_CONFIG]))
+    config = RunConfig.from_json(p[layout.RUN_CONFIG])
+    if layout.PRECISION in p:  # the dtype policy the trial trained with, not "auto" resolved on this machine
+        config = dataclasses.replace(config, mixed_precision=p[layout.PRECISION])
+    return recipe.plan(config)
 
 
 def export_checkpoint(run: mlflow.entities.Run) -> str:

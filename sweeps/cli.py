@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "error.txt in MLflow); without it, one line with its reason")
     p.add_argument("--log-models", default=None, choices=LOG_MODELS,
                    help="log the SavedModel + pyfunc model of every trial; only of trials that beat the best so "
-                   "far; or none, trials keeping a Keras checkpoint that best-export turns into the SavedModel of "
+                   "far; or none, trials keeping a checkpoint that best-export turns into the SavedModel of "
                    "the winner (fastest); overrides the YAML (default: improving). Exports run in a helper process, off "
                    "the training path")
     p.add_argument("--trial-process", default=None, choices=TRIAL_PROCESSES,

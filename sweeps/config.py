@@ -26,7 +26,7 @@ TOP_KEYS = ("tuner", "max_trials", "objective", "seed", "space", "hyperband", "d
             "ensemble")
 STAGE2_KEYS = ("top_k", "trials_per_config", "space")
 # Which trials log a SavedModel + pyfunc model: every trial; a trial that beats those before it; or
-# none ("best": trials log their Keras checkpoint, a few KB for a head, and best-export exports the winner).
+# none ("best": trials log their checkpoint, a few KB for a head, and best-export exports the winner).
 LOG_MODELS = ("all", "improving", "best")
 # Where a trial runs: "fresh" = its own process, whose memory is all given back when it exits
 # (TensorFlow keeps some of every model built in a process); "same" = the sweep's process;

@@ -3,7 +3,7 @@
 Exporting a trial's model (building the full classifier, tracing and writing a SavedModel, logging it as a
 pyfunc model) costs seconds to tens of seconds, against a second or two for a head trained on cached
 features. So a trial that should log its model (``log_models: all``, or ``improving`` when it beat the
-best so far) only keeps its Keras checkpoint, which its journal entry logs to its run as ``best`` does;
+best so far) only keeps its checkpoint, which its journal entry logs to its run as ``best`` does;
 ``ModelExports`` then hands the run to a helper process (``python -m sweeps.exports``) that turns the
 logged checkpoint into the SavedModel + pyfunc model (``sweeps.best.export_checkpoint``, the same code as
 ``make best-export``), while the next trial already trains. The helper runs in its own process so that

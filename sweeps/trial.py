@@ -350,13 +350,13 @@ def _finish(spec: TrialSpec, outcome: recipe.Outcome, start: float, run_id: Call
     # ties count: every trial that reaches the best score has its model, so the winner has one whichever of them wins
     improving = spec.best is None or result.val_accuracy >= spec.best
     # A model to log (all; improving and this trial improved) is exported off the training path
-    # (sweeps.exports, after the trial's run is written): the trial keeps only its Keras checkpoint, as with best.
+    # (sweeps.exports, after the trial's run is written): the trial keeps only its checkpoint, as with best.
     export_pending = spec.log_models == "all" or (spec.log_models == "improving" and improving)
     files, exported, export_seconds = {}, None, 0.0
     staging = Path(tempfile.mkdtemp(prefix="trial-", dir=Path(spec.journal).parent))
     cost_ = model_cost(plan, model, data.num_classes, Path(spec.journal).parent)  # an export replaces it
     if spec.log_models == "best" or export_pending:  # best-export (or the exporter) builds it from this checkpoint
-        kept = recipe.keep_checkpoint(model, spec.trial_dir)  # the recipe's if it kept one, else the weights
+        kept = recipe.keep_checkpoint(model, spec.trial_dir, kept_by_run=spec.checkpoint)
         shutil.copy(kept, staging / kept.name)
         files[f"{layout.CHECKPOINT_DIR}/{kept.name}"] = staging / kept.name
         if result.val_predictions is not None and result.test_predictions is not None:  # an ensemble candidate

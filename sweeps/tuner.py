@@ -314,7 +314,8 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         return f"{self.config.name}/{trial_id}" if self.stage == "2" else trial_id
 
     def checkpoint(self, trial_id: str) -> str:
-        """The trial's saved model: ``head.keras`` (a head trained on features) or ``model.keras``."""
+        """The trial's checkpoint (``recipe.checkpoint_in``): ``head.keras`` (a head trained on features),
+        ``weights.npz`` or ``model.keras``."""
         return str(recipe.checkpoint_in(self.get_trial_dir(trial_id)))
 
 

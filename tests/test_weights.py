@@ -31,11 +31,18 @@ def test_a_weights_checkpoint_rebuilds_the_same_classifier(tmp_path):
     np.testing.assert_array_equal(model(x, training=False), rebuilt(x, training=False))
 
 
-def test_a_run_keeps_the_checkpoint_it_already_has_and_a_head_as_keras(tmp_path):
+def test_a_run_keeps_the_checkpoint_it_wrote_replaces_an_earlier_attempts_and_a_head_as_keras(tmp_path):
     model = _trained_like(PLAN)
     model.save(tmp_path / recipe.CHECKPOINT)  # what train_run keeps for a run that a later one continues (Hyperband)
-    assert recipe.keep_checkpoint(model, tmp_path) == tmp_path / recipe.CHECKPOINT
+    assert recipe.keep_checkpoint(model, tmp_path, kept_by_run=True) == tmp_path / recipe.CHECKPOINT
     assert not (tmp_path / recipe.WEIGHTS_CHECKPOINT).exists()
+    # an earlier attempt of the trial in the same folder left a .keras: this run's weights replace it
+    other = _trained_like(recipe.plan(RunConfig(image_size=32, weights="none", seed=4)))
+    kept = recipe.keep_checkpoint(other, tmp_path)
+    assert kept == tmp_path / recipe.WEIGHTS_CHECKPOINT == recipe.checkpoint_in(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [recipe.WEIGHTS_CHECKPOINT]
+    np.testing.assert_array_equal(np.asarray(recipe.load_checkpoint(PLAN, 3, kept).weights[-2]),
+                                  np.asarray(other.weights[-2]))
     (tmp_path / "head").mkdir()
     kept = recipe.keep_checkpoint(build_head(16, 3, seed=1), tmp_path / "head")
     assert kept == tmp_path / "head" / recipe.HEAD_CHECKPOINT and recipe.checkpoint_in(tmp_path / "head") == kept
@@ -59,3 +66,25 @@ def test_names_leave_out_the_numbers_keras_adds_to_repeated_layer_names():
     assert first.kernel.path != second.kernel.path, "Keras numbers the second (dense, dense_1, ...)"
     assert weights.name_of(first.kernel) == weights.name_of(second.kernel) == "dense/kernel"
     assert weights.name_of(keras.Variable(np.zeros(2), name="block11_gamma")) == "block11_gamma", "not inside a name"
+
+
+def test_a_weights_checkpoint_is_rebuilt_without_pretrained_weights_in_the_policy_the_trial_trained_with(
+        tmp_path, monkeypatch):
+    """The checkpoint replaces every weight (no download or weights file needed again), and the classifier computes
+    in the trial's dtype policy, not in ``auto`` resolved where it is exported."""
+    from types import SimpleNamespace
+
+    from sweeps.best import trial_plan
+    from tracking import layout
+
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r1"), data=SimpleNamespace(params={
+        layout.RUN_CONFIG: RunConfig(image_size=32, mixed_precision="auto").to_json(),
+        layout.PRECISION: "mixed_bfloat16"}))
+    plan = trial_plan(run)
+    assert plan.precision == "mixed_bfloat16" and plan.config.weights == "imagenet"
+    weights.save(_trained_like(PLAN), tmp_path / recipe.WEIGHTS_CHECKPOINT)
+    built = []
+    real = recipe.full_model
+    monkeypatch.setattr(recipe, "full_model", lambda p, n, *a: built.append(p.config.weights) or real(p, n, *a))
+    recipe.load_checkpoint(PLAN, 3, tmp_path / recipe.WEIGHTS_CHECKPOINT)
+    assert built == ["none"]
