@@ -13,6 +13,7 @@ continue a checkpoint with its optimizer (Hyperband) keep a ``.keras`` archive.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import keras
@@ -32,9 +33,13 @@ def save(model: keras.Model, path: str | Path) -> None:
 
 def load_into(model: keras.Model, path: str | Path) -> keras.Model:
     """Set ``model``'s weights from ``path``; a ``CheckpointMismatch`` if the model is not the one that wrote it."""
-    with np.load(path, allow_pickle=False) as stored:
-        names = [str(n) for n in stored[NAMES]]
-        arrays = [stored[f"w{i:05d}"] for i in range(len(names))]
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            names = [str(n) for n in stored[NAMES]]
+            arrays = [stored[f"w{i:05d}"] for i in range(len(names))]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # not one this module wrote, or cut short
+        raise CheckpointMismatch(f"the checkpoint {path} is not a readable weights checkpoint ({type(e).__name__}: {e}); "
+                                 "it was cut short or replaced: run the trial again to write it") from e
     expected = [(name_of(v), tuple(v.shape)) for v in model.weights]
     given = [(n, tuple(a.shape)) for n, a in zip(names, arrays)]
     if given != expected:

@@ -88,3 +88,17 @@ def test_a_weights_checkpoint_is_rebuilt_without_pretrained_weights_in_the_polic
     monkeypatch.setattr(recipe, "full_model", lambda p, n, *a: built.append(p.config.weights) or real(p, n, *a))
     recipe.load_checkpoint(PLAN, 3, tmp_path / recipe.WEIGHTS_CHECKPOINT)
     assert built == ["none"]
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip at all", "npz without names"])
+def test_an_unreadable_weights_checkpoint_is_one_clear_error(tmp_path, content):
+    path = tmp_path / recipe.WEIGHTS_CHECKPOINT
+    if content == "npz without names":
+        with open(path, "wb") as f:
+            np.savez(f, w00000=np.zeros(3))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(weights.CheckpointMismatch) as e:
+        weights.load_into(recipe.full_model(PLAN, 3), path)
+    assert str(e.value).startswith(f"the checkpoint {path} is not a readable weights checkpoint (")
+    assert str(e.value).endswith("it was cut short or replaced: run the trial again to write it")
