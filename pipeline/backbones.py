@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -14,6 +15,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -21,7 +23,7 @@ from urllib.parse import urlparse
 import keras
 
 from pipeline import preprocessing as pp
-from pipeline.errors import UserError
+from pipeline.errors import UserError, typed
 
 HUB_PREFIX = "hub:"
 
@@ -367,16 +369,8 @@ def build_backbone(spec: BackboneSpec, image_size: int, weights: str | None = "i
     check_image_size(spec, image_size)
     if weights in (None, "none", ""):
         weights = None
-    elif weights != "imagenet" and not os.path.isfile(weights):
-        raise UserError(
-            f"weights {weights!r} for backbone {spec.name!r} is not 'imagenet', 'none' or an existing "
-            "weights file; pass a path to a .h5/.weights.h5 file saved for this backbone without its top"
-        )
-    from pipeline import prebuilt
-
-    ready = prebuilt.take(spec.name, image_size, weights)  # built ahead by a warm spare trial process
-    if ready is not None:
-        return ready
+    elif weights != "imagenet" and not spec.is_ensemble:  # an ensemble says itself that it takes no file
+        weights = check_weights_file(weights, spec.name)
     try:
         return spec.constructor((image_size, image_size, 3), weights)
     except Exception as e:  # noqa: BLE001 - turn download failures into an actionable message
@@ -387,7 +381,56 @@ def build_backbone(spec: BackboneSpec, image_size: int, weights: str | None = "i
                 "Without internet, use --weights /path/to/notop.weights.h5, --weights none, or the offline "
                 "backbones efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2"
             ) from e
+        if weights not in (None, "imagenet"):  # a readable weights file of another model: the user's to fix
+            first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+            raise UserError(f"weights file {weights} does not fit backbone {spec.name!r} ({first}); pass weights saved "
+                            f"from {spec.name} without its top (model.save_weights), 'imagenet' or 'none'") from e
         raise
+
+
+WEIGHTS_SUFFIXES = (".weights.h5", ".h5", ".hdf5", ".keras")  # what Keras' load_weights reads
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_weights_file(weights: str, backbone: str | None = None) -> str:
+    """``weights`` is a file Keras can read weights from: it exists, is named as Keras reads weights (``.weights.h5``,
+    ``.h5``, ``.keras``) and holds that format. Whether it fits the backbone is ``check_weights_fit``. Returns its
+    path, ``~`` expanded."""
+    fix = (f"pass a .weights.h5 file saved from {f'backbone {backbone!r}' if backbone else 'the backbone'} without its "
+           "top (model.save_weights), 'imagenet' or 'none'")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "not an existing file"
+        raise UserError(f"weights {weights!r} is not 'imagenet', 'none' or an existing weights file ({what}); {fix}")
+    if not path.name.lower().endswith(WEIGHTS_SUFFIXES):
+        raise UserError(f"weights file {weights} is not named as Keras reads weights ({', '.join(WEIGHTS_SUFFIXES)}); "
+                        f"{fix}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_SIGNATURE))
+    except OSError as e:
+        raise UserError(f"weights file {weights} cannot be read ({e.strerror}); {fix}") from e
+    archive = path.name.lower().endswith(".keras")
+    if (zipfile.is_zipfile(path) if archive else head == HDF5_SIGNATURE):
+        return str(path)
+    found = "it is empty" if not head else f"it starts with {head!r}"
+    raise UserError(f"weights file {weights} is not {'a .keras archive' if archive else 'an HDF5 weights file'} "
+                    f"({found}); {fix}")
+
+
+@functools.lru_cache(maxsize=None)
+def _fits(name: str, path: str, stamp: tuple[int, int]) -> None:
+    build_backbone(get_spec(name), get_spec(name).native_size, path)
+
+
+def check_weights_fit(spec: BackboneSpec, weights: str | None) -> None:
+    """Before the first trial: a weights file loads into ``spec`` (built once at its native size: the weights of its
+    layers do not depend on the image size); a ``UserError`` when it does not. Nothing to do for other weights."""
+    if weights in (None, "none", "", "imagenet") or spec.is_ensemble:
+        return
+    path = check_weights_file(weights, spec.name)
+    stat = os.stat(path)
+    _fits(spec.name, path, (stat.st_size, stat.st_mtime_ns))
 
 
 def check_image_size(spec: BackboneSpec, image_size: int) -> None:
@@ -395,7 +438,8 @@ def check_image_size(spec: BackboneSpec, image_size: int) -> None:
     if not isinstance(image_size, int) or image_size < spec.min_size:
         raise UserError(
             f"image size {image_size!r} is too small for backbone {spec.name!r}: it needs at least "
-            f"{spec.min_size} px (native size {spec.native_size}); pass IMAGE_SIZE={spec.native_size}"
+            f"{spec.min_size} px (native size {spec.native_size}); pass "
+            f"{typed(f'--image-size {spec.native_size}', f'IMAGE_SIZE={spec.native_size}')}"
         )
 
 
@@ -482,12 +526,16 @@ def weights_unavailable(spec: BackboneSpec, weights: str | None = "imagenet", im
     if spec.is_ensemble:  # available when every member is
         return next(filter(None, (weights_unavailable(get_spec(m), weights, None) for m in spec.members)), None)
     if weights != "imagenet":
-        if os.path.isfile(weights):
-            return None
-        return (
-            f"backbone {spec.name!r}: weights file {weights!r} does not exist; pass an existing .weights.h5 "
-            "saved for this backbone without its top, 'imagenet' or 'none'"
-        )
+        if not os.path.exists(weights):
+            return (
+                f"backbone {spec.name!r}: weights file {weights!r} does not exist; pass an existing .weights.h5 "
+                "saved for this backbone without its top, 'imagenet' or 'none'"
+            )
+        try:
+            check_weights_file(weights, spec.name)
+        except UserError as e:
+            return f"backbone {spec.name!r}: {e}"
+        return None
     if spec.hub_handle is not None:
         handle = spec.hub_handle
         if os.path.isdir(handle) or (_hub_cache_dir(handle) / "saved_model.pb").exists():

@@ -1,4 +1,8 @@
-"""``python -m pipeline.cli train``: train one configuration, print its scores, export it."""
+"""``tlsweep train`` / ``tlsweep predict`` (``python -m pipeline.cli`` runs just these two).
+
+Train's flags are ``RunConfig``'s fields (``pipeline.hparams``: a new field is a new flag) plus ``TrainOptions``;
+predict's are ``PredictOptions``. Both are checked before TensorFlow is imported.
+"""
 
 from __future__ import annotations
 
@@ -6,83 +10,62 @@ import argparse
 import os
 import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # read when TensorFlow first touches a GPU
 
-from pipeline import precision  # noqa: E402
-from pipeline import tfstart  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
+from pydantic import Field  # noqa: E402
+
+from pipeline import device, tfstart  # noqa: E402
+from pipeline.device import Setting as DeviceSetting  # noqa: E402
+from pipeline.errors import UserError, typed  # noqa: E402
+from pipeline.hparams import RunConfig, check  # noqa: E402
+from pipeline.settings import Options, Whole, add_options, fields_of  # noqa: E402
 
 tfstart.quiet_environment()
-from pipeline.hparams import DEFAULTS as D  # noqa: E402
-from pipeline.hparams import RunConfig  # noqa: E402
+HEAD_ONLY_BY_FLAGS = ("fine_tune",)  # train fine-tunes unless --fine-tune-at none or --fine-tune-epochs 0
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="tfds name (tf_flowers, cats_vs_dogs, ...) or a folder")
-    p.add_argument("--backbone", default=D["backbone"], help="registry name or hub:<URL or SavedModel dir>")
-    p.add_argument("--weights", default=D["weights"], help="'imagenet', 'none', or a local weights file")
-    p.add_argument("--epochs", type=int, default=D["epochs"], help="head epochs with the backbone frozen")
-    p.add_argument("--fine-tune-epochs", type=int, default=D["fine_tune_epochs"], help="fine-tuning epochs (0: head only)")
-    p.add_argument(
-        "--fine-tune-at",
-        default=str(D["fine_tune_at"]),
-        help="first backbone layer to unfreeze: index, fraction of depth, 'all', or 0/'none' for head only",
-    )
-    p.add_argument("--dropout", type=float, default=D["dropout"])
-    p.add_argument("--batch-size", type=int, default=D["batch_size"])
-    p.add_argument("--learning-rate", type=float, default=D["learning_rate"], help="Adam learning rate of the head phase")
-    p.add_argument("--fine-tune-learning-rate", type=float, default=D["fine_tune_learning_rate"], help="Adam learning rate when fine-tuning")
-    p.add_argument("--image-size", type=int, default=None, help="square input size (default: backbone's native)")
-    p.add_argument("--augment", type=_bool, default=D["augment"], help="random flip + rotation in training (true/false)")
-    p.add_argument("--early-stopping-patience", type=int, default=D["early_stopping_patience"],
-                   help="stop the head phase when val_loss has not improved for this many epochs, keeping the best "
-                   "epoch's weights (0: off)")
-    p.add_argument("--cv-folds", type=int, default=D["cv_folds"],
-                   help="score a head-only run on cached features by k-fold cross-validation over train+validation "
-                   "(0: off; 5 is usual)")
-    p.add_argument("--seed", type=int, default=RunConfig.seed)
-    p.add_argument("--split", default=None, help="tfds: 'train[:75%%],train[75%%:90%%],train[90%%:]'; folder: 75/15/10")
-    p.add_argument("--data-dir", default=None, help="tfds data directory")
-    p.add_argument("--mixed-precision", default="auto",
-                   help="auto (default): bfloat16 compute on GPUs of compute capability >= 8.0, float16 with loss "
-                   "scaling below, float32 on CPU; or float32, mixed_float16, mixed_bfloat16 (true = mixed_float16)")
-    p.add_argument("--xla", type=_bool, default=False, help="compile training steps with XLA (for GPUs)")
-    p.add_argument(
-        "--feature-cache", type=_bool, default=True,
-        help="train the frozen-backbone head on cached backbone features (same model, far faster; "
-        "not used with augmentation or random weights)",
-    )
+class TrainOptions(Options):
+    dataset: str = Field(description="tfds name (tf_flowers, cats_vs_dogs, ...) or a folder")
+    split: Optional[str] = Field(None, description="tfds: 'train[:75%],train[75%:90%],train[90%:]'; folder: 75/15/10")
+    data_dir: Optional[str] = Field(None, description="tfds data directory")
+    output: Optional[str] = Field(None, description="export directory (SavedModel + labels.txt + model.keras)")
+    overwrite: bool = Field(False, description="replace an existing export directory")
+    device: Optional[DeviceSetting] = Field(None, description=device.HELP)
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+class PredictOptions(Options):
+    model: str = Field(description="an export directory (tlsweep train --output, tlsweep best-export)")
+    images: str = Field(description="an image file or a folder of images")
+    top_k: Whole = Field(3, ge=1, description="classes to print per image (at most the model's)")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
-    """The command line as the run's configuration (``FINE_TUNE_AT=none`` or ``FINE_TUNE_EPOCHS=0``: head only)."""
-    return RunConfig(
-        backbone=args.backbone, weights=args.weights, image_size=args.image_size or 0, epochs=args.epochs,
-        fine_tune=True, fine_tune_at=args.fine_tune_at, fine_tune_epochs=args.fine_tune_epochs,
-        fine_tune_learning_rate=args.fine_tune_learning_rate, dropout=args.dropout, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, augment=args.augment, seed=args.seed,
-        mixed_precision=precision.setting(args.mixed_precision),
-        xla=args.xla, feature_cache=args.feature_cache, early_stopping_patience=args.early_stopping_patience,
-        cv_folds=args.cv_folds,
-    )
+    """The command line as the run's configuration, checked (``--fine-tune-at none`` or ``--fine-tune-epochs 0``:
+    head only)."""
+    names = [n for n in fields_of(RunConfig) if n not in HEAD_ONLY_BY_FLAGS]
+    return check(RunConfig(**{n: getattr(args, n) for n in names}))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one configuration (the recipe a sweep's trial uses), print its scores, export it."""
-    from pipeline import recipe
-    from pipeline.data import skipped_lines
+    config, args = run_config(args), TrainOptions.of(args)
+    tfstart.start_tensorflow()  # its start-up lines held back
+    device.refuse_cpu(args.device)  # never silently on the CPU
+    from pipeline import recipe, safepath
+    from pipeline.backbones import check_weights_fit
+    from pipeline.data import check_dataset, skipped_lines
     from pipeline.export import export_model
 
-    plan = recipe.plan(run_config(args))
+    check_dataset(args.dataset, args.split, config.seed)  # the folder's layout and SPLIT=: before any work
+    plan = recipe.plan(config)
+    output = typed("--output", "OUTPUT=")
+    safepath.check_outside_data(args.dataset, {"the export": args.output} if args.output else {})
+    if args.output:  # before any work: replaced at the end only if it is an export and --overwrite allows it
+        safepath.check_replaceable(args.output, safepath.EXPORT, output, args.overwrite)
+    safepath.check_caches()
+    check_weights_fit(plan.spec, plan.config.weights)  # a file of another model: one line before the data is read
     start = time.perf_counter()
     data = recipe.load_data_for(plan, args.dataset, args.split, data_dir=args.data_dir)
     print(
@@ -111,11 +94,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"head phase {result.head_seconds:.1f}s, fine-tune phase {result.fine_tune_seconds:.1f}s")
     if args.output:
         metadata = {
-            "backbone": args.backbone, "weights": args.weights, "fine_tune_at": args.fine_tune_at,
+            "backbone": config.backbone, "weights": config.weights, "fine_tune_at": config.fine_tune_at,
             "test_accuracy": result.test_accuracy, "val_accuracy": result.val_accuracy, **data.lineage(),
         }
         model = recipe.full_model(plan, data.num_classes, outcome.model)
-        out = export_model(model, args.output, data.class_names, metadata=metadata, overwrite=args.overwrite)
+        out = export_model(model, args.output, data.class_names, metadata=metadata, overwrite=args.overwrite,
+                           fix=output)
         print(f"exported to {out} (SavedModel + labels.txt + model.keras)")
     print(f"total {time.perf_counter() - start:.1f}s")
     return 0
@@ -130,56 +114,73 @@ def _interval(accuracy: float, n: int) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Print the top-k classes of each image, using only an export (SavedModel + labels.txt)."""
+    args = PredictOptions.of(args)
+    tfstart.start_tensorflow()
     from pathlib import Path
 
     import numpy as np
 
-    from pipeline.data import IMAGE_EXTENSIONS, read_image
+    from pipeline.data import SUPPORTED, read_image, skip_reason, skipped_lines, walk
     from pipeline.export import ExportedModel
 
     model = ExportedModel(args.model)
     source = Path(args.images)
-    if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    skipped: list[str] = []
+    if source.is_dir():  # read as a class folder is: every entry that is not read is named, nothing is opened blind
+        paths, passed = walk(source)
+        skipped += [str(p) for p in passed]
         if not paths:
-            raise UserError(f"folder {source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    elif source.is_file():
+            for line in skipped_lines(skipped):
+                print(line)
+            raise UserError(f"folder {source} holds no images" + (" it can read (the skipped files are named above)"
+                            if skipped else "") + f"; images read: {SUPPORTED}")
+    elif os.path.lexists(source):
+        if reason := skip_reason(source):
+            raise UserError(f"{source}: {reason}; images read: {SUPPORTED}")
         paths = [source]
     else:
-        raise UserError(f"{source} is neither an image file nor a folder")
-    k = min(args.top_k, len(model.class_names))
+        raise UserError(f"{source} does not exist; give an image file or a folder of images")
+    k = args.top_k
+    if k > len(model.class_names):
+        k = len(model.class_names)
+        print(f"note: --top-k {args.top_k} is more than the model's {k} classes; showing all {k}", file=sys.stderr)
+    predicted = 0
     for path in paths:
         try:  # at each of the model's input sizes (one, or an ensemble's several)
             images = {name: read_image(path, size)[None].astype(np.float32) for name, size in model.inputs.items()}
-        except UserError as e:
-            print(f"{path}: skipped: {e}")
+        except UserError:
+            if not source.is_dir():
+                raise
+            skipped.append(str(path))  # passed the checks but did not decode: named with the others below
             continue
         probs = model.predict(images)[0]
         top = np.argsort(probs)[::-1][:k]
         print(f"{path}: " + ", ".join(f"{model.class_names[i]} {probs[i]:.3f}" for i in top))
+        predicted += 1
+    for line in skipped_lines(skipped):
+        print(line)
+    if not predicted:
+        raise UserError(f"no image of {source} could be read (the skipped files are named above); images read: "
+                        f"{SUPPORTED}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tlsweep", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """``train`` and ``predict``, their flags built from their declarations."""
     p = sub.add_parser("train", help="train one configuration and export it", description=cmd_train.__doc__)
-    add_train_arguments(p)
-    p.add_argument("--output", default=None, help="export directory (SavedModel + labels.txt + model.keras)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    add_options(p, TrainOptions, only=("dataset",))
+    add_options(p, RunConfig, skip=HEAD_ONLY_BY_FLAGS, switches=False)
+    add_options(p, TrainOptions, skip=("dataset",))
     p.set_defaults(func=cmd_train)
-
     p = sub.add_parser("predict", help=cmd_predict.__doc__, description=cmd_predict.__doc__)
-    p.add_argument("--model", required=True, help="an export directory (make train OUTPUT=, make best-export)")
-    p.add_argument("--images", required=True, help="an image file or a folder of images")
-    p.add_argument("--top-k", type=int, default=3)
+    add_options(p, PredictOptions)
     p.set_defaults(func=cmd_predict)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    tfstart.start_tensorflow()  # both commands need it; its start-up lines held back
+    parser = argparse.ArgumentParser(prog="tlsweep", description=__doc__.split("\n\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="command"))
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:

@@ -56,9 +56,11 @@ def check_folds(k: int, n: int) -> None:
 
 
 def cross_validate(features: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int, *, folds: int,
-                   epochs: int, learning_rate: float, dropout: float, batch_size: int, seed: int) -> CVResult:
-    """Train a fresh head (``pipeline.model.build_head``, the run's own head) for ``epochs`` on k-1 folds of
-    train+validation features and score it on the fold left out, for each of ``folds`` folds."""
+                   epochs: int, learning_rate: float, dropout: float, batch_size: int, seed: int,
+                   label_smoothing: float = 0.0, weight_decay: float = 0.0) -> CVResult:
+    """Train a fresh head (``pipeline.model.build_head``, the run's own head, with its loss and optimizer) for
+    ``epochs`` on k-1 folds of train+validation features and score it on the fold left out, for each of ``folds``
+    folds."""
     from pipeline.features import feature_batches
     from pipeline.model import build_head, compile_model
     from pipeline.training import build_optimizer
@@ -71,7 +73,7 @@ def cross_validate(features: dict[str, tuple[np.ndarray, np.ndarray]], num_class
     for held_out in parts:
         train = np.setdiff1d(np.arange(len(y)), held_out, assume_unique=True)
         head = build_head(x.shape[1], num_classes, dropout, seed=seed)
-        compile_model(head, learning_rate)
+        compile_model(head, learning_rate, label_smoothing=label_smoothing, weight_decay=weight_decay)
         build_optimizer(head)  # the train step traced once per fold, not twice
         head.fit(feature_batches((x[train], y[train]), batch_size, shuffle=True, seed=seed), epochs=epochs,
                  verbose=0, shuffle=False)

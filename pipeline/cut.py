@@ -35,6 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import safepath
 from pipeline.data import SPLITS, DataSplits
 from pipeline.efficientnet_lite import cache_dir
 from pipeline.model import backbone_of
@@ -169,9 +170,10 @@ def load_or_compute(cut: Cut, data: DataSplits, key: str, batch_size: int = 64,
         out[name] = (np.concatenate(xs) if xs else np.zeros((0, *shape), cut.bottom.output.dtype),
                      np.concatenate(ys) if ys else np.zeros((0,), np.int32))
     path = _path(key, root)
+    safepath.make_dir(path.parent, safepath.CACHE)  # marked: `make clean-cache` removes only tlsweep's caches
     tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     for name, (x, y) in out.items():
         np.save(tmp / f"{name}_x.npy", x)
         np.save(tmp / f"{name}_y.npy", y)

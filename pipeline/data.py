@@ -2,11 +2,12 @@
 
 Sources: a tensorflow-datasets name (split slicing such as ``train[:75%]``), a folder of class
 subfolders (``class/*.jpg``; split made from the seed), a folder with ``train/``, ``validation/``
-(or ``val/``) and optionally ``test/`` subfolders each holding class subfolders, or one with
-``train/`` and ``test/`` only (validation carved from train by the seed). Images come out as raw
-0..255 RGB pixels at ``image_size``; class names come from the data. Images in subfolders of a class
-folder belong to that class; a class folder with no images of its own, only subfolders of images,
-is refused (it is a folder of data sets, not of classes).
+(or ``val/``, ``valid/``; any case) and optionally ``test/`` subfolders each holding class subfolders, or one
+with ``train/`` and ``test/`` only (validation carved from train by the seed); see
+``pipeline.datafolder.split_folders``. Images come out as raw 0..255 RGB pixels at ``image_size``, turned as
+their EXIF Orientation says (as a phone or a browser displays them); class names come from the data. Images
+in subfolders of a class folder belong to that class; a class folder with no images of its own, only
+subfolders of images, is refused (it is a folder of data sets, not of classes).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -22,15 +24,17 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import image_cache
+from pipeline.datafolder import (IMAGE_EXTENSIONS, SKIPPED_SHOWN, SUPPORTED, DataWarning, check_seed,  # noqa: F401
+                                 check_split, copies_line, copies_of_train, orientation, skip_reason, skipped_lines,
+                                 split_folders, subfolders, walk)
 from pipeline.errors import DataError, UserError
 from pipeline.tfstart import quiet_decoders
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 DEFAULT_FOLDER_SPLIT = "75/15/10"
 # A train/ + test/ folder (no validation/): this share of each class of train/ becomes validation.
 CARVED_VALIDATION = 0.15
-SKIPPED_SHOWN = 10  # skipped files named on screen; the rest are counted
+# How files become pixels; in the data fingerprint, so features cached from pixels decoded otherwise are not reused.
+DECODING = "exif-orientation"
 # Default train/validation/test splits per tfds data set (as in the seeds).
 DEFAULT_TFDS_SPLITS = {
     "tf_flowers": "train[:75%],train[75%:90%],train[90%:]",
@@ -46,7 +50,7 @@ def steady(ds: tf.data.Dataset) -> tf.data.Dataset:
     """A batched training or evaluation pipeline, prefetched ``PREFETCH`` batches ahead, with tf.data's autotuning
     off: its optimizer thread gains nothing when a batch is rows copied from memory, and the iterator of a pipeline
     that ends waits for that thread: up to 4.1 s at the end of a `fit` on flowers' activations at the cut, in 3 of 4
-    fits measured, with the steps no faster (README: Steps timed one by one). Maps upstream that ask for
+    fits measured, with the steps no faster (benchmarks/results/2026-11-25-bench-fixed-cost-steps-timed.md). Maps upstream that ask for
     ``AUTOTUNE`` parallelism (a tfds data set's resizing, done as it trains) then use every core; the one-time
     decoding of a folder into the image cache keeps autotuning."""
     options = tf.data.Options()
@@ -91,6 +95,16 @@ class DataSplits:
         x, y = next(iter(self.splits[split].batch(n)))
         return x.numpy(), y.numpy()
 
+    def with_validation_in_train(self) -> DataSplits:
+        """The same data with the validation images added to the training split: for a refit once the validation
+        split has chosen (nothing is left to choose with it). Its fingerprint differs, so no cache of the split as it
+        was stands in for it; the validation split stays, for Keras's per-epoch report on images it now trains on."""
+        splits = {name: self.splits[name] for name in self.splits}
+        splits["train"] = splits["train"].concatenate(splits["validation"])
+        return dataclasses.replace(self, splits=splits, sizes={**self.sizes, "train": self.sizes["train"] +
+                                                               self.sizes["validation"]},
+                                   fingerprint=f"{self.fingerprint}+validation")
+
     def lineage(self) -> dict[str, object]:
         """What a tracker records about where the data came from."""
         return {
@@ -119,6 +133,7 @@ def load_data(
     a process getting ready ahead of its trial must not decode beside the trial that is decoding them."""
     if not isinstance(image_size, int) or image_size < 8:
         raise UserError(f"image size must be an integer of at least 8 px, got {image_size!r}")
+    check_seed(seed)
     folder = _folder(dataset)
     if folder is not None:
         return _load_folder(folder, image_size, seed, split, cache, decode)
@@ -131,10 +146,27 @@ def load_data(
     return data
 
 
-def check_dataset(dataset: str) -> None:
-    """Fail at once, before any work, on a data set that cannot be found (missing folder, unknown tfds name)."""
-    if _folder(dataset) is None:
+def check_dataset(dataset: str, split: str | None = None, seed: int | None = None) -> None:
+    """Fail at once, before any work, on a data set that cannot be found (missing folder, unknown tfds name), a
+    folder whose layout is ambiguous (``split_folders``), a ``split`` it cannot take, or a seed out of range."""
+    if seed is not None:
+        check_seed(seed)
+    folder = _folder(dataset)
+    if folder is None:
         _check_tfds_name(dataset)
+        if split is not None:
+            _tfds_parts(dataset, split)
+        return
+    layout = split_folders(folder)
+    if layout is not None:
+        if split is not None:
+            _refuse_split(folder, layout, split)
+        class_names = _class_names(layout["train"])
+        for role in ("validation", "test"):
+            if role in layout:
+                _same_classes(layout[role], class_names)
+    elif split is not None:
+        check_split(split)
 
 
 def _folder(dataset: str) -> Path | None:
@@ -174,12 +206,7 @@ def _load_tfds(name: str, image_size: int, split: str | None, data_dir: str | No
     _check_tfds_name(name)
     builder = tfds.builder(name, data_dir=data_dir)
     spec = split or DEFAULT_TFDS_SPLITS.get(name) or _default_tfds_split(builder.info)
-    parts = [p.strip() for p in spec.split(",")]
-    if len(parts) != 3:
-        raise DataError(
-            f"split {spec!r} for {name} must name three tfds splits, train,validation,test, "
-            "e.g. 'train[:75%],train[75%:90%],train[90%:]'"
-        )
+    parts = _tfds_parts(name, spec)
     if not builder.info.supervised_keys:
         raise DataError(f"tfds data set {name!r} has no (image, label) supervised keys; it is not image classification")
     try:
@@ -200,6 +227,16 @@ def _load_tfds(name: str, image_size: int, split: str | None, data_dir: str | No
     }
     fingerprint = _hash([name, str(info.version), spec, str(image_size)])
     return DataSplits(name, "tfds", class_names, image_size, spec, sizes, fingerprint, [], splits)
+
+
+def _tfds_parts(name: str, spec: str) -> list[str]:
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 3 or not all(parts):
+        raise DataError(
+            f"split {spec!r} for {name} must name three tfds splits, train,validation,test, "
+            "e.g. 'train[:75%],train[75%:90%],train[90%:]'"
+        )
+    return parts
 
 
 def _tfds_size(ds: tf.data.Dataset, info, split: str) -> int:
@@ -225,41 +262,33 @@ class NotDecoded(Exception):
 
 def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cache: bool,
                  decode_all: bool = True) -> DataSplits:
-    subdirs = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    val_name = "validation" if "validation" in subdirs else "val" if "val" in subdirs else None
+    layout = split_folders(root)
     skipped: list[str] = []
-    if "train" in subdirs and val_name:
+    if layout is not None:
         if split:
-            raise DataError(
-                f"folder {root} already has train/ and {val_name}/ subfolders, so --split {split!r} does not "
-                "apply; leave it out"
-            )
-        class_names = _class_names(root / "train")
-        files = {"train": _scan(root / "train", class_names, skipped, each_class=True)}
-        val = _scan(root / val_name, class_names, skipped)
-        if "test" in subdirs:
-            files["validation"], files["test"] = val, _scan(root / "test", class_names, skipped)
-            spec = f"train/,{val_name}/,test/"
+            _refuse_split(root, layout, split)
+        train_dir = layout["train"]
+        class_names = _class_names(train_dir)
+        files = {"train": _scan(train_dir, class_names, skipped, each_class=True)}
+        if "validation" in layout:
+            val_dir = layout["validation"]
+            val = _scan(val_dir, class_names, skipped)
+            if "test" in layout:
+                files["validation"], files["test"] = val, _scan(layout["test"], class_names, skipped)
+                spec = f"{train_dir.name}/,{val_dir.name}/,{layout['test'].name}/"
+            else:
+                files["validation"], files["test"] = _split(val, (1, 1), seed)
+                spec = f"{train_dir.name}/,{val_dir.name}/[:50%],{val_dir.name}/[50%:] (seed {seed})"
         else:
-            files["validation"], files["test"] = _split(val, (1, 1), seed)
-            spec = f"train/,{val_name}/[:50%],{val_name}/[50%:] (seed {seed})"
-    elif {"train", "test"} <= subdirs and _has_subdirs(root / "train"):
-        if split:
-            raise DataError(
-                f"folder {root} already has train/ and test/ subfolders (validation is {CARVED_VALIDATION:.0%} of "
-                f"train/, chosen by the seed), so --split {split!r} does not apply; leave it out"
-            )
-        class_names = _class_names(root / "train")
-        share = round(CARVED_VALIDATION * 100)
-        train = _scan(root / "train", class_names, skipped, each_class=True)
-        files = dict(zip(("train", "validation"), _split(train, (100 - share, share), seed)))
-        files["test"] = _scan(root / "test", class_names, skipped)
-        spec = f"train/ split {100 - share}/{share} into train/validation (stratified, seed {seed}),test/"
+            share = round(CARVED_VALIDATION * 100)
+            files = dict(zip(("train", "validation"), _split(files["train"], (100 - share, share), seed)))
+            files["test"] = _scan(layout["test"], class_names, skipped)
+            spec = (f"{train_dir.name}/ split {100 - share}/{share} into train/validation (stratified, seed {seed}),"
+                    f"{layout['test'].name}/")
     else:
         class_names = _class_names(root)
         spec = split or DEFAULT_FOLDER_SPLIT
-        fractions = _parse_fractions(spec)
-        parts = _split(_scan(root, class_names, skipped, each_class=True), fractions, seed)
+        parts = _split(_scan(root, class_names, skipped, each_class=True), check_split(spec), seed)
         files = dict(zip(SPLITS, parts))
         spec = f"{spec} (seed {seed})"
     _check_sizes(str(root), {k: len(v) for k, v in files.items()}, spec)
@@ -268,11 +297,10 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
     _warn_unmeasured(files, class_names)
     resize = _resizer(image_size)
 
-    def decode(path, label):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return path, resize(image), label
+    def decode(path, turn, label):
+        return path, resize(_decode(tf.io.read_file(path), turn)), label
 
-    key = image_cache.key_for(files, class_names, spec, image_size) if cache else None
+    key = image_cache.key_for(files, class_names, spec, image_size, DECODING) if cache else None
     stored = image_cache.load(key) if key else None
     if stored is not None:  # decoded once before, by any process: memory-mapped, not decoded again
         arrays, meta = stored
@@ -290,8 +318,10 @@ def _load_folder(root: Path, image_size: int, seed: int, split: str | None, cach
             _check_sizes(str(root), {k: len(v) for k, v in files.items()}, spec)
         if key:
             image_cache.save(key, _materialize(splits, files, image_size), dropped)
+    if line := copies_line(copies_of_train(files), root):
+        warnings.warn(line, DataWarning, stacklevel=3)
     listing = [f"{s}:{p.relative_to(root)}:{p.stat().st_size}" for s, items in files.items() for p, _ in items]
-    fingerprint = _hash([*sorted(listing), *class_names, spec, str(image_size)])
+    fingerprint = _hash([*sorted(listing), *class_names, spec, str(image_size), DECODING])
     sizes = {k: len(v) for k, v in files.items()}
     return DataSplits(str(root), "folder", class_names, image_size, spec, sizes, fingerprint, skipped, splits)
 
@@ -302,9 +332,10 @@ def _decode_folder(files: dict[str, list], decode, dropped: list[str], cache: bo
     splits = {}
     for name, items in files.items():
         paths = tf.constant([str(p) for p, _ in items], tf.string, shape=[len(items)])
+        turns = np.array([orientation(p) for p, _ in items], dtype=np.int32)  # EXIF: about 0.1 ms a photo
         labels = np.array([c for _, c in items], dtype=np.int32)
         # Files that pass the header check but still fail to decode are dropped, not fatal.
-        ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(decode, num_parallel_calls=AUTOTUNE)
+        ds = tf.data.Dataset.from_tensor_slices((paths, turns, labels)).map(decode, num_parallel_calls=AUTOTUNE)
         ds = ds.ignore_errors()
         if cache:
             # Decode once now into the in-memory cache: later epochs read it, the exact size is known
@@ -363,38 +394,29 @@ def _available_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def skipped_lines(skipped_files: list[str], limit: int = SKIPPED_SHOWN) -> list[str]:
-    """The skipped files named on screen, ``limit`` of them, then how many more. libjpeg's own messages
-    (``Improper call to JPEG library in state 201``, ``Premature end of JPEG file``) name no file; they are held
-    back while images are decoded (``pipeline.tfstart.quiet_decoders``) and these lines say it instead."""
-    if not skipped_files:
-        return []
-    lines = [f"{len(skipped_files)} file(s) skipped, not readable images:"]
-    lines += [f"  skipped (not a readable image): {path}" for path in skipped_files[:limit]]
-    if len(skipped_files) > limit:
-        lines.append(f"  ... and {len(skipped_files) - limit} more skipped files (all counted in skipped_files)")
-    return lines
-
-
 def unreadable_files(dataset: str) -> list[str]:
-    """Files of a folder data set that are not images or that TensorFlow cannot decode, found before any
-    trial (JPEGs decoded at 1/8 scale: about 2.4 s for 3,670 photos on 2 cores), so a sweep names them."""
+    """The files of a folder data set that ``load_data`` skips (``skip_reason``) or that do not decode, found before
+    any trial (JPEGs decoded at 1/8 scale: about 2.4 s for 3,670 photos on 2 cores), so a sweep names them."""
     root = _folder(dataset)
     if root is None:
         return []
-    files = sorted(p for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
-                   for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
-    bad = [str(p) for p in files if not _is_image(p)]
-    images = [str(p) for p in files if _is_image(p)]
+    layout = split_folders(root)
+    images: list[str] = []
+    bad: list[str] = []
+    for top in layout.values() if layout else [root]:
+        for folder in subfolders(top):
+            found, skipped = walk(folder)
+            images += [str(p) for p in found]
+            bad += [str(p) for p in skipped]
     if not images:
-        return bad
+        return sorted(bad)
 
     def decodes(path):
         data = tf.io.read_file(path)
         if tf.io.is_jpeg(data):
             image = tf.io.decode_jpeg(data, channels=3, ratio=8)
         else:
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            image = _decode(data, tf.constant(1))
         return path, tf.shape(image)[0]
 
     ds = tf.data.Dataset.from_tensor_slices(images).map(decodes, num_parallel_calls=AUTOTUNE).ignore_errors()
@@ -403,8 +425,15 @@ def unreadable_files(dataset: str) -> list[str]:
     return sorted(bad + [p for p in images if p not in decoded])
 
 
-def _has_subdirs(folder: Path) -> bool:
-    return any(d.is_dir() and not d.name.startswith(".") for d in folder.iterdir())
+def _refuse_split(root: Path, layout: dict[str, Path], split: str) -> None:
+    """A folder of split folders has its split: ``SPLIT=`` does not apply."""
+    train = layout["train"].name
+    if "validation" in layout:
+        raise DataError(f"folder {root} already has {train}/ and {layout['validation'].name}/ subfolders, so "
+                        f"--split {split!r} does not apply; leave it out")
+    raise DataError(f"folder {root} already has {train}/ and {layout['test'].name}/ subfolders (validation is "
+                    f"{CARVED_VALIDATION:.0%} of {train}/, chosen by the seed), so --split {split!r} does not apply; "
+                    "leave it out")
 
 
 def _warn_unmeasured(files: dict[str, list], class_names: list[str]) -> None:
@@ -417,11 +446,11 @@ def _warn_unmeasured(files: dict[str, list], class_names: list[str]) -> None:
             warnings.warn(
                 f"the {split} split has no image of class(es) {', '.join(missing)} "
                 f"({', '.join(f'{n}: {counts[n]} in train' for n in missing)}), so {split} accuracy does not "
-                "measure them; add images (10 or more per class)", UserWarning, stacklevel=3)
+                "measure them; add images (10 or more per class)", DataWarning, stacklevel=3)
 
 
 def _class_names(root: Path) -> list[str]:
-    names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = [d.name for d in subfolders(root)]
     if not names:
         raise DataError(
             f"folder {root} has no class subfolders; expected {root}/<class>/*.jpg "
@@ -434,66 +463,50 @@ def _class_names(root: Path) -> list[str]:
     return names
 
 
+def _same_classes(root: Path, class_names: list[str]) -> None:
+    """A validation or test folder: a class folder the train split lacks would be ignored."""
+    extra = [d.name for d in subfolders(root) if d.name not in class_names]
+    if extra:
+        raise DataError(f"{root} has class folder(s) {', '.join(extra)} that the train split does not have (its "
+                        f"classes: {', '.join(class_names)}); every split needs the same classes: add them to the "
+                        "train split or remove them")
+
+
 def _scan(root: Path, class_names: list[str], skipped: list[str], each_class: bool = False) -> list[tuple[Path, int]]:
-    """List ``(file, class index)`` under ``root/<class>/`` (subfolders included); unreadable and non-image
-    files go to ``skipped``. ``each_class``: the folder that defines the classes, where every class needs images."""
+    """List ``(file, class index)`` under ``root/<class>/`` (subfolders included); the entries not read
+    (``skip_reason``) go to ``skipped``. ``each_class``: the folder that defines the classes, where every class needs
+    images; in the others a class folder the classes lack would be ignored, and is refused."""
+    if not each_class:
+        _same_classes(root, class_names)
     items = []
     nested = []
     for index, name in enumerate(class_names):
         folder = root / name
         if not folder.is_dir():
             raise DataError(f"class folder {folder} is missing: every split needs the same classes {class_names}")
-        found = 0
-        for path in sorted(folder.rglob("*")):
-            if path.is_dir() or path.name.startswith("."):
-                continue
-            if _is_image(path):
-                items.append((path, index))
-                found += 1
-            else:
-                skipped.append(str(path))
-        if found and not any(p.parent == folder for p, c in items[len(items) - found:]):
+        images, passed = walk(folder)
+        skipped.extend(str(p) for p in passed)
+        items.extend((p, index) for p in images)
+        if images and not any(p.parent == folder for p in images):
             nested.append(name)
-        elif each_class and not found:
+        elif each_class and not images:
+            seen = f" ({len(passed)} file(s) skipped there, e.g. {passed[0].name}: {skip_reason(passed[0])})" \
+                if passed else ""
             raise DataError(
-                f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add images to it or "
+                f"class folder {folder} holds no images{seen}; images read: {SUPPORTED}; add images to it or "
                 "remove it (an empty class would be a class the model can never learn)"
             )
     if nested:
         first = root / nested[0]
-        inner = sorted(d.name for d in first.iterdir() if d.is_dir() and not d.name.startswith("."))
+        inner = [d.name for d in subfolders(first)]
         raise DataError(
             f"folder {root} looks like a folder of data sets, not of classes: {', '.join(nested)} hold no images "
             f"of their own, only subfolders ({nested[0]}/{', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''}); "
             f"pass one data set, e.g. {first}"
         )
     if not items:
-        raise DataError(f"folder {root} holds no images; expected {', '.join(IMAGE_EXTENSIONS)} files in class folders")
+        raise DataError(f"folder {root} holds no images; expected {SUPPORTED} files in class folders")
     return items
-
-
-def _is_image(path: Path) -> bool:
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return False
-    try:
-        with open(path, "rb") as f:
-            head = f.read(10)
-    except OSError:
-        return False
-    return head.startswith(_MAGIC)
-
-
-def _parse_fractions(spec: str) -> tuple[float, ...]:
-    try:
-        parts = tuple(float(p) for p in spec.split("/"))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3 or min(parts) <= 0:
-        raise DataError(
-            f"split {spec!r} for a folder must be train/validation/test percentages such as 75/15/10 "
-            "(each above zero)"
-        )
-    return parts
 
 
 def _split(items: list[tuple[Path, int]], fractions: tuple[float, ...], seed: int) -> list[list]:
@@ -512,15 +525,54 @@ def _split(items: list[tuple[Path, int]], fractions: tuple[float, ...], seed: in
 
 
 def read_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """One image file as uint8 RGB ``[S, S, 3]``, decoded and resized exactly as for training."""
-    if not _is_image(Path(path)):
-        raise UserError(f"{path} is not a readable image ({', '.join(IMAGE_EXTENSIONS)})")
+    """One image file as uint8 RGB ``[S, S, 3]``, decoded, turned and resized exactly as for training."""
+    if reason := skip_reason(path):
+        raise UserError(f"{path}: {reason}; images read: {SUPPORTED}")
     try:
         with quiet_decoders():  # the error below names the file
-            image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
-    except tf.errors.InvalidArgumentError as e:
-        raise UserError(f"{path} could not be decoded: {e.message}") from e
+            image = _decode(tf.io.read_file(str(path)), tf.constant(orientation(path)))
+    except Exception as e:  # noqa: BLE001 - TensorFlow's errors, or Pillow's (eager numpy_function) for a TIFF
+        message = getattr(e, "message", None) or str(e) or type(e).__name__
+        raise UserError(f"{path}: not a readable image (it did not decode: {message.splitlines()[0]})") from e
     return _resizer(image_size)(image).numpy()
+
+
+def _decode(data: tf.Tensor, turn: tf.Tensor) -> tf.Tensor:
+    """The bytes of an image file as uint8 ``[H, W, 3]``, as displayed. TensorFlow decodes JPEG, PNG, GIF, BMP and
+    WebP, then turns the pixels by ``turn``, the file's EXIF Orientation (``datafolder.orientation``); TIFF goes
+    through Pillow, which turns it itself."""
+    head = tf.strings.substr(data, 0, 4)
+    tiff = tf.logical_or(tf.equal(head, b"II*\x00"), tf.equal(head, b"MM\x00*"))
+    return tf.cond(tiff, lambda: _pillow(data),
+                   lambda: _turn(tf.io.decode_image(data, channels=3, expand_animations=False), turn))
+
+
+def _pillow(data: tf.Tensor) -> tf.Tensor:
+    def pixels(raw: np.ndarray) -> np.ndarray:
+        from PIL import Image, ImageOps
+
+        with Image.open(io.BytesIO(raw.tobytes())) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+    # As uint8 values: a string would reach numpy as bytes_, which drops the trailing NUL bytes a TIFF may end with.
+    image = tf.numpy_function(pixels, [tf.io.decode_raw(data, tf.uint8)], tf.uint8, stateful=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _turn(image: tf.Tensor, turn: tf.Tensor) -> tf.Tensor:
+    """Apply EXIF Orientation ``turn`` (1..8) as Pillow's ``ImageOps.exif_transpose`` does."""
+    swap = lambda: tf.transpose(image, [1, 0, 2])  # noqa: E731
+    return tf.switch_case(tf.clip_by_value(turn, 1, 8) - 1, [
+        lambda: image,
+        lambda: tf.reverse(image, [1]),  # mirrored left-right
+        lambda: tf.reverse(image, [0, 1]),  # upside down
+        lambda: tf.reverse(image, [0]),  # mirrored top-bottom
+        swap,  # transposed
+        lambda: tf.image.rot90(image, 3),  # turned 90 degrees clockwise
+        lambda: tf.reverse(swap(), [0, 1]),  # transversed
+        lambda: tf.image.rot90(image, 1),  # turned 90 degrees counter-clockwise
+    ])
 
 
 def _resizer(image_size: int):

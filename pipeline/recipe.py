@@ -20,13 +20,13 @@ import keras
 from pipeline import crossval, features, precision
 from pipeline import weights as weights_file
 from pipeline import cut as cuts
-from pipeline.backbones import BackboneSpec, check_image_size, get_spec
+from pipeline.backbones import BackboneSpec, check_image_size, check_weights_file, get_spec
 from pipeline.data import DataSplits, load_data
 from pipeline.errors import UserError
 from pipeline.export import load_keras_model
-from pipeline.hparams import DEFAULTS, RunConfig
+from pipeline.hparams import DEFAULTS, RunConfig, check
 from pipeline.model import build_head, build_model, is_head, resolve_fine_tune_at
-from pipeline.training import TrainResult, train
+from pipeline.training import TrainResult, check_warmup, train
 
 CHECKPOINT = "model.keras"  # a trained full classifier, with its optimizer (what Hyperband continues)
 HEAD_CHECKPOINT = "head.keras"  # a head trained on cached features (a few KB)
@@ -68,41 +68,12 @@ class Plan:
         return str(c.backbone), int(self.image_size), int(num_classes), bool(c.augment), self.precision
 
 
-def validate(config: RunConfig) -> None:
-    """Every value of ``config`` in its range, or a ``UserError`` that names it: before any work, not deep in Keras."""
-    def number(name: str, kind: type, low: float, high: float | None = None, low_open: bool = False,
-               allow_none: bool = False) -> None:
-        value = getattr(config, name)
-        if value is None and allow_none:
-            return
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value))
-        ok = ok and math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value < high)
-        if not ok:
-            bounds = f"{'>' if low_open else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
-            raise UserError(f"{name} must be {'a whole number' if kind is int else 'a number'} {bounds}, got {value!r}")
-
-    number("epochs", int, 1)
-    number("fine_tune_epochs", int, 0, allow_none=not config.fine_tune)
-    number("batch_size", int, 1)
-    number("learning_rate", float, 0, low_open=True)
-    number("fine_tune_learning_rate", float, 0, low_open=True, allow_none=True)
-    number("dropout", float, 0, 1)
-    number("image_size", int, 0)
-    number("seed", int, 0)
-    for name in ("fine_tune", "augment", "xla", "feature_cache"):
-        if not isinstance(getattr(config, name), bool):
-            raise UserError(f"{name} must be true or false, got {getattr(config, name)!r}")
-    if not isinstance(config.backbone, str) or not isinstance(config.weights, str):
-        raise UserError(f"backbone and weights must be names, got {config.backbone!r} and {config.weights!r}")
-    if config.weights not in ("imagenet", "none", "") and not Path(config.weights).expanduser().is_file():
-        raise UserError(f"weights {config.weights!r} is not 'imagenet', 'none' or an existing weights file; pass a "
-                        "path to a .h5/.weights.h5 file saved for the backbone without its top")
-
-
 def plan(config: RunConfig) -> Plan:
     """Resolve ``config`` once; a configuration that cannot run is a ``UserError`` here, before any work."""
-    validate(config)
+    config = check(config)
     spec = get_spec(config.backbone)
+    if config.weights not in ("imagenet", "none", "") and not spec.is_ensemble:  # a weights file is one, before work
+        check_weights_file(config.weights, config.backbone)
     image_size = int(config.image_size or 0) or spec.native_size
     check_image_size(spec, image_size)
     if config.cv_folds:
@@ -111,7 +82,9 @@ def plan(config: RunConfig) -> Plan:
     fine_tune_epochs = int(config.fine_tune_epochs or 0) if config.fine_tune else 0
     if spec.is_ensemble and unfreeze_from is not None and fine_tune_epochs > 0:
         raise UserError(f"backbone {spec.name!r} is an ensemble: it trains its head only and does not fine-tune; "
-                        "set fine_tune: false in the sweep's space (make train: FINE_TUNE_AT=none)")
+                        "set fine_tune: false in the sweep's space (train: --fine-tune-at none)")
+    if unfreeze_from is not None:
+        check_warmup(float(config.warmup_epochs or 0), fine_tune_epochs)
     lr = config.fine_tune_learning_rate
     return Plan(config, spec, image_size, unfreeze_from, fine_tune_epochs,
                 float(lr if lr is not None else DEFAULTS["fine_tune_learning_rate"]),
@@ -192,6 +165,8 @@ def train_run(
         fine_tune_learning_rate=plan.fine_tune_learning_rate, batch_size=int(config.batch_size), seed=config.seed,
         verbose=verbose, initial_epoch=initial_epoch, stop_epoch=stop_epoch, jit_compile=config.xla,
         callbacks=callbacks, early_stopping_patience=int(config.early_stopping_patience or 0), cut=at_cut,
+        label_smoothing=float(config.label_smoothing), weight_decay=float(config.weight_decay),
+        fine_tune_schedule=config.fine_tune_schedule or "constant", warmup_epochs=float(config.warmup_epochs or 0),
     )
     if any(math.isnan(v) or math.isinf(v) for k in ("loss", "val_loss") for v in result.history.get(k, [])):
         raise Diverged("loss became NaN/inf; lower the learning rate")
@@ -216,7 +191,9 @@ def cross_validate(plan: Plan, data: DataSplits, cached: dict | None, epochs: in
     return crossval.cross_validate(cached, data.num_classes, folds=int(config.cv_folds),
                                    epochs=int(epochs or config.epochs),
                                    learning_rate=float(config.learning_rate), dropout=float(config.dropout),
-                                   batch_size=int(config.batch_size), seed=config.seed)
+                                   batch_size=int(config.batch_size), seed=config.seed,
+                                   label_smoothing=float(config.label_smoothing),
+                                   weight_decay=float(config.weight_decay))
 
 
 def full_model(plan: Plan, num_classes: int, trained: keras.Model | None = None) -> keras.Model:

@@ -19,6 +19,7 @@ from pipeline.data import DataSplits
 from pipeline.errors import UserError
 from pipeline.features import feature_batches
 from pipeline.features import head as feature_head
+from pipeline.hparams import RunConfig, check
 from pipeline.model import backbone_of, compile_model, is_head, set_trainable, trainable_params
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -58,10 +59,27 @@ class TrainResult:
         return self.features is not None
 
 
-def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        raise UserError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+def check_warmup(warmup_epochs: float, fine_tune_epochs: float) -> None:
+    """A warmup is the start of the fine-tuning phase: it must end inside it (checked where the run fine-tunes)."""
+    if fine_tune_epochs and warmup_epochs >= fine_tune_epochs:
+        raise UserError(f"warmup_epochs {warmup_epochs:g} must be fewer than fine_tune_epochs {fine_tune_epochs:g}: "
+                        "the warmup is the start of the fine-tuning phase; lower warmup_epochs or fine-tune longer")
+
+
+def fine_tune_rate(learning_rate: float, schedule: str, warmup_epochs: float, epochs: int, steps_per_epoch: int,
+                   ) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The fine-tuning learning rate: ``learning_rate`` as it is (constant, no warmup: the plain recipe), or a schedule
+    over the phase's ``epochs * steps_per_epoch`` steps: a linear rise from 0 over ``warmup_epochs``, then constant or a
+    cosine down to 0 (Keras's ``CosineDecay``; ``alpha`` 1 keeps it constant). The schedule reads the optimizer's step
+    count, which starts at 0 when the phase compiles and is saved in a checkpoint with the optimizer: a Hyperband
+    slice that continues the phase continues its schedule, on every path (images, top at the cut) alike."""
+    if schedule == "constant" and not warmup_epochs:
+        return learning_rate
+    warmup = max(1, round(warmup_epochs * steps_per_epoch)) if warmup_epochs else 0
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else learning_rate, max(epochs * steps_per_epoch - warmup, 1),
+        alpha=1.0 if schedule == "constant" else 0.0, warmup_target=learning_rate if warmup else None,
+        warmup_steps=warmup)
 
 
 def train(
@@ -84,6 +102,10 @@ def train(
     jit_compile: bool = False,
     early_stopping_patience: int = 0,
     cut: tuple[Cut, Activations] | None = None,
+    label_smoothing: float = 0.0,
+    weight_decay: float = 0.0,
+    fine_tune_schedule: str = "constant",
+    warmup_epochs: float = 0,
 ) -> TrainResult:
     """Train the head with the backbone frozen, then fine-tune from ``unfreeze_from`` (if not None).
 
@@ -108,13 +130,19 @@ def train(
     ``model`` may also be a head alone (``pipeline.model.build_head``): it then trains and is
     evaluated on ``features`` only, head phase only; ``build_model(..., head=head)`` puts it on
     the full model.
+
+    ``label_smoothing`` and ``weight_decay`` (AdamW) apply to both phases, ``fine_tune_schedule`` and
+    ``warmup_epochs`` to the fine-tuning learning rate (``fine_tune_rate``); every path above (images, cached
+    features, the top at the cut, a head alone) trains the same loss and optimizer, as they share the classifier's.
     """
-    check_positive("epochs", epochs)
-    check_positive("fine_tune_epochs", fine_tune_epochs, allow_zero=True)
-    check_positive("learning_rate", learning_rate)
-    check_positive("fine_tune_learning_rate", fine_tune_learning_rate)
-    check_positive("batch_size", batch_size)
+    check(RunConfig(epochs=epochs, fine_tune_epochs=fine_tune_epochs, learning_rate=learning_rate, batch_size=batch_size,
+                    fine_tune_learning_rate=fine_tune_learning_rate, early_stopping_patience=early_stopping_patience,
+                    label_smoothing=label_smoothing, weight_decay=weight_decay, fine_tune_schedule=fine_tune_schedule,
+                    warmup_epochs=warmup_epochs))
+    if unfreeze_from is not None:
+        check_warmup(warmup_epochs, fine_tune_epochs)
     fine_tunes = unfreeze_from is not None and fine_tune_epochs > 0
+    knobs = dict(jit_compile=jit_compile, label_smoothing=label_smoothing, weight_decay=weight_decay)
     if is_head(model) and (features is None or fine_tunes):
         raise ValueError("a head alone trains on cached features and cannot fine-tune; "
                          "build the full model (build_model(..., head=head)) to fine-tune")
@@ -140,7 +168,6 @@ def train(
     seconds = {"head": 0.0, "fine_tune": 0.0, "eval": 0.0, "trace": 0.0, "trace_eval": 0.0, "steps": 0.0}
     head_test_accuracy = None
     stopped = []  # a callback stopped training (pruning): the run ends there, no further phase
-    check_positive("early_stopping_patience", early_stopping_patience, allow_zero=True)
     stopper = None
     if early_stopping_patience and initial_epoch == 0 and stop_epoch is None:
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(early_stopping_patience),
@@ -182,7 +209,7 @@ def train(
         if initial_epoch == 0 or not _compiled(model):
             if not is_head(model):
                 set_trainable(model, None)
-            compile_model(model, learning_rate, jit_compile=jit_compile)
+            compile_model(model, learning_rate, **knobs)
         run("head", initial_epoch, min(epochs, stop))
     fine_tune_start = epochs
     if stopper is not None:  # the head phase may have stopped early: fine-tuning follows its kept epochs
@@ -199,7 +226,9 @@ def train(
                 seconds["trace_eval"] = tracer.extra()
                 seconds["steps"] += tracer.total
             set_trainable(model, unfreeze_from)
-            compile_model(model, fine_tune_learning_rate, jit_compile=jit_compile)  # recompile after `trainable`
+            rate = fine_tune_rate(fine_tune_learning_rate, fine_tune_schedule, warmup_epochs, fine_tune_epochs,
+                                  -(-data.sizes["train"] // batch_size))
+            compile_model(model, rate, **knobs)  # recompile after `trainable`
         run("fine_tune", max(initial_epoch, fine_tune_start), stop, fine_tune_start)
 
     result = TrainResult(
