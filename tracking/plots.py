@@ -207,32 +207,14 @@ def pareto(costs: Sequence[float], values: Sequence[float], labels: Sequence[str
     return path
 
 
-def trial_plots(data: dict, folder: str | Path) -> None:
-    """A trial's learning curves and, if given, confusion matrix and prediction grid (see tracking.journal)."""
+def trial_plots(data: dict, folder: str | Path) -> list[Path]:
+    """A trial's learning curves and, if given, confusion matrix and prediction grid, as PNG files in ``folder``."""
     folder = Path(folder)
-    learning_curves(data["history"], data.get("fine_tune_start"), folder / LEARNING_CURVES,
-                    first_epoch=int(data.get("first_epoch", 0)))
+    drawn = [learning_curves(data["history"], data.get("fine_tune_start"), folder / LEARNING_CURVES,
+                             first_epoch=int(data.get("first_epoch", 0)))]
     if data.get("confusion") is not None:
-        confusion_matrix(np.asarray(data["confusion"]), data["class_names"], folder / CONFUSION_MATRIX)
-    if data.get("grid_images"):
-        prediction_grid(np.load(data["grid_images"]), data["grid_labels"], data["grid_predicted"], data["class_names"],
-                        folder / PREDICTIONS)
-
-
-def serve() -> None:
-    """Draw trial plots for ``tracking.journal``: one JSON job per stdin line, one answer per stdout line."""
-    import json
-    import sys
-
-    for line in sys.stdin:
-        job = json.loads(line)
-        try:
-            trial_plots(job["data"], job["folder"])
-            answer = "ok"
-        except Exception as e:  # reported to the caller, which raises it
-            answer = f"error: {type(e).__name__}: {e}"
-        print(answer.replace("\n", " "), flush=True)
-
-
-if __name__ == "__main__":
-    serve()
+        drawn.append(confusion_matrix(np.asarray(data["confusion"]), data["class_names"], folder / CONFUSION_MATRIX))
+    if data.get("grid_images") is not None and len(data["grid_images"]):
+        drawn.append(prediction_grid(np.asarray(data["grid_images"]), data["grid_labels"], data["grid_predicted"],
+                                     data["class_names"], folder / PREDICTIONS))
+    return drawn

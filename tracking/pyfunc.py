@@ -24,23 +24,46 @@ def quiet_input_example_warning() -> None:
 quiet_input_example_warning()
 
 
-def log_pyfunc(export_dir: str, sample: np.ndarray | dict[str, np.ndarray], probs: np.ndarray,
-               name: str = MODEL_DIR) -> str:
-    """Log the export as a pyfunc model with a signature (``sample``: a batch, or one per input of an export with
-    several); returns its model URI."""
-    import tensorflow as tf
-
+def log_model(export_dir: str, sample: np.ndarray | dict[str, np.ndarray], probs: np.ndarray,
+              run_id: str | None = None, params: dict[str, str] | None = None,
+              name: str = MODEL_DIR) -> mlflow.models.model.ModelInfo:
+    """Log the export as a pyfunc model (an MLflow LoggedModel) with a signature (``sample``: a batch, or one per
+    input of an export with several), to ``run_id`` or else the active run, without reopening or closing it;
+    ``params``: the model's own (MLflow copies the run's, which a run written model first does not have yet)."""
     sample = ({k: v.astype(np.float32) for k, v in sample.items()} if isinstance(sample, dict)
               else sample.astype(np.float32))
+    from mlflow.tracking import fluent
 
-    info = mlflow.pyfunc.log_model(
+    before = fluent._active_experiment_id  # MLflow creates the LoggedModel in the active experiment: the run's
+    if run_id is not None:
+        fluent._active_experiment_id = mlflow.tracking.MlflowClient().get_run(run_id).info.experiment_id
+    try:
+        return _log(export_dir, sample, probs, run_id, params, name)
+    finally:
+        fluent._active_experiment_id = before
+
+
+def _log(export_dir: str, sample, probs: np.ndarray, run_id: str | None, params: dict[str, str] | None,
+         name: str) -> mlflow.models.model.ModelInfo:
+    import tensorflow as tf
+
+    return mlflow.models.Model.log(
+        artifact_path=None,
         name=name,
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
         python_model=str(MODEL_CODE),
         artifacts={MODEL_EXPORT: str(export_dir)},
         signature=mlflow.models.infer_signature(sample, probs.astype(np.float32)),
         pip_requirements=[f"tensorflow=={tf.__version__}", f"mlflow=={mlflow.__version__}", "numpy"],
+        params=params,
     )
-    return info.model_uri
+
+
+def log_pyfunc(export_dir: str, sample: np.ndarray | dict[str, np.ndarray], probs: np.ndarray,
+               name: str = MODEL_DIR) -> str:
+    """``log_model`` to the active run; returns its model URI."""
+    return log_model(export_dir, sample, probs, name=name).model_uri
 
 
 def log_export(run_id: str, export_dir: str, sample: np.ndarray | dict[str, np.ndarray], probs: np.ndarray) -> str:
@@ -48,11 +71,10 @@ def log_export(run_id: str, export_dir: str, sample: np.ndarray | dict[str, np.n
 
     The SavedModel is stored once, inside the model (its artifact ``export``; ``download_export`` gets it
     back): at 224 px that is tens of MB a trial, which a second copy under ``savedmodel/`` doubled.
-    Reopening the run marks it FINISHED; callers that close it with another status do so afterwards.
+    The run's status stays as it is.
     """
-    with mlflow.start_run(run_id=run_id):  # the active run is per thread
-        uri = log_pyfunc(str(export_dir), sample, probs)
-        mlflow.set_tag(MODEL_URI, uri)
+    uri = log_model(export_dir, sample, probs, run_id=run_id).model_uri
+    mlflow.tracking.MlflowClient().set_tag(run_id, MODEL_URI, uri)
     return uri
 
 

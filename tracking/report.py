@@ -19,21 +19,24 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from pipeline import safepath
+from pipeline.errors import typed
 from tracking import leaderboard as lb
 from tracking import plots
 from tracking.intervals import interval_text
 from tracking.layout import (ERROR, LATENCY_MS, PARETO_LATENCY, PARETO_SIZE, PLOTS_DIR, SIZE_MB, SWEEP_PLOTS,
                              TRIAL_PLOTS)
-SEARCHED = ("backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
-            "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "augment", "image_size")
+
 BOARD_COLUMNS = ("trial", "status", "backbone", "fine_tune", "fine_tune_at", "dropout", "batch_size", "learning_rate",
                  "fine_tune_learning_rate", "epochs", "fine_tune_epochs", "val_accuracy", "val_95", *lb.CV_COLUMNS,
                  "tied", "test_accuracy", "test_95", "latency_ms", "size_mb", "pruned", "run_id")
-# (total_params and wall_seconds are in MLflow and `make report`'s printed board; the page must fit 1,400 px)
+# (total_params, wall_seconds, val_loss and ranked_by are in MLflow's leaderboard.csv and `make report`'s printed board;
+# the page must fit 1,400 px: the facts above the table say what ranked the tied trials)
 PER_BACKBONE = ("backbone", "val_accuracy", "val_95", "test_accuracy", "test_95", "run_id")
 HOW_TO_READ = ("[low, high]: the 95 % Wilson interval of the accuracy on that split's n images (validation_size, "
-               "test_size); tied: the trial's val_accuracy lies inside the best trial's val interval, so the validation "
-               "split cannot tell it from the best.")
+               "test_size); tied: the trial's val_accuracy lies inside the interval of the highest val_accuracy, so "
+               "the validation split cannot tell them apart. The tied trials are ranked by a steadier estimate "
+               "(val_loss, or cv_accuracy when each has it: docs/selection.md), the others by val_accuracy.")
 
 
 def sweep_charts(table: pd.DataFrame, folder: Path) -> list[Path]:
@@ -44,8 +47,7 @@ def sweep_charts(table: pd.DataFrame, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     groups = {str(k): list(v) for k, v in done.groupby("backbone")[lb.OBJECTIVE]}
     out = [plots.by_backbone(groups, folder / SWEEP_PLOTS[0])]
-    varied = [c for c in SEARCHED if c in done and done[c].nunique(dropna=False) > 1]
-    if varied:
+    if varied := lb.varied(done):
         columns = {c: done[c].fillna("-").tolist() for c in varied}
         out.append(plots.parallel_coordinates(columns, done[lb.OBJECTIVE].tolist(), folder / SWEEP_PLOTS[1]))
     for cost, name in ((LATENCY_MS, PARETO_LATENCY), (SIZE_MB, PARETO_SIZE)):
@@ -58,12 +60,26 @@ def sweep_charts(table: pd.DataFrame, folder: Path) -> list[Path]:
 
 
 def write_report(experiment: str, out_dir: str | Path = "reports", ui_url: str = "http://127.0.0.1:5000") -> Path:
-    """Write ``<out_dir>/<experiment>/report.html`` and ``report.md`` (with its PNGs); returns the HTML path."""
+    """Write ``<out_dir>/<experiment>/report.html`` and ``report.md`` (with its PNGs); returns the HTML path.
+
+    The folder is written whole beside its place and then put there: an earlier report of tlsweep's is replaced
+    (no stale chart stays), any other folder is refused (``pipeline.safepath``)."""
+    safepath.check_name(experiment, "experiment name", typed("--experiment", "EXPERIMENT="))  # it names the folder
+    target = Path(out_dir) / experiment
+    safepath.check_replaceable(target, safepath.REPORT, typed("--out-dir", "REPORT_DIR="))
     runs = lb.trial_runs(experiment)
     table = lb.leaderboard(runs)
     exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
-    folder = Path(out_dir) / experiment
-    folder.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tlsweep-report-", dir=target.parent) as tmp:
+        folder = Path(tmp) / "report"
+        folder.mkdir()
+        _write(experiment, table, runs, exp_id, folder, ui_url)
+        safepath.replace_dir(folder, target, safepath.REPORT)
+    return target / "report.html"
+
+
+def _write(experiment: str, table: pd.DataFrame, runs: pd.DataFrame, exp_id: str, folder: Path, ui_url: str) -> None:
     images = {p.name: p for p in sweep_charts(table, folder)}
     done = table[table["status"] == "FINISHED"]
     best = done.iloc[0] if not done.empty else None
@@ -77,7 +93,8 @@ def write_report(experiment: str, out_dir: str | Path = "reports", ui_url: str =
     facts = _facts(table, best)
 
     md = [f"# Sweep report: {experiment}", "", *(f"- {k}: {v}" for k, v in facts.items()), ""]
-    md += ["## Leaderboard (best first by val_accuracy)", "", HOW_TO_READ, "", lb.to_markdown(board), ""]
+    md += ["## Leaderboard (best first: val_accuracy, the tied trials by a steadier estimate)", "", HOW_TO_READ, "",
+           lb.to_markdown(board), ""]
     per_backbone = lb.best_per_backbone(table)
     if not per_backbone.empty:
         md += ["## Best per backbone", "", lb.to_markdown(lb.shown(per_backbone)[list(PER_BACKBONE)]), ""]
@@ -109,9 +126,7 @@ def write_report(experiment: str, out_dir: str | Path = "reports", ui_url: str =
     if errors:
         page += ["<h2>Failed trials</h2><ul>" + "".join(
             f"<li><code>{r}</code> ({s}): {html.escape(e)}</li>" for r, s, e in errors) + "</ul>"]
-    path = folder / "report.html"
-    path.write_text(_page(f"Sweep report: {experiment}", "\n".join(page)))
-    return path
+    (folder / "report.html").write_text(_page(f"Sweep report: {experiment}", "\n".join(page)))
 
 
 def _facts(table: pd.DataFrame, best) -> dict[str, object]:
@@ -122,10 +137,13 @@ def _facts(table: pd.DataFrame, best) -> dict[str, object]:
         "written": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     if best is not None:
-        facts["best val_accuracy"] = (f"{best['val_accuracy']:.4f} {_interval(best, 'val')} (trial {best['trial_id']}, "
-                                      f"{best['backbone']})")
+        facts["winner's val_accuracy"] = (f"{best['val_accuracy']:.4f} {_interval(best, 'val')} (trial "
+                                          f"{best['trial_id']}, {best['backbone']})")
         facts["its test_accuracy"] = f"{best['test_accuracy']:.4f} {_interval(best, 'test')}"
-        facts["trials tied with the best"] = int(table["tied"].sum()) if "tied" in table else 0
+        facts["trials tied with the highest val_accuracy"] = int(table["tied"].sum()) if "tied" in table else 0
+        by = best.get(lb.RANKED_BY) or lb.OBJECTIVE
+        if by != lb.OBJECTIVE:
+            facts["tied trials ranked by"] = f"{by} (docs/selection.md)"
     if "wall_seconds" in table and table["wall_seconds"].notna().any():
         facts["trial time, summed"] = f"{table['wall_seconds'].sum():.0f} s"
     return facts
@@ -165,8 +183,8 @@ def _shared_columns(board: pd.DataFrame) -> dict[str, object]:
     """Hyperparameter columns with one value in every trial (shown once, not as a column)."""
     if len(board) < 2:
         return {}
-    return {c: board[c].iloc[0] for c in board.columns
-            if c in SEARCHED and board[c].nunique(dropna=False) == 1}
+    varied = lb.varied(board)
+    return {c: board[c].iloc[0] for c in lb.PARAMS if c in board and c not in varied}
 
 
 def _with_intervals(board: pd.DataFrame) -> pd.DataFrame:

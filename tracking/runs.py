@@ -10,9 +10,27 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
-from tracking.entry import param_text
 from tracking.layout import (CLOSED_BY, ERROR, ERROR_FILE, HEARTBEAT, KIND, PARENT_RUN_ID, SWEEP, SWEEP_KEY, TRIAL,
-                             TRIAL_ID, WORKER)
+                             TRIAL_ID, WORKER, trial_params)
+
+
+MAX_PARAM = 6000  # MLflow's limit on a parameter value's length
+MAX_TAG = 8000  # and on a tag value's
+
+
+def param_text(value: object) -> str:
+    """A param's value as MLflow stores it."""
+    return str(value)[:MAX_PARAM]
+
+
+def tag_text(value: object) -> str:
+    """A tag's value as MLflow stores it."""
+    return str(value)[:MAX_TAG]
+
+
+def values(run: mlflow.entities.Run) -> dict[str, str]:
+    """A trial's values (searched params and the others, kept as tags: ``layout.place``) as one mapping."""
+    return trial_params(run.data.params, run.data.tags)
 
 
 def find_parent(experiment_id: str, sweep_key: str) -> str | None:
@@ -36,12 +54,21 @@ def start_parent(experiment_id: str, sweep_key: str, run_name: str) -> str:
     return run_id
 
 
+REPLACED = "@replaced-"  # in a retired parent's SWEEP_KEY
+
+
 def retire_parent(experiment_id: str, sweep_key: str) -> str | None:
     """A search started over: its old parent keeps its runs under ``<key>@replaced-<time>``, found no more."""
     run_id = find_parent(experiment_id, sweep_key)
     if run_id is not None:
-        MlflowClient().set_tag(run_id, SWEEP_KEY, f"{sweep_key}@replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        MlflowClient().set_tag(run_id, SWEEP_KEY, f"{sweep_key}{REPLACED}{time.strftime('%Y%m%d-%H%M%S')}")
     return run_id
+
+
+def replaced_parents(experiment_id: str) -> set[str]:
+    """The parents of searches started over (``retire_parent``): history, no longer candidates to rank or export."""
+    parents = MlflowClient().search_runs([experiment_id], f"tags.`{KIND}` = '{SWEEP}'", max_results=50000)
+    return {p.info.run_id for p in parents if REPLACED in p.data.tags.get(SWEEP_KEY, "")}
 
 
 def wait_for_parent(experiment_id: str, sweep_key: str, timeout: float = 300.0) -> str:
@@ -98,7 +125,8 @@ def finished_child(experiment_id: str, parent_id: str, trial: str) -> mlflow.ent
 
 
 def create_child(experiment_id: str, parent_id: str, name: str, tags: Mapping[str, str]) -> str:
-    """A trial's run under the sweep's parent, RUNNING until ``end_run``; returns its id."""
+    """A trial's run under the sweep's parent (or another kind's, given as ``tags[KIND]``), RUNNING until
+    ``end_run``; returns its id."""
     run = MlflowClient().create_run(
         experiment_id, run_name=name, tags={KIND: TRIAL, PARENT_RUN_ID: parent_id, **tags}
     )
@@ -120,6 +148,16 @@ def log_params(run_id: str, params: Mapping[str, object]) -> None:
     MlflowClient().log_batch(
         run_id, params=[mlflow.entities.Param(k, param_text(v)) for k, v in sorted(params.items())]
     )
+
+
+def finished_since(run_id: str, since: float) -> bool:
+    """Whether the run ended FINISHED at or after ``since`` (seconds since the epoch): a sweep's chief ended it
+    after that moment. A store that does not answer says no (ask again later)."""
+    try:
+        info = MlflowClient().get_run(run_id).info
+    except Exception:  # noqa: BLE001 - the store did not answer
+        return False
+    return info.status == "FINISHED" and (info.end_time or 0) >= since * 1000
 
 
 def end_parent(parent_id: str, status: str = "FINISHED") -> None:

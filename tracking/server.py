@@ -5,18 +5,33 @@ authentication: it listens on 127.0.0.1 unless told otherwise. Listening on anot
 machines' workers) requires MLflow's basic-auth app, whose admin is MLFLOW_TRACKING_USERNAME /
 MLFLOW_TRACKING_PASSWORD from the environment (the variables MLflow's clients send), never a file
 in the repository.
+
+``spawn_group`` / ``stop_group`` start and stop a server (or any helper that starts processes of its own) so that
+nothing outlives it: ``mlflow server`` runs uvicorn (or gunicorn) as a child, which runs its own workers, and
+stopping only the process started left those behind, orphaned (seen: a uvicorn of a test's server still running
+14 minutes after ``make test-slow``). The process starts in its own session, so its whole process group can be
+signalled, and dies with the process that started it (Linux: PR_SET_PDEATHSIG), even after a ``kill -9``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
 import secrets
+import signal
+import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
+from typing import IO, Callable, Mapping, Optional, Sequence
 
-from pipeline.errors import UserError
+from pydantic import Field
+
+from pipeline.errors import UserError, typed
+from pipeline.settings import Options, add_options
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -40,8 +55,8 @@ def server_command(host: str, port: int, store: str, artifacts: str, auth: bool 
         raise UserError(
             f"{why} needs authentication, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
             f"export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (the admin of MLflow's basic-auth app; "
-            f"clients send the same variables), or keep SERVER_HOST=127.0.0.1 and reach it through an SSH tunnel "
-            f"(ssh -L {port}:127.0.0.1:{port} <server>)"
+            f"clients send the same variables), or keep {typed('--host 127.0.0.1', 'SERVER_HOST=127.0.0.1')} (the "
+            f"default) and reach it through an SSH tunnel (ssh -L {port}:127.0.0.1:{port} <server>)"
         )
     folder = _server_folder(store)
     folder.mkdir(parents=True, exist_ok=True)
@@ -68,32 +83,108 @@ def _server_folder(store: str) -> Path:
     return Path.cwd()
 
 
+class ServerOptions(Options):
+    host: str = Field("127.0.0.1", description="address to listen on (default 127.0.0.1: this machine only); any "
+                      "other needs MLFLOW_TRACKING_USERNAME/PASSWORD and turns on basic auth")
+    port: int = Field(5000, ge=1, le=65535, description="port to listen on")
+    store: str = Field(default_factory=lambda: f"sqlite:///{Path.cwd() / 'mlflow-server.db'}",
+                       description="backend store URI")
+    artifacts: str = Field(default_factory=lambda: str(Path.cwd() / "mlartifacts-server"),
+                           description="artifact destination")
+    auth: bool = Field(False, description="basic auth on 127.0.0.1 too")
+    workers: Optional[int] = Field(None, ge=1, description="server worker processes (MLflow's default if unset)")
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in this process: a child calls it between fork and exec, where loading a library is
+    unsafe (another thread may hold the loader's lock)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+PR_SET_PDEATHSIG = 1
+
+
+def dies_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets ``sig`` when the process that started it dies, even by ``kill -9`` (Linux; None
+    elsewhere, where the children are stopped on the way out only)."""
+    if _PRCTL is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _PRCTL(PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the parent died before the call: nothing would signal this child now
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def spawn_group(command: Sequence[str], log: IO | int | None = None, env: Mapping[str, str] | None = None,
+                cwd: str | os.PathLike | None = None, death_signal: int = signal.SIGTERM) -> subprocess.Popen:
+    """Start ``command`` in its own session (its own process group, which ``stop_group`` ends whole: a server's
+    workers included), getting ``death_signal`` when this process dies (SIGTERM: ``mlflow server`` passes it on
+    to its workers)."""
+    return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT if log is not None else None,
+                            env=None if env is None else dict(env), cwd=cwd, start_new_session=True,
+                            preexec_fn=dies_with_parent(death_signal))
+
+
+def stop_group(proc: subprocess.Popen, seconds: float = 30.0) -> None:
+    """SIGTERM to ``proc``'s whole process group (``spawn_group``), SIGKILL to whatever of it is left after
+    ``seconds``; returns when the group is gone (or, for processes that left it, when ``proc`` has ended)."""
+    group = proc.pid
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and (proc.poll() is None or _group_alive(group)):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(group, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10  # SIGKILL cannot be refused: only the kernel's bookkeeping is left
+    while _group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_alive(group: int) -> bool:
+    """A process of the group still runs (zombies aside: they wait only for whoever reaps them)."""
+    import psutil
+
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == group:
+                return True
+    return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tracking.server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                        "only); any other needs MLFLOW_TRACKING_USERNAME/PASSWORD and turns on basic auth")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--store", default=f"sqlite:///{Path.cwd() / 'mlflow-server.db'}", help="backend store URI")
-    parser.add_argument("--artifacts", default=str(Path.cwd() / "mlartifacts-server"), help="artifact destination")
-    parser.add_argument("--auth", action="store_true", help="basic auth on 127.0.0.1 too")
-    parser.add_argument("--workers", type=int, default=None, help="server worker processes (MLflow's default if unset)")
+    add_options(parser, ServerOptions)
     return parser
 
 
+def serve(options: ServerOptions) -> int:
+    """Become ``mlflow server`` (this process: signals reach it directly)."""
+    command, env = server_command(options.host, options.port, options.store, options.artifacts, auth=options.auth,
+                                  workers=options.workers)
+    auth = "basic auth (admin: $MLFLOW_TRACKING_USERNAME)" if "--app-name" in command else "no authentication"
+    print(f"mlflow server on {options.host}:{options.port}, {auth}; store {options.store}, artifacts "
+          f"{options.artifacts}", flush=True)
+    os.execve(sys.executable, command, env)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        command, env = server_command(args.host, args.port, args.store, args.artifacts, auth=args.auth,
-                                      workers=args.workers)
+        return serve(ServerOptions.of(build_parser().parse_args(argv)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    auth = "basic auth (admin: $MLFLOW_TRACKING_USERNAME)" if "--app-name" in command else "no authentication"
-    print(f"mlflow server on {args.host}:{args.port}, {auth}; store {args.store}, artifacts {args.artifacts}",
-          flush=True)
-    os.execve(sys.executable, command, env)  # the server is this process: signals reach it directly
-    return 0  # not reached
 
 
 if __name__ == "__main__":
