@@ -3,7 +3,7 @@
 Ensemble selection (Caruana et al., 2004): start from the best trial, then add, with replacement, the trial whose
 addition to the average most improves validation accuracy (ties: the lower validation log loss), until nothing
 improves or ``size`` picks are made. Candidates are the sweep's finished trials that kept a model (with the
-default ``log_models: improving``, each trial that matched or beat the best before it; ``all``: every trial), whose
+default ``log_models: all``, every trial; ``improving``: each trial that matched or beat the best before it), whose
 validation and test probabilities the trial logged (``probabilities/probabilities.npz``). Trained models of
 different backbones err on different images, so their average is often right where each alone is not.
 
@@ -126,7 +126,7 @@ def log_run(experiment: str, parent: str, members: list[str], names: str, say=pr
 
     member_runs = {run_id: MlflowClient().get_run(run_id) for run_id in dict.fromkeys(members)}
     first = member_runs[members[0]]
-    classes, params = model_classes(first), first.data.params
+    classes, params = model_classes(first), runs.values(first)
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_id, run in member_runs.items():
@@ -172,10 +172,12 @@ def _log(run_id: str, served, total_params: int, member_runs: dict, params: dict
     from tracking.intervals import interval_metrics
 
     (val_loss, val_acc), (test_loss, test_acc) = scores["validation"], scores["test"]
-    backbones = " & ".join(dict.fromkeys(r.data.params.get("backbone", "?") for r in member_runs.values()))
-    runs.log_params(run_id, {"backbone": backbones, layout.RESOLVED_IMAGE_SIZE: "+".join(map(str, served.inputs.values())),
-                             layout.SEED: params[layout.SEED], layout.SPLIT: params.get(layout.SPLIT, "default"),
-                             **{k: params[k] for k in layout.LINEAGE_PARAMS if k in params}})
+    backbones = " & ".join(dict.fromkeys(runs.values(r).get("backbone", "?") for r in member_runs.values()))
+    kept, tags = layout.place({"backbone": backbones, layout.RESOLVED_IMAGE_SIZE: "+".join(map(str, served.inputs.values())),
+                               layout.SEED: params[layout.SEED], layout.SPLIT: params.get(layout.SPLIT, "default"),
+                               **{k: params[k] for k in layout.LINEAGE_PARAMS if k in params}}, ("backbone",))
+    runs.log_params(run_id, kept)  # the backbones its comparison with the trials shows; the rest as tags
+    MlflowClient().log_batch(run_id, tags=[mlflow.entities.RunTag(k, runs.tag_text(v)) for k, v in tags.items()])
     measured = cost.savedmodel_cost(served.path, total_params)
     metrics = {layout.VAL_ACCURACY: val_acc, layout.VAL_LOSS: val_loss, layout.TEST_ACCURACY: test_acc,
                layout.TEST_LOSS: test_loss, layout.SIZE_MB: measured.size_mb,

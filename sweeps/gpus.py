@@ -1,7 +1,7 @@
 """One trial per GPU behind one command: ``make sweep ... GPUS=all`` (or ``GPUS=0,1,3``).
 
 Keras Tuner leaves one-trial-per-GPU to its user (keras-tuner #220). Here the sweep's command starts,
-on 127.0.0.1, what a distributed sweep needs (README, "Going distributed"): an ``mlflow server`` over
+on 127.0.0.1, what a distributed sweep needs (docs/distributed.md): an ``mlflow server`` over
 the user's own store (unless that store already is a server), a chief that serves the oracle and
 runs no trials, and one worker per GPU, each pinned with ``CUDA_VISIBLE_DEVICES=<id>`` (ids as
 ``nvidia-smi`` numbers them: ``CUDA_DEVICE_ORDER=PCI_BUS_ID``) and with GPU memory growth on. Each
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +29,9 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
-from pipeline.errors import UserError
+from pipeline import device, safepath
+from pipeline.errors import UserError, typed
+from tracking import server
 
 ALL = "all"
 STOP_SECONDS = 60.0  # how long stopped workers and the chief get to close their runs before SIGKILL
@@ -46,47 +47,35 @@ def parse_gpus(text: str, available: Sequence[str]) -> list[str]:
     the CPU (the tests do this); ``all`` is an error there, since it would mean no worker at all.
     """
     value = text.strip().replace(" ", "")
+    given = typed(f"--gpus {text!r}", f"GPUS={text!r}")  # as the user typed it
     if value.lower() == ALL:
         if not available:
-            raise UserError("GPUS=all, but no GPU is visible on this machine (nvidia-smi lists none); run without "
-                            "GPUS= to sweep on the CPU, or give ids (GPUS=0,1) to run pinned workers on the CPU anyway")
+            raise UserError(f"{typed('--gpus all', 'GPUS=all')}, but no GPU is visible on this machine (nvidia-smi "
+                            f"lists none); run without {typed('--gpus', 'GPUS=')} to sweep on the CPU, or give ids "
+                            f"({typed('--gpus 0,1', 'GPUS=0,1')}) to run pinned workers on the CPU anyway")
         return list(available)
     if not _IDS.match(value):
-        raise UserError(f"GPUS={text!r} is not 'all' or a comma-separated list of GPU ids like 0,1,3 "
+        raise UserError(f"{given} is not 'all' or a comma-separated list of GPU ids like 0,1,3 "
                         "(the numbers nvidia-smi shows)")
     ids = value.split(",")
     twice = sorted({i for i in ids if ids.count(i) > 1}, key=int)
     if twice:
-        raise UserError(f"GPUS={text!r} names GPU {', '.join(twice)} more than once; give each GPU once "
+        raise UserError(f"{given} names GPU {', '.join(twice)} more than once; give each GPU once "
                         "(one worker per GPU)")
     unknown = [i for i in ids if available and i not in available]
     if unknown:
-        raise UserError(f"GPUS={text!r} names GPU {', '.join(unknown)}, but this machine has {len(available)} "
+        raise UserError(f"{given} names GPU {', '.join(unknown)}, but this machine has {len(available)} "
                         f"GPU{'s' if len(available) != 1 else ''} ({', '.join(available)}); give ids among them or "
-                        "GPUS=all")
+                        f"{typed('--gpus all', 'GPUS=all')}")
     return ids
 
 
 def available_gpus(env: Mapping[str, str] | None = None) -> list[str]:
     """GPU ids ``nvidia-smi`` lists (none without it), narrowed to ``CUDA_VISIBLE_DEVICES`` when that is set.
 
-    Asked without TensorFlow, which would take seconds to start here and hold the GPUs.
+    Asked without TensorFlow, which would take seconds to start here and hold the GPUs (``pipeline.device``).
     """
-    env = os.environ if env is None else env
-    smi = shutil.which("nvidia-smi")
-    ids: list[str] = []
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=30).stdout
-            ids = [line.strip() for line in out.splitlines() if line.strip().isdigit()]
-        except (OSError, subprocess.SubprocessError):
-            ids = []
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and ids:
-        allowed = [v.strip() for v in visible.split(",") if v.strip()]
-        ids = [i for i in ids if i in allowed]
-    return ids
+    return [gpu.index for gpu in device.listed_gpus(env)]
 
 
 def worker_id(gpu: str) -> str:
@@ -110,31 +99,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent(sig: int) -> None:
-    """In a child, before it runs: the kernel sends it ``sig`` if the launcher dies (even by ``kill -9``),
-    so nothing it started outlives it. Linux only; elsewhere the children are stopped on the way out."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+# A chief or worker gets SIGKILL when the launcher dies (even by ``kill -9``; tracking.server.dies_with_parent): the
+# server dies with the launcher too (SIGTERM, which it passes on to its workers), so a chief or worker could not close
+# its runs anyway, and trying (MLflow retries a server that is gone for minutes) kept them alive. The same command
+# again closes those runs ("resume: its process died") and writes out journaled trials.
+SWEEP_DEATH_SIGNAL = signal.SIGKILL
 
 
-def _server_dies_with_parent() -> None:
-    _die_with_parent(signal.SIGTERM)  # the server stops its own workers on SIGTERM
-
-
-def _sweep_dies_with_parent() -> None:
-    # SIGKILL: the server dies with the launcher, so a chief or worker could not close its runs anyway, and
-    # trying (MLflow retries a server that is gone for minutes) kept them alive. The same command again
-    # closes those runs ("resume: its process died") and writes out journaled trials; trial processes
-    # end with their worker.
-    _die_with_parent(signal.SIGKILL)
-
-
-# TensorFlow's start-up lines, printed by every process it starts in (not errors: E lines are relayed).
-_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IW]\d{4} |To enable the following "
+# TensorFlow's start-up lines, printed by every process it starts in (not errors: E lines are relayed; nor the
+# diagnosis of a GPU TensorFlow cannot use, which a worker lets through where nvidia-smi lists its GPU: tfstart).
+_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IW]\d{4} (?!.*Could not find cuda)"
+                    r"|To enable the following "
                     r"instructions|rebuild TensorFlow with the appropriate|\U0001f3c3 View run |\U0001f9ea View "
                     r"experiment at)")  # and MLflow's links, printed for every run closed through a server
 LAUNCHER = "TLSWEEP_GPU_LAUNCHER"  # set in the chief's and workers' environment: the launcher prints the leaderboard
@@ -175,8 +150,8 @@ class Launch:
         cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--backend-store-uri", self.store_uri,
                "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job consumers (7 processes)
-        self.server = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                                       preexec_fn=_server_dies_with_parent, env=env)
+        with log.open("w") as out:  # its own process group: stop() ends the server's uvicorn workers with it
+            self.server = server.spawn_group(cmd, out, env)
         uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + SERVER_START_SECONDS
         while True:
@@ -201,7 +176,7 @@ class Launch:
         # the chief next and the server last, so every run can still be closed through it.
         proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "sweep", *args], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                start_new_session=True, preexec_fn=_sweep_dies_with_parent)
+                                start_new_session=True, preexec_fn=server.dies_with_parent(SWEEP_DEATH_SIGNAL))
         self.procs[name] = proc
         relay = threading.Thread(target=_relay, args=(name, proc.stdout), daemon=True, name=f"tlsweep-relay-{name}")
         relay.start()
@@ -250,14 +225,13 @@ class Launch:
                     proc.send_signal(sig)
         for group in (workers, chief):
             _reap(group, STOP_SECONDS)
+        for proc in workers + chief:  # what they started and left (a trial process): each is its own process group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         for relay in self._relays:
             relay.join(5)
         if self.server is not None:
-            if self.server.poll() is None:
-                self.server.terminate()
-            _reap([self.server], 30)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.server.pid, signal.SIGKILL)  # its gunicorn/uvicorn workers, if any are left
+            server.stop_group(self.server, 30)  # last, with its uvicorn workers: runs were closed through it
 
 
 def _reap(procs: Sequence[subprocess.Popen], seconds: float) -> None:
@@ -284,7 +258,7 @@ def run_on_gpus(gpus: Sequence[str], found_any: bool, sweep_args: Sequence[str],
     if not found_any:
         print(f"[gpus] warning: no GPU visible on this machine; the {len(gpus)} pinned workers run on the CPU",
               file=sys.stderr, flush=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    safepath.make_dir(safepath.check_own(log_dir, safepath.STATE, "--state-dir"), safepath.STATE)
     launch = Launch(sweep_args, gpus, store_uri, log_dir)
     try:
         launch.start()

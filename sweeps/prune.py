@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import pruning
 from tracking import layout
-from tracking.journal import store_answers
+from tracking.recorder import store_answers
 
 
 class Curves:
@@ -31,6 +31,7 @@ class Curves:
         self.stage = stage
         self.min_trials = int(settings["min_trials"])
         self.warmup_epochs = int(settings["warmup_epochs"])
+        self.head = bool(settings.get("head", True))  # false: fine-tuning epochs only (pipeline.pruning)
         self.curves: dict[str, dict[int, float]] = {}
         self.pruned: set[str] = set()  # trials known to be pruned (not compared against)
         self._read: set[str] = set()  # MLflow runs already looked at
@@ -82,4 +83,4 @@ class Curves:
             print("[sweep] pruning compares with this process's own finished trials until the tracking server "
                   "answers again", file=sys.stderr, flush=True)
         curves = [c for t, c in self.curves.items() if t not in self.pruned]
-        return pruning.thresholds(curves, self.min_trials, self.warmup_epochs)
+        return pruning.thresholds(curves, self.min_trials, self.warmup_epochs, self.head)

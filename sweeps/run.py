@@ -6,19 +6,21 @@ import contextlib
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from pipeline.backbones import get_spec
 from pipeline.data import check_dataset, skipped_lines, unreadable_files
-from pipeline.errors import DataError, UserError
+from pipeline.errors import DataError, UserError, typed
 from pipeline.hparams import FINE_TUNE_ONLY
-from sweeps.trial import close_spare
-from sweeps import signals, workers
+from pipeline.settings import environment
+from sweeps import doctor, ktpatches, signals, workers
+from sweeps.ktpatches import distributed_role
 from sweeps import space as space_module
 from sweeps.config import SweepConfig, check_experiment_name, default_sweep_for, load_sweep, safe_experiment_name
-from sweeps.state import SweepState
+from sweeps.state import SweepState, check_places
 from sweeps.tuner import TransferTuner, sweep_dir
 from tracking import leaderboard as lb
 from tracking import layout, report
@@ -47,9 +49,9 @@ def run_sweep(
     log_models: str | None = None,
     trial_process: str | None = None,
     mixed_precision: str | None = None,
-    tuner_out: list | None = None,
     progress: bool = True,
     on_change: str = "error",
+    tracebacks: bool = False,
 ) -> str:
     """Search, tracking every trial; running it again continues the same search. Returns the parent run id.
 
@@ -60,7 +62,8 @@ def run_sweep(
 
     Before any run exists: the data set is found, the space is fitted to this machine and checked
     (``sweeps.space.check``), and the saved search, if any, must be the same search on the same data
-    (``sweeps.state``; ``on_change``: ``error``, ``continue`` or ``restart``).
+    (``sweeps.state``; ``on_change``: ``error``, ``continue`` or ``restart``). ``tracebacks`` (``--verbose``): a
+    failed trial prints its traceback, not only its reason.
     """
     config = load_sweep(sweep or default_sweep_for(dataset)).with_overrides(
         max_trials=max_trials, tuner=tuner, seed=seed, log_models=log_models, trial_process=trial_process,
@@ -70,7 +73,8 @@ def run_sweep(
         raise UserError("a staged search (stage2: in the sweep file) runs in one process; remove stage2 to run it "
                         "with a chief and workers")
     experiment = experiment_name(dataset, experiment)
-    check_dataset(dataset)  # these fail before any run exists
+    check_places(dataset, state_dir, experiment, tracking_uri)  # where it writes: folders of its own, not the data's
+    check_dataset(dataset, split, config.seed)  # these fail before any run exists (layout, SPLIT=, seed too)
     space_module.check_sweep(config)  # cheap: before the images are read
     for line in skipped_lines(unreadable_files(dataset)):  # named here: trials only count them
         print(line, flush=True)
@@ -88,7 +92,7 @@ def run_sweep(
         exp_id = store.experiment_id(experiment)
         key = f"{experiment}:{config.name}"  # not a path: the project may move, workers run elsewhere
         if role == "worker":  # the chief creates the parent (and the experiment) before any worker writes
-            parent = runs.wait_for_parent(exp_id, key, timeout=float(os.environ.get("TLSWEEP_PARENT_TIMEOUT", 300)))
+            parent = runs.wait_for_parent(exp_id, key, timeout=environment().parent_timeout)
         else:
             if note and on_change == "restart":  # the old search's parent keeps its runs under another key
                 runs.retire_parent(exp_id, key)
@@ -96,7 +100,8 @@ def run_sweep(
                 raise UserError(
                     f"the saved search in {search.folder} has {search.trials_saved()} trial(s), but the MLflow store "
                     f"{store.resolve_uri(tracking_uri)} has no run of sweep {key!r}: the store is new or was wiped. Point "
-                    "MLFLOW_TRACKING_URI at the store this sweep logged to, or start over with ON_CHANGE=restart")
+                    f"MLFLOW_TRACKING_URI at the store this sweep logged to, or start over with "
+                    f"{typed('--on-change restart', 'ON_CHANGE=restart')}")
             parent = runs.start_parent(exp_id, key, run_name=f"sweep-{config.name}")
             _log_settings(parent, config, dataset, split)
         staged = bool(config.stage2)
@@ -104,16 +109,15 @@ def run_sweep(
             config = dataclasses.replace(config, space={**config.space, "fine_tune": {"fixed": False}})
         tuner_obj = TransferTuner(config, dataset, directory, exp_id, parent, split=split, verbose=verbose,
                                   feature_cache=feature_cache, stage="1" if staged else "", progress=progress,
-                                  heartbeat=heartbeat)
+                                  heartbeat=heartbeat, tracebacks=tracebacks)
         tuners = [tuner_obj]
-        if tuner_out is not None:  # for benchmarks: the tuner and its timings
-            tuner_out.append(tuner_obj)
         _recover(tuner_obj, exp_id, parent, role)
         if role == "worker":  # a chief that dies is waited for (bounded) and carried on with when it is back
-            workers.reconnecting(tuner_obj.oracle, chief_wait)
+            since = time.time()  # a parent FINISHED before this worker began is an earlier end of the same sweep
+            ktpatches.reconnecting(tuner_obj.oracle, chief_wait, finished=lambda: runs.finished_since(parent, since))
         if role == "chief":  # no worker leaves while another's trial may still be requeued to it
-            workers.wait_for_running_trials(tuner_obj.oracle)
-        if role == "chief" and (kept := workers.keep_ongoing(tuner_obj.oracle)):  # started again after it died
+            ktpatches.wait_for_running_trials(tuner_obj.oracle)
+        if role == "chief" and (kept := ktpatches.keep_ongoing(tuner_obj.oracle)):  # started again after it died
             print(f"chief: trial(s) {', '.join(kept)} still run on their workers and stay theirs", flush=True)
         if role == "chief":
             print(f"chief: serving the oracle on {os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
@@ -133,38 +137,35 @@ def run_sweep(
                         _recover(stage2, exp_id, parent, role)
                         stage2.search(verbose=1 if verbose else 0)
                 status = "FINISHED"
+            except ktpatches.ChiefFinished as e:  # a worker that waited for a chief which ended the sweep meanwhile
+                print(e, flush=True)
+                status = "FINISHED"
             except BaseException as e:
                 if (stop := signals.interruption(e)) is not None:
                     status = "KILLED"
                     raise stop
-                if isinstance(e.__cause__, DataError):  # found while loading the data in a trial
-                    raise e.__cause__ from None
-                if not isinstance(e, RuntimeError) or "consecutive failures" not in str(e):
+                if (fatal := tuners[-1].fatal) is not None:  # found while loading the data in a trial
+                    raise DataError(str(fatal)) from None
+                if tuners[-1].failures_in_a_row < config.max_consecutive_failed_trials:
                     raise
-                last = str(e).strip().splitlines()[-1].removeprefix("keras_tuner.src.errors.FailedTrialError: ")
+                last = tuners[-1].last_failure
                 search.stopped(config.max_consecutive_failed_trials, last)
                 raise UserError(
                     f"sweep stopped: {config.max_consecutive_failed_trials} trials failed in a row; last error: "
                     f"{last}. Each failed trial's run in MLflow has the error; fix the space in "
-                    f"{config.source or config.name} and run the same command again with ON_CHANGE=restart "
-                    "(--on-change restart)"
+                    f"{config.source or config.name} and run the same command again with "
+                    f"{typed('--on-change restart', 'ON_CHANGE=restart')}"
                 ) from e
             finally:
-                close_spare()  # no trial process waits beyond the sweep
                 for t in tuners:
+                    t.pool.close()  # no trial process outlives the sweep
                     try:
-                        t.journal.close()  # finished trials reach MLflow before the sweep ends
-                    except Exception as e:  # the store failed: the entries stay journaled for the next start
+                        t.recorder.close()  # finished trials reach MLflow before the sweep ends
+                    except Exception as e:  # the store failed: the records stay journaled for the next start
                         print(f"warning: finished trials could not all be written to MLflow ({type(e).__name__}: {e}); "
-                              f"they stay in {t.journal.folder} and are written when the sweep starts again",
+                              f"they stay in {t.recorder.folder} and are written when the sweep starts again",
                               file=sys.stderr)
-                    if t.exports is not None:  # the models queued for export, unless the sweep was killed
-                        try:
-                            t.exports.close(wait=status != "KILLED")
-                        except KeyboardInterrupt:  # Ctrl-C / SIGTERM while waiting for them: drop the rest
-                            t.exports.close(wait=False)
-                            status = "KILLED"
-                if any(t.journal.store_down for t in tuners):  # the server did not come back (TLSWEEP_STORE_WAIT):
+                if any(t.recorder.store_down for t in tuners):  # the server did not come back (TLSWEEP_STORE_WAIT):
                     pass  # the leaderboard and the parent wait for the next start, which writes the journal out first
                 elif role != "worker":  # workers leave the leaderboard and the parent to the chief
                     try:
@@ -174,20 +175,9 @@ def run_sweep(
                     finally:  # the parent is closed even if the leaderboard cannot be written
                         runs.end_parent(parent, status)
         for t in tuners:
-            if t.journal.gone is not None:  # the server never came back: one error line, no leaderboard to read
-                raise t.journal.gone
-        if status == "KILLED":  # stopped while waiting for the model exports: the parent is closed as KILLED
-            raise KeyboardInterrupt
+            if t.recorder.gone is not None:  # the server never came back: one error line, no leaderboard to read
+                raise t.recorder.gone
         return parent
-
-
-def distributed_role() -> str:
-    """``single``, or Keras Tuner's ``chief`` / ``worker`` when its distributed environment is set."""
-    from keras_tuner.src.distribute import utils as dist
-
-    if not dist.has_chief_oracle():
-        return "single"
-    return "chief" if dist.is_chief_oracle() else "worker"
 
 
 def _recover(tuner: TransferTuner, exp_id: str, parent: str, role: str) -> None:
@@ -195,7 +185,7 @@ def _recover(tuner: TransferTuner, exp_id: str, parent: str, role: str) -> None:
 
     A worker closes only its own runs (others may be alive); the chief runs no trials.
     """
-    written = tuner.journal.replay()
+    written = tuner.recorder.replay()
     if written:
         print(f"wrote {len(written)} finished trial(s) that had not reached MLflow: {', '.join(written)}")
     if role == "chief":
@@ -221,12 +211,14 @@ def stage2_tuners(stage1: TransferTuner, config: SweepConfig, dataset: str, dire
                                      max_trials=int(config.stage2.get("trials_per_config", 2)), space=space, stage2={})
         tuners.append(TransferTuner(stage2, dataset, directory, exp_id, parent, split=split, verbose=verbose,
                                     feature_cache=feature_cache, stage="2", start_from=stage1.checkpoint(trial.trial_id),
-                                    data_cache=stage1.data_cache, progress=stage1.progress))
+                                    data_cache=stage1.data_cache, progress=stage1.progress,
+                                    tracebacks=stage1.tracebacks))
     return tuners
 
 
 def _log_settings(parent: str, config: SweepConfig, dataset: str, split: str | None) -> None:
     client = MlflowClient()
+    doctor.log_to(parent)  # doctor.json: this machine's facts (GPUs, CUDA, versions) at this start of the sweep
     if client.get_run(parent).data.params:
         client.set_tag(parent, layout.RESUMED, "true")
         return
@@ -253,7 +245,7 @@ def _ensemble(experiment: str, parent: str, size: int) -> None:
 
 
 def summarize(experiment: str, parent: str) -> lb.pd.DataFrame:
-    """Leaderboard artifacts on the parent; the best finished child tagged."""
+    """Leaderboard artifacts on the parent, and which trial won (the trials' runs are FINISHED: nothing changes them)."""
     client = MlflowClient()
     table = lb.leaderboard(lb.trial_runs(experiment, parent))
     client.log_text(parent, table.to_csv(index=False), layout.LEADERBOARD_CSV)
@@ -262,11 +254,6 @@ def summarize(experiment: str, parent: str) -> lb.pd.DataFrame:
     done = table[table["status"] == "FINISHED"]
     if not done.empty:
         best = done.iloc[0]
-        for run_id in table["run_id"]:
-            client.set_tag(run_id, layout.BEST, "true" if run_id == best["run_id"] else "false")
         client.set_tag(parent, layout.BEST_RUN_ID, best["run_id"])
         client.log_metric(parent, layout.BEST_VAL_ACCURACY, float(best[layout.OBJECTIVE]))
     return table
-
-
-

@@ -15,6 +15,7 @@ import threading
 from typing import Iterator
 
 _RECEIVED = threading.Event()
+_HELD = {"depth": 0, "pending": None}  # inside ``held()``: the signal that arrived, raised when it ends
 
 
 def interrupted() -> bool:
@@ -36,7 +37,25 @@ def interruption(error: BaseException) -> KeyboardInterrupt | None:
 
 def _handler(signum: int, frame: object) -> None:
     _RECEIVED.set()
+    if _HELD["depth"]:
+        _HELD["pending"] = signal.Signals(signum).name
+        return
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A signal that arrives inside waits until the block ends, then stops the process as usual: a run being
+    created is created whole and its id known, so that it can be closed as KILLED (a SIGTERM that landed inside
+    MLflow's create_run once left a run RUNNING with nobody to close it)."""
+    _HELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HELD["depth"] -= 1
+    if not _HELD["depth"] and _HELD["pending"]:
+        name, _HELD["pending"] = _HELD["pending"], None
+        raise KeyboardInterrupt(name)
 
 
 @contextlib.contextmanager

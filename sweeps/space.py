@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import keras_tuner as kt
 
-from pipeline.hparams import DEFAULTS, FINE_TUNE_ONLY
+from pipeline.hparams import DEFAULTS, FINE_TUNE_ONLY, KNOBS
 
 if TYPE_CHECKING:
     from sweeps.config import SweepConfig
@@ -15,17 +15,23 @@ if TYPE_CHECKING:
 def define(hp: kt.HyperParameters, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Declare the space on ``hp`` and return this trial's values for every hyperparameter.
 
-    ``fine_tune_at``, ``fine_tune_epochs`` and ``fine_tune_learning_rate`` are conditional on
-    ``fine_tune`` (when it is searched); values left out of the space are their defaults.
+    ``fine_tune_at``, ``fine_tune_epochs``, ``fine_tune_learning_rate``, ``fine_tune_schedule`` and
+    ``warmup_epochs`` are conditional on ``fine_tune`` (when it is searched); values left out of the space are
+    their defaults. The fine-tuning knobs (``KNOBS``) that can only be their default (left out, or fixed there, as a
+    staged search's stage 2 fixes them) are not declared: each declared value moves Keras Tuner's random seed on, so
+    a space without them draws exactly the trials it drew before they existed.
     """
     values: dict[str, Any] = {}
+    undeclared = {n for n in KNOBS if values_of(space.get(n), n) == [DEFAULTS[n]]}
     for name in DEFAULTS:
         if name in FINE_TUNE_ONLY:
             continue
-        values[name] = _declare(hp, name, space.get(name))
+        values[name] = DEFAULTS[name] if name in undeclared else _declare(hp, name, space.get(name))
     fine_tune_searched = "fine_tune" in space and "fixed" not in space["fine_tune"]
     for name in FINE_TUNE_ONLY:
-        if fine_tune_searched:
+        if name in undeclared:
+            values[name] = DEFAULTS[name] if values["fine_tune"] else None
+        elif fine_tune_searched:
             with hp.conditional_scope("fine_tune", [True]):
                 value = _declare(hp, name, space.get(name))
             values[name] = value if values["fine_tune"] else None
@@ -70,11 +76,17 @@ def values_of(entry: dict[str, Any] | None, name: str) -> list[Any]:
     return [low, high]
 
 
+def searched(space: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """The hyperparameters the space varies (more than one value): a trial's MLflow params (``layout.place``)."""
+    return tuple(n for n in DEFAULTS if n in space and len({repr(v) for v in values_of(space[n], n)}) > 1)
+
+
 def check(space: dict[str, dict[str, Any]], where: str) -> None:
     """Plan every configuration at the corners of ``space`` (``pipeline.recipe.plan``), so that a value no trial
     can run with is one line before the first trial, not a failed trial (or a traceback) later. Values that
-    depend on each other (a backbone's depth and image sizes against ``fine_tune_at`` and ``image_size``) are
-    checked in every combination; the others one at a time on the default point."""
+    depend on each other (a backbone's depth and image sizes against ``fine_tune_at`` and ``image_size``;
+    ``fine_tune_epochs`` against ``warmup_epochs``) are checked in every combination; the others one at a time on
+    the default point."""
     import itertools
 
     from pipeline import recipe
@@ -86,6 +98,9 @@ def check(space: dict[str, dict[str, Any]], where: str) -> None:
     configs = [dict(zip(joint, combo)) for combo in combos]
     configs += [{name: value} for name in DEFAULTS if name not in joint
                 for value in values_of(space.get(name), name)]
+    configs += [{"fine_tune_epochs": epochs, "warmup_epochs": warmup}  # the warmup must end inside the phase
+                for epochs in values_of(space.get("fine_tune_epochs"), "fine_tune_epochs")
+                for warmup in values_of(space.get("warmup_epochs"), "warmup_epochs")]
     for changes in configs:
         if not changes.get("fine_tune", True):
             changes = {**changes, "fine_tune_at": None}  # not drawn: conditional on fine_tune
@@ -96,6 +111,22 @@ def check(space: dict[str, dict[str, Any]], where: str) -> None:
             raise UserError(f"sweep {where}: no trial can run with {shown}: {e}") from None
 
 
+def check_weights(space: dict[str, dict[str, Any]], where: str) -> None:
+    """A weights file in ``space`` loads into each backbone it may meet (built once each): a file of another model,
+    or no weights at all, is one line before the first trial, not a failed trial."""
+    from pipeline.backbones import check_weights_fit, get_spec
+    from pipeline.errors import UserError
+
+    files = [str(w) for w in values_of(space.get("weights"), "weights") if w not in (None, "", "none", "imagenet")]
+    for name in values_of(space.get("backbone"), "backbone") if files else []:
+        for weights in files:
+            try:
+                check_weights_fit(get_spec(str(name)), weights)
+            except UserError as e:
+                raise UserError(f"sweep {where}: no trial can run with backbone={name!r}, weights={weights!r}: {e}") \
+                    from None
+
+
 def check_sweep(config: "SweepConfig") -> None:
     """``check`` for a sweep: a staged search's stage 1 trains heads only, its stage 2 fine-tunes the single
     backbones among them (an ensemble stays as stage 1 trained it)."""
@@ -104,12 +135,13 @@ def check_sweep(config: "SweepConfig") -> None:
     where = config.source or config.name
     if not config.stage2:
         check(config.space, where)
-        return
-    check({**config.space, "fine_tune": {"fixed": False}}, where)
-    singles = [b for b in values_of(config.space.get("backbone"), "backbone") if not get_spec(str(b)).is_ensemble]
-    if singles:
-        check({**config.space, **(config.stage2.get("space") or {}), "backbone": {"choice": singles},
-               "fine_tune": {"fixed": True}}, where)
+    else:
+        check({**config.space, "fine_tune": {"fixed": False}}, where)
+        singles = [b for b in values_of(config.space.get("backbone"), "backbone") if not get_spec(str(b)).is_ensemble]
+        if singles:
+            check({**config.space, **(config.stage2.get("space") or {}), "backbone": {"choice": singles},
+                   "fine_tune": {"fixed": True}}, where)
+    check_weights(config.space, where)  # last: it builds a backbone per weights file
 
 
 def fit_to_machine(config: "SweepConfig") -> "SweepConfig":

@@ -1,10 +1,14 @@
-"""A sweep's state folder belongs to one search: one space, one data set, one store, one process at a time.
+"""A sweep's state folder belongs to one search: one space, one seed, one data set and split, one store, one process
+at a time.
 
 Keras Tuner reloads its saved state whatever the sweep file says now, so an edited space would be
-ignored without a word, a different folder with the same name would join the old search, and state
-whose MLflow store was wiped would "resume" into nothing. ``SweepState`` records what the search was
+ignored without a word, a different folder with the same name would join the old search, a changed
+split would rank trials scored on different validation sets in one leaderboard, and state whose
+MLflow store was wiped would "resume" into nothing. ``SweepState`` records what the search was
 started with (``tlsweep-search.json`` beside Keras Tuner's own folder) and refuses, with what to do,
-anything that does not match; its lock keeps a second process off the same search.
+anything that does not match, naming what changed (the sweep file, the seed, the split, the data);
+its lock keeps a second process off the same search. The experiment's state folder is marked as
+tlsweep's (``pipeline.safepath``): a folder of the user's is never written into.
 """
 
 from __future__ import annotations
@@ -20,12 +24,25 @@ import time
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from pipeline.errors import UserError
+from pipeline import safepath
+from pipeline.errors import UserError, typed
 from sweeps.config import SweepConfig
 
 ON_CHANGE = ("error", "continue", "restart")  # what a changed space or data set does
 SEARCH_FILE = "tlsweep-search.json"
+STATE_FIX = "--state-dir (the state goes to <state dir>/<experiment>)"
 STOPPED_FILE = "tlsweep-stopped.json"
+
+
+def check_places(dataset: str, state_dir: str, experiment: str, tracking_uri: str | None = None) -> None:
+    """Before any work: the sweep's state folder (``<state_dir>/<experiment>``) and the caches can be folders and
+    are tlsweep's (or new), and neither they nor the tracking store lie inside the data set."""
+    from tracking import store
+
+    safepath.check_name(experiment, "experiment name", typed("--experiment", "EXPERIMENT="))
+    folder = safepath.check_own(Path(state_dir) / experiment, safepath.STATE, STATE_FIX)
+    safepath.check_caches()
+    safepath.check_outside_data(dataset, {"the sweep state": folder, **store.local_places(tracking_uri)})
 
 
 def search_identity(config: SweepConfig) -> dict[str, Any]:
@@ -45,7 +62,8 @@ def data_identity(dataset: str, split: str | None, seed: int) -> dict[str, Any]:
         dirs.sort()
         for name in sorted(files):
             file = Path(folder) / name
-            digest.update(f"{file.relative_to(path)}\0{file.stat().st_size}\n".encode())
+            size = file.stat().st_size if file.exists() else -1  # a dangling link: the loader skips and names it
+            digest.update(f"{file.relative_to(path)}\0{size}\n".encode())
             count += 1
     return {"dataset": str(path.resolve()), "split": split, "seed": seed, "files": count,
             "digest": digest.hexdigest()[:16]}
@@ -68,7 +86,7 @@ class SweepState:
     def locked(self) -> Iterator[None]:
         """Hold the sweep's lock (released when the process ends, even by ``kill -9``)."""
         path = self.directory / f"{self.config.name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        safepath.make_dir(self.directory, safepath.STATE)
         handle = open(path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,7 +96,8 @@ class SweepState:
             handle.close()
             raise UserError(
                 f"sweep {self.config.name!r} in {self.directory} is already running ({holder}); wait for it to end, "
-                "or share the search with it as workers (make sweep-chief / make sweep-worker)") from None
+                "or share the search with it as workers "
+                f"({typed('--role chief / --role worker', 'make sweep-chief / make sweep-worker')})") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -110,23 +129,34 @@ class SweepState:
             self._write()
             return None, self.config
         saved = json.loads(saved_path.read_text())
-        changes = _differences(saved.get("search", {}), self.search, "")
-        data_changed = saved.get("data", {}).get("digest") != self.data["digest"]
-        if not changes and not data_changed:
+        old_search, old_data = saved.get("search", {}), saved.get("data", {})
+        changes = _differences({k: v for k, v in old_search.items() if k != "seed"},
+                               {k: v for k, v in self.search.items() if k != "seed"}, "")
+        seed_changed = "seed" in old_search and old_search["seed"] != self.search["seed"]
+        split_changed = "split" in old_data and _split(old_data["split"]) != _split(self.data["split"])
+        data_changed = old_data.get("digest") != self.data["digest"]
+        if not (changes or seed_changed or split_changed or data_changed):
             self._check_not_stopped()
             return None, self.config
         what = []
         if changes:
             what.append(f"the sweep file {self.config.source or self.config.name} changed since this search started "
                         f"({'; '.join(changes[:4])}{'; …' if len(changes) > 4 else ''})")
+        if seed_changed:
+            what.append(f"the seed changed since this search started (then {old_search['seed']}, now "
+                        f"{self.search['seed']}: {typed('--seed', 'SEED=')} or the sweep file's seed)")
+        if split_changed:  # other validation images: its trials' scores would not compare with the saved ones
+            what.append(f"the split changed since this search started (then {_split(old_data['split'])}, now "
+                        f"{_split(self.data['split'])}: {typed('--split', 'SPLIT=')})")
         if data_changed:
-            old = saved.get("data", {})
-            what.append(f"the data set is not the one this search ran on (then {old.get('dataset')}: "
-                        f"{old.get('files')} files, identity {old.get('digest')}; now {self.data['dataset']}: "
-                        f"{self.data['files']} files, identity {self.data['digest']})")
-        if on_change == "continue" and not data_changed:
+            what.append(f"the data set is not the one this search ran on (then {old_data.get('dataset')}: "
+                        f"{old_data.get('files')} files, identity {old_data.get('digest')}; now "
+                        f"{self.data['dataset']}: {self.data['files']} files, identity {self.data['digest']})")
+        same_data = not (data_changed or split_changed)
+        if on_change == "continue" and same_data:
             saved_config = dataclasses.replace(self.config, **saved["search"])
-            return f"{what[0]}; continuing the search as it was saved (--on-change continue)", saved_config
+            return (f"{' and '.join(what)}; continuing the search as it was saved "
+                    f"({typed('--on-change continue', 'ON_CHANGE=continue')})", saved_config)
         if on_change == "restart":
             stamp = time.strftime("%Y%m%d-%H%M%S")
             aside = self.folder.with_name(f"{self.folder.name}.replaced-{stamp}")
@@ -135,12 +165,14 @@ class SweepState:
                     shutil.move(str(folder), folder.with_name(f"{folder.name}.replaced-{stamp}"))
             self._write()
             return (f"{' and '.join(what)}; the old search's state moved to {aside}, a new search starts "
-                    "(--on-change restart)", self.config)
-        hint = ("ON_CHANGE=continue (--on-change continue) runs the saved search as it was, " if not data_changed else "")
+                    f"({typed('--on-change restart', 'ON_CHANGE=restart')})", self.config)
+        hint = (f"{typed('--on-change continue', 'ON_CHANGE=continue')} runs the saved search as it was, "
+                if same_data else "")
         raise UserError(
             f"{' and '.join(what)}. Keras Tuner would silently run the saved search. Choose: {hint}"
-            "ON_CHANGE=restart (--on-change restart) starts a new search in this experiment (the old runs stay in "
-            "MLflow), or give EXPERIMENT=<another name> for a search of its own")
+            f"{typed('--on-change restart', 'ON_CHANGE=restart')} starts a new search in this experiment (the old "
+            f"runs stay in MLflow), or give {typed('--experiment <another name>', 'EXPERIMENT=<another name>')} for a "
+            "search of its own")
 
     def stopped(self, failures: int, last_error: str) -> None:
         """Record that Keras Tuner stopped this search after ``failures`` failed trials in a row. Its state then
@@ -158,14 +190,19 @@ class SweepState:
         raise UserError(
             f"this search stopped after {stopped['failures']} trials failed in a row (last error: "
             f"{stopped['last_error']}); run as it is, it would stop again at once. Fix the space in "
-            f"{self.config.source or self.config.name} and run again with ON_CHANGE=restart (--on-change restart), "
-            "or raise max_consecutive_failed_trials")
+            f"{self.config.source or self.config.name} and run again with "
+            f"{typed('--on-change restart', 'ON_CHANGE=restart')}, or raise max_consecutive_failed_trials")
 
     def _write(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{SEARCH_FILE}.tmp"
         tmp.write_text(json.dumps({"search": self.search, "data": self.data}, indent=1, sort_keys=True, default=str))
         os.replace(tmp, self.folder / SEARCH_FILE)
+
+
+def _split(spec: str | None) -> str:
+    """A split as the user gave it, spaces aside; ``default`` when none was given."""
+    return "".join(str(spec).split()) if spec not in (None, "") else "default"
 
 
 def _differences(old: Any, new: Any, where: str) -> list[str]:

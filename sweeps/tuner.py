@@ -1,8 +1,8 @@
 """The tuner: Keras Tuner's oracles choose, the pipeline trains, every trial lands in MLflow.
 
 ``TransferTuner`` is a ``BaseTuner`` whose ``run_trial`` opens the trial's MLflow child run, runs
-the two-phase trial (``sweeps.trial``) in this process or a fresh one (``trial_process``), and
-hands its journal entry to the background writer. Hyperband promotions continue the previous
+the two-phase trial (``sweeps.trial``) in this process or a fresh pool worker (``sweeps.executor``), and
+hands its record to the recorder (``tracking.recorder``). Hyperband promotions continue the previous
 trial's saved model (with its trainable flags and optimizer state) on the same two-phase epoch axis.
 """
 
@@ -10,39 +10,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
+import shutil
 import sys
 import time
 import traceback
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Mapping
 
 import keras
 import keras_tuner as kt
 import mlflow
-from keras_tuner.src import config as kt_config
 
 from pipeline import recipe
 from pipeline.data import DataSplits
 from pipeline.hparams import RunConfig
+from sweeps import ktpatches
 from sweeps import prune as pruning
 from sweeps import signals
 from sweeps import space as space_module
+from sweeps import tpe
 from sweeps import trial as trials
-from sweeps.exports import ModelExports
+from sweeps.executor import TrialPool
 from sweeps.config import SweepConfig
-from sweeps.trial import resident_mb
-from sweeps.workers import Heartbeat, WaitsWhenIdle
+from sweeps.workers import Heartbeat
 from tracking import layout, runs, system_metrics
-from tracking.entry import param_text
-from tracking.journal import TrialJournal, store_answers
+from tracking.recorder import Recorder, store_answers
+from tracking.runs import param_text, tag_text
 
 ZERO_SEED = 2**31 - 1  # the oracle's seed for a sweep with seed 0
-VERBOSE_ENV = "TLSWEEP_VERBOSE"  # set by `sweep --verbose`: failed trials print their traceback
-# Keras Tuner prints every failed trial's traceback (its config.DEBUG is True by default); a failed trial here
-# prints one line with its reason, and its traceback goes to MLflow (error.txt) and, with --verbose, the screen.
-kt_config.DEBUG = False
+ktpatches.apply()
 
 
 class SpaceHyperModel(kt.HyperModel):
@@ -56,29 +52,16 @@ class SpaceHyperModel(kt.HyperModel):
         return space_module.define(hp, self.space)
 
 
-class DefaultFirst:
-    """Mixin for an oracle: a search's first trial is the space's default point, the baseline run every other
-    trial is measured against (Keras Tuner's random and Bayesian oracles would draw it at random, and a short
-    sweep might never try the configuration its author chose as the default)."""
-
-    def populate_space(self, trial_id: str) -> dict[str, Any]:
-        if self.trials:  # resumed, retried or distributed: only a search with no trial yet starts here
-            return super().populate_space(trial_id)
-        hps = kt.HyperParameters()
-        values = {}
-        for hp in self.hyperparameters.space:  # as Keras Tuner's own draws: active values only
-            hps.merge([hp])
-            if hps.is_active(hp):
-                values[hp.name] = hp.default
-        return {"status": kt.engine.trial.TrialStatus.RUNNING, "values": values}
-
-
-class RandomSearchOracle(DefaultFirst, kt.oracles.RandomSearchOracle):
+class RandomSearchOracle(ktpatches.DefaultFirst, kt.oracles.RandomSearchOracle):
     """Keras Tuner's random search, starting from the default point."""
 
 
-class BayesianOptimizationOracle(DefaultFirst, kt.oracles.BayesianOptimizationOracle):
+class BayesianOptimizationOracle(ktpatches.DefaultFirst, kt.oracles.BayesianOptimizationOracle):
     """Keras Tuner's Bayesian optimization, starting from the default point (one of its random initial points)."""
+
+
+class TPEOracle(ktpatches.DefaultFirst, tpe.TPEOracle):
+    """Optuna's TPE (sweeps.tpe), starting from the default point (one of its random initial points)."""
 
 
 def make_oracle(config: SweepConfig) -> kt.Oracle:
@@ -91,6 +74,8 @@ def make_oracle(config: SweepConfig) -> kt.Oracle:
         return RandomSearchOracle(max_trials=config.max_trials, **common)
     if config.tuner == "bayesian":
         return BayesianOptimizationOracle(max_trials=config.max_trials, **common)
+    if config.tuner == "tpe":
+        return TPEOracle(max_trials=config.max_trials, **common)
     if config.tuner == "grid":
         return kt.oracles.GridSearchOracle(max_trials=config.max_trials, **common)
     hb = config.hyperband
@@ -100,7 +85,7 @@ def make_oracle(config: SweepConfig) -> kt.Oracle:
     )
 
 
-class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
+class TransferTuner(ktpatches.WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
     def __init__(
         self,
         config: SweepConfig,
@@ -116,6 +101,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         data_cache: dict[int, DataSplits] | None = None,
         progress: bool = True,
         heartbeat: float | None = None,
+        tracebacks: bool = False,
         **kwargs: Any,
     ):
         super().__init__(
@@ -124,6 +110,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         )
         self.progress = progress  # one line per trial: i/N, time, ETA, best so far
         self.heartbeat = heartbeat  # a distributed worker stamps its trial's run this often (seconds)
+        self.tracebacks = tracebacks  # --verbose: a failed trial's traceback on the screen too, not only in MLflow
         self.stage = stage  # "", "1" or "2" (staged search)
         self.start_from = start_from  # stage 2: the stage-1 model (trained head) every trial starts from
         self.config = config
@@ -135,15 +122,16 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         self.feature_cache = feature_cache
         self.data_cache: dict[int, DataSplits] = {} if data_cache is None else data_cache  # shared across stages
         self._best: float | None = None  # best objective logged by this process (for log_models: improving)
-        self.timings = {"trials": 0.0, "export": 0.0}  # seconds, summed over trials
-        self.memory: list[tuple[str, float]] = []  # (trial, resident MB after it was cleaned up)
-        # MLflow writes happen on a background thread, through a journal kept beside the tuner's state.
-        self.journal = TrialJournal(Path(self.project_dir) / f"journal-{self.tuner_id}")
-        # SavedModel + pyfunc exports (log_models: all, improving) in a helper process, after the journal's write.
-        self.exports: ModelExports | None = ModelExports(say=lambda line: print(line, flush=True) if progress else None)
+        # Each finished trial's run is written once, off the training path, through a journal beside the state.
+        self.recorder = Recorder(Path(self.project_dir) / f"journal-{self.tuner_id}",
+                                 searched=space_module.searched(config.space))  # the runs' params; the rest tags
+        # Trials that build the whole network run in a fresh process each (trial_process: auto, fresh).
+        self.pool = TrialPool(dataset, split, Path(self.project_dir) / f"next-trial-{self.tuner_id}.json")
         # Pruning: thresholds from the sweep's finished trials, given to each trial before it starts.
         self.curves = pruning.Curves(experiment_id, parent_run_id, config.prune, stage) if config.prune else None
         self._first_trial = True  # the first trial handed to this process may have finished before (_finished_before)
+        self.failures_in_a_row, self.last_failure = 0, ""  # the sweep stops at max_consecutive_failed_trials
+        self.fatal: Exception | None = None  # the data set is unusable (a trial found it): the sweep stops
 
     # -- one trial -----------------------------------------------------------------------------
 
@@ -163,48 +151,55 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
                 return kept
         start = time.perf_counter()
         output, in_process, failure = None, True, None
-        run = self.journal.start(self.experiment_id, self.parent_run_id, f"trial-{key}", tags)
+        run = record_dir = None
         try:
-            spec = self._spec(trial, values, tuner_values, params, run)
+            with signals.held():  # a signal lands once the run exists and is known: it is then closed KILLED below
+                run = self.recorder.open(self.experiment_id, self.parent_run_id, f"trial-{key}", tags)
+                record_dir = self.recorder.folder_for(run)
+            spec = self._spec(trial, values, tuner_values, params, record_dir)
             with trials.trial_errors():  # deciding may load the data set
                 in_process = not self._fresh(spec)
-            # A fresh process needs the run id; in this process a run not created yet is resolved when written.
-            # While the tracking server does not answer, the run is created when it is back (tracking.journal).
-            spec = dataclasses.replace(spec, run_id=run.result() if run.done() or not (
-                in_process or self.journal.store_down) else None)
+            samples: list = []  # CPU, memory (GPU) while it trains, written with its record
             with Heartbeat(run, self.heartbeat) if self.heartbeat else contextlib.nullcontext(), \
-                    system_metrics.monitored(run):  # CPU, memory (GPU) samples on the trial's run while it trains
-                if in_process:
-                    output = trials.run(spec, self.data_cache, run_id=run.result)
-                else:
-                    output = trials.run_fresh(spec)
-            self.journal.blocked += output.journal_seconds
-            written = self.journal.submit(Path(output.entry), run)
-            if output.export_pending and self.exports is not None:  # off the training path (sweeps.exports)
-                self.exports.submit(run, written)
+                    system_metrics.sampled(samples):
+                output = trials.run(spec, self.data_cache) if in_process else self.pool.run(spec)
+            output.record.tags[layout.PROCESS] = "sweep" if in_process else "pool"
+            output.record.metrics += samples
+            self.recorder.finish(run, output.record, Path(spec.record_dir))
             self._pruned(key, output)
         except BaseException as e:
+            if run is None:  # the run could not be opened: nothing to close
+                raise
             # A signal inside TensorFlow may surface as another error: it still stops the sweep.
             if (stop := signals.interruption(e)) is not None:
                 self._record_end(run, "KILLED", "interrupted (Ctrl-C or SIGTERM)", params=params)
                 raise stop
-            self._record_end(run, "FAILED", f"{type(e).__name__}: {e}", traceback.format_exc(), params=params)
+            # the trial's own failures as Keras Tuner's: the sweep goes on (FailedTrialError) or stops (FatalError)
+            kt_error = (kt.errors.FatalError(str(e)) if isinstance(e, trials.DataUnusable) else
+                        kt.errors.FailedTrialError(str(e)) if isinstance(e, trials.TrialFailed) else None)
+            shown = kt_error or e
+            self._record_end(run, "FAILED", f"{type(shown).__name__}: {shown}", traceback.format_exc(), params=params)
             failure = one_line(e)
-            if os.environ.get(VERBOSE_ENV):  # --verbose: the traceback here too, not only in MLflow
+            if self.tracebacks:  # --verbose: the traceback here too, not only in MLflow
                 traceback.print_exc()
-            if not isinstance(e, (kt.errors.FailedTrialError, kt.errors.FatalError)):
-                print(f"[sweep] trial {key} failed on an internal error, not on its configuration (a bug in tlsweep: "
-                      f"please report it): {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                      f"; its traceback is in the run's {layout.ERROR_FILE} in MLflow", file=sys.stderr, flush=True)
+            self.failures_in_a_row, self.last_failure = self.failures_in_a_row + 1, failure
+            if isinstance(e, trials.DataUnusable):
+                self.fatal = e
+            if kt_error is not None:
+                raise kt_error from e
+            print(f"[sweep] trial {key} failed on an internal error, not on its configuration (a bug in tlsweep: "
+                  f"please report it): {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                  f"; its traceback is in the run's {layout.ERROR_FILE} in MLflow", file=sys.stderr, flush=True)
             raise
         finally:
-            self._progress(key, time.perf_counter() - start, output.val_accuracy if output else None, failure)
+            if output is None and record_dir is not None:  # nothing to record but the failure
+                shutil.rmtree(record_dir, ignore_errors=True)
+            if run is not None:
+                self._progress(key, time.perf_counter() - start, output.val_accuracy if output else None, failure)
             if in_process:  # free the trial's memory; a garbage collection pass (~0.25 s) only after a network
                 keras.backend.clear_session(free_memory=not (output and output.head_only))
-            self.memory.append((key, resident_mb()))
-            self.timings["trials"] += time.perf_counter() - start
-        self.timings["export"] += output.export_seconds
         self._best = output.val_accuracy if self._best is None else max(self._best, output.val_accuracy)
+        self.failures_in_a_row = 0
         return {self.config.objective: output.val_accuracy}
 
     def _finished_before(self, key: str, params: Mapping[str, Any]) -> dict[str, float] | None:
@@ -219,14 +214,15 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         the same hyperparameters (a search whose saved state was deleted, its store kept, numbers its trials from 0
         again). A store that does not answer now, or fails to, is not waited for: the trial is trained, as before.
         """
-        if self.journal.store_down or not store_answers(mlflow.get_tracking_uri()):
+        if self.recorder.store_down or not store_answers(mlflow.get_tracking_uri()):
             return None
         try:
             found = runs.finished_child(self.experiment_id, self.parent_run_id, key)
         except Exception:  # noqa: BLE001 - a lookup that fails costs a retraining, never the trial
             return None
         score = found.data.metrics.get(self.config.objective) if found is not None else None
-        if score is None or any(found.data.params.get(k) != param_text(v) for k, v in params.items()):
+        if score is None or any(runs.values(found).get(k) not in (param_text(v), tag_text(v))  # params and tags
+                                for k, v in params.items()):
             return None
         self._best = score if self._best is None else max(self._best, score)
         if self.progress:
@@ -235,18 +231,19 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         return {self.config.objective: float(score)}
 
     def _spec(self, trial: kt.engine.trial.Trial, values: dict[str, Any], tuner_values: dict[str, Any],
-              params: dict[str, Any], run: Future) -> trials.TrialSpec:
+              params: dict[str, Any], record_dir: Path) -> trials.TrialSpec:
         previous = tuner_values.get("tuner/trial_id")
         config = self.config
         return trials.TrialSpec(
             run=RunConfig.from_values(values, seed=config.seed, mixed_precision=config.mixed_precision,
                                       xla=config.xla, feature_cache=self.feature_cache),
             dataset=self.dataset, split=self.split, log_models=config.log_models, verbose=self.verbose,
-            trial_dir=self.get_trial_dir(trial.trial_id), export_metadata={"trial_id": self.trial_key(trial.trial_id)},
-            run_spec=run.spec, params=params, journal=str(self.journal.folder),
+            trial_dir=self.get_trial_dir(trial.trial_id), record_dir=str(record_dir),
+            params={**params, layout.TRIAL_ID: self.trial_key(trial.trial_id)}, state_dir=self.project_dir,
             initial_epoch=int(tuner_values.get("tuner/initial_epoch", 0)), stop_epoch=tuner_values.get("tuner/epochs"),
             previous=self.checkpoint(previous) if previous else None, start_from=self.start_from, best=self._best,
             checkpoint=config.tuner == "hyperband" or self.stage == "1",  # a later trial continues it
+            record=self.recorder.records,
             prune=self.curves.limits() if self.curves else None,
         )
 
@@ -256,7 +253,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
         TLSWEEP_STORE_WAIT) must not hide the signal or the trial's own error: it is said in one line, and the
         same command run again closes the runs left RUNNING (``runs.close_orphans``)."""
         try:
-            self.journal.fail(run, status, error, trace, params=params)
+            self.recorder.fail(run, status, error, trace, params=params)
         except Exception as e:  # noqa: BLE001 - the store's error is not the trial's
             print(f"warning: trial run not closed as {status} in MLflow ({one_line(e)})", file=sys.stderr, flush=True)
 
@@ -290,7 +287,7 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
             done, total = len(self._durations), None
         else:
             done = sum(t.status in ("COMPLETED", "FAILED", "INVALID") for t in trials.values()) + 1
-            total = self.config.max_trials if self.config.tuner != "hyperband" else None
+            total = self.planned_trials
         elapsed = time.perf_counter() - self._search_start
         best = [t for t in self.oracle.get_best_trials(1) if t.score is not None]
         parts = [f"trial {key} ({done}/{total if total else '?'})",
@@ -305,9 +302,19 @@ class TransferTuner(WaitsWhenIdle, kt.engine.base_tuner.BaseTuner):
             parts.append(f"ETA {_clock(left * sum(self._durations) / len(self._durations))}" if left else "last trial")
         print("[sweep] " + " | ".join(parts), flush=True)
 
+    @property
+    def planned_trials(self) -> int | None:
+        """The trials the search runs when its space lasts: ``max_trials`` (Hyperband plans its own)."""
+        return self.config.max_trials if self.config.tuner != "hyperband" else None
+
     def on_search_end(self) -> None:
-        self.journal.flush()  # every finished trial is in MLflow before the sweep reports
+        self.recorder.flush()  # every finished trial is in MLflow before the sweep reports
         super().on_search_end()
+        trials = getattr(self.oracle, "trials", None)  # None on a worker: the chief says it
+        if self.progress and trials is not None and self.planned_trials and len(trials) < self.planned_trials:
+            print(f"[sweep] the search ended after {len(trials)} of max_trials {self.config.max_trials}: the "
+                  f"{self.config.tuner} tuner found no configuration of the space it had not tried. Widen the space in "
+                  f"{self.config.source or self.config.name} for more, or lower max_trials", flush=True)
 
     def trial_key(self, trial_id: str) -> str:
         """The trial id as tracked: unique across the tuners of a staged search."""
