@@ -1,1 +1,2 @@
-"""Kept benchmarks (not tests): `make bench`, `make bench-memory`. Their figures are in the README."""
+"""Kept benchmarks (not tests), the `make bench*` targets. What each measures: benchmarks/README.md; figures:
+benchmarks/results/."""

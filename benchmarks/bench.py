@@ -7,14 +7,15 @@ rate, fine-tuning or not, ``fine_tune_at`` and the fine-tuning learning rate (so
     head epochs, then (fine-tuning trials) unfreezes from ``fine_tune_at`` (BatchNorm frozen), recompiles with the
     fine-tuning learning rate and trains on; no caches. Its wall time counts decoding the images too.
 (b) our sweep with the settings a user gets without flags (``run_sweep``: feature cache, fine-tuning on the cut,
-    fresh trial processes with a warm spare, ``log_models`` default, MLflow tracking into a fresh SQLite store),
+    fresh trial processes from a process pool, ``log_models`` default (every trial's model), MLflow tracking into a fresh SQLite store),
     every cache cold (a first sweep on this data);
-(c) the same sweep without MLflow (``sweeps.untracked``: no store, runs, system metrics, model exports, parent
-    or leaderboard), caches cold again: tracking overhead = (b) - (c), in seconds and as a fraction of (b);
+(c) the same sweep without tracking (``benchmarks.untracked``: no store, runs or system metrics, and the trials make
+    none of a run's files: no plots, cost, checkpoint or SavedModel; no parent or leaderboard), caches cold again:
+    tracking overhead = (b) - (c), in seconds and as a fraction of (b);
 (d) with ``--split-overhead``: (b) with ``log_models: best`` (no model is exported during the sweep; every trial keeps
-    its checkpoint, where (b) keeps only the improving ones'), in a fresh store, caches cold: the overhead splits into
-    MLflow itself, (d) - (c) (the checkpoints of the trials that did not improve included), and the model exports,
-    (b) - (d) (their helper process's work, and what it takes from the trials on a machine with few cores).
+    its checkpoint, as every trial of (b) does with its export), in a fresh store, caches cold: the overhead splits into
+    the run without its model, (d) - (c) (MLflow, plots, cost and checkpoints), and the model exports, (b) - (d)
+    (each trial's SavedModel export and its upload).
 
 Both searches declare the space the same way (``sweeps.space.define``) with the same seed; the bench **fails
 (exit 1)** if (a), (b), (c) (and (d)) did not draw the same hyperparameters, trial by trial. Accuracy the same way on
@@ -24,7 +25,9 @@ model (a) or from the trial's checkpoint (b). Then the fixed cost per trial
 (``benchmarks.bench_fixed_cost.measure``). Last line:
 ``speedup=<a/b> tracking_overhead=<fraction of b> tracking_overhead_s=<b-c> [tracking_overhead_mlflow_s=<d-c>
 tracking_overhead_exports_s=<b-d>] fixed_cost_head_s=<s>
-fixed_cost_finetune_s=<s> fixed_cost_finetune_kept_s=<s> trials=<n> fine_tuning_trials=<n> ...``.
+fixed_cost_finetune_s=<s> fixed_cost_finetune_kept_s=<s> trials=<n> fine_tuning_trials=<n> epochs=<n>
+fine_tune_epochs=<n> ...``. ``--shipped-lengths``: trials of make train's lengths (10 head + 5 fine-tuning epochs)
+rather than the short 2 + 1, the speedup users see on whole trials.
 """
 
 from __future__ import annotations
@@ -142,15 +145,17 @@ def plain_keras_tuner(data: Any, config: Any, image_size: int, seed: int, workdi
     return tuner, by_trial
 
 
-def ours_test_accuracy(tuner: Any, trial: Any, data: Any) -> float:
-    """(b)'s best trial's test accuracy, computed as for (a), on the model rebuilt from the trial's checkpoint."""
-    from pipeline import recipe
-    from pipeline.hparams import RunConfig
+def ours_recorded(uri: str, experiment: str) -> dict[str, dict[str, str]]:
+    """(b)'s trial runs as the sweep recorded them in MLflow, by Keras Tuner trial id: their params (the data
+    lineage among them) and metrics (test_accuracy among them), as strings and floats."""
+    import mlflow
 
-    values = tuner.hypermodel.build(trial.hyperparameters.copy())
-    plan = recipe.plan(RunConfig.from_values(values, seed=tuner.config.seed))
-    model = recipe.load_checkpoint(plan, data.num_classes, tuner.checkpoint(trial.trial_id))
-    return test_accuracy(model, data)
+    from tracking.layout import TRIAL_ID
+    from tracking.leaderboard import trial_runs
+
+    mlflow.set_tracking_uri(uri)
+    runs = trial_runs(experiment)
+    return {row[f"tags.{TRIAL_ID}"]: row for _, row in runs.iterrows()}
 
 
 def compare_draws(sides: dict[str, list[dict[str, Any]]]) -> str | None:
@@ -178,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=2, help="head epochs of every trial")
     parser.add_argument("--fine-tune-epochs", type=int, default=1, help="fine-tuning epochs of fine-tuning trials")
+    parser.add_argument("--shipped-lengths", action="store_true",
+                        help="trials of make train's lengths (10 head + 5 fine-tuning epochs: pipeline.hparams."
+                        "DEFAULTS) instead of --epochs/--fine-tune-epochs: the speedup at the lengths users run")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1,
@@ -193,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run (d), the tracked sweep with log_models: best (no model exports during it), "
                              "to split the tracking overhead into MLflow itself (d)-(c) and the exports (b)-(d)")
     args = parser.parse_args(argv)
+    if args.shipped_lengths:
+        from pipeline.hparams import DEFAULTS
+
+        args.epochs, args.fine_tune_epochs = int(DEFAULTS["epochs"]), int(DEFAULTS["fine_tune_epochs"])
     if not Path(args.data, "daisy").is_dir():
         print(f"error: no flower_photos at {args.data} (no daisy/ folder in it); pass --data /path/to/flower_photos",
               file=sys.stderr)
@@ -212,7 +224,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     from pipeline.data import load_data
     from sweeps.config import parse_sweep
     from sweeps.run import run_sweep
-    from sweeps.untracked import drawn, run_untracked
+    from benchmarks.untracked import drawn, run_untracked, saved_search
 
     dataset = str(subset(Path(args.data), work / "flowers", args.per_class))
     text = sweep_yaml(args.trials, args.epochs, args.fine_tune_epochs, args.batch_size, args.image_size, args.seed,
@@ -238,17 +250,16 @@ def run(args: argparse.Namespace, work: Path) -> int:
     letters = {"tracked": "b", "untracked": "c", "no_exports": "d"}
     for side in ("tracked", "untracked", *(("no_exports",) if args.split_overhead else ())):
         os.environ["TLSWEEP_CACHE"] = str(work / f"cache_{side}")
-        out: list = []
         start = time.perf_counter()
         if side == "untracked":
-            run_untracked(dataset, str(sweep), str(work / f"state_{side}"), tuner_out=out)
+            run_untracked(dataset, str(sweep), str(work / f"state_{side}"))
         else:
             tracked = side == "tracked"  # (d) gets a fresh store of its own, as (b) does
             run_sweep(dataset, sweep=str(sweep if tracked else no_exports), experiment="bench" if tracked else
-                      "bench-no-exports", state_dir=str(work / f"state_{side}"), verbose=0, tuner_out=out,
+                      "bench-no-exports", state_dir=str(work / f"state_{side}"), verbose=0,
                       tracking_uri=f"sqlite:///{work / ('mlflow.db' if tracked else 'mlflow_no_exports.db')}",
                       progress=False)
-        walls[side], tuners[side] = time.perf_counter() - start, out[0]
+        walls[side], tuners[side] = time.perf_counter() - start, saved_search(work / f"state_{side}")
         print(f"({letters[side]}) ours, {side.replace('_', ' ')}: {walls[side]:.1f}s", flush=True)
     ours = tuners["tracked"]
 
@@ -266,13 +277,18 @@ def run(args: argparse.Namespace, work: Path) -> int:
         print(f"  trial {i}: " + ", ".join(f"{k}={d[k]}" for k in ("fine_tune", "fine_tune_at", "dropout",
                                                                    "learning_rate", "fine_tune_learning_rate") if k in d))
 
-    seen = ours.data_cache.get(args.image_size)
-    if seen is not None and seen.lineage() != data.lineage():
-        print("error: our sweep split the data differently from the plain search: "
-              f"{seen.lineage()} vs {data.lineage()}", file=sys.stderr)
-        return 1
+    from tracking.layout import PARAM_TAG  # lineage values are tags of a trial run (tracking.layout.place)
+
+    recorded = ours_recorded(f"sqlite:///{work / 'mlflow.db'}", "bench")
+    lineage = {k: str(v) for k, v in data.lineage().items() if k == "data_fingerprint" or k.endswith("_size")}
+    for trial_id, row in recorded.items():
+        seen = {k: row.get(f"params.{k}", row.get(f"tags.{PARAM_TAG}{k}")) for k in lineage}
+        if seen != lineage:
+            print(f"error: our sweep's trial {trial_id} split the data differently from the plain search: "
+                  f"{seen} vs {lineage}", file=sys.stderr)
+            return 1
     best_a, best_b = best_trial(plain), best_trial(ours)
-    test_a, test_b = plain_tests[best_a.trial_id], ours_test_accuracy(ours, best_b, data)
+    test_a, test_b = plain_tests[best_a.trial_id], float(recorded[best_b.trial_id]["metrics.test_accuracy"])
     print(f"best trial by val_accuracy (last epoch; first on ties): plain trial {best_a.trial_id} "
           f"val_accuracy {best_a.score:.4f} test_accuracy {test_a:.4f}; ours trial {best_b.trial_id} "
           f"val_accuracy {best_b.score:.4f} test_accuracy {test_b:.4f} ({data.sizes['validation']} validation, "
@@ -284,8 +300,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
     overhead_s = walls["tracked"] - walls["untracked"]
     speedup = wall_a / walls["tracked"]
-    print(f"speedup (a)/(b) {speedup:.2f}x; tracking overhead (b)-(c) {overhead_s:.1f}s of {walls['tracked']:.1f}s; "
-          f"model exports in the background {ours.exports.busy:.1f}s" if ours.exports else "", flush=True)
+    print(f"speedup (a)/(b) {speedup:.2f}x; tracking overhead (b)-(c) {overhead_s:.1f}s of {walls['tracked']:.1f}s",
+          flush=True)
 
     fixed = {f"fixed_cost_{kind}_s": float("nan") for kind in ("head", "finetune", "finetune_kept")}
     if not args.no_fixed_cost:
@@ -304,7 +320,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
           f"tracking_overhead_s={overhead_s:.1f} {split}fixed_cost_head_s={fixed['fixed_cost_head_s']:.2f} "
           f"fixed_cost_finetune_s={fixed['fixed_cost_finetune_s']:.2f} "
           f"fixed_cost_finetune_kept_s={fixed['fixed_cost_finetune_kept_s']:.2f} trials={len(draws['plain'])} "
-          f"fine_tuning_trials={n_ft} plain_s={wall_a:.1f} ours_s={walls['tracked']:.1f} "
+          f"fine_tuning_trials={n_ft} epochs={args.epochs} fine_tune_epochs={args.fine_tune_epochs} plain_s={wall_a:.1f} ours_s={walls['tracked']:.1f} "
           f"untracked_s={walls['untracked']:.1f} test_accuracy_plain={test_a:.4f} test_accuracy_ours={test_b:.4f}")
     return 0
 

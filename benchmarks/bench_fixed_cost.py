@@ -3,13 +3,14 @@
 On flower_photos at 224 px with efficientnet_lite0, as a sweep runs them (``sweeps.trial``):
 
 - a head trial in the sweep's own process (``trial.run`` with the sweep's decoded-data cache);
-- a fine-tuning trial in a fresh process (``trial.run_fresh``: start Python and TensorFlow, map the data,
-  build, train, evaluate, journal), with the default ``log_models: improving`` and not improving on the best so far
-  (it writes no checkpoint: a sweep's trials after its first mostly do not improve);
+- a fine-tuning trial in a pool worker (``sweeps.executor.TrialPool``, as a sweep runs it: the worker has started
+  Python and TensorFlow and mapped the data; it builds, trains, evaluates, draws and measures), with
+  ``log_models: improving`` and not improving on the best so far (it writes no checkpoint and no export: the trial's
+  fixed cost without its model; the default ``log_models: all`` exports every trial);
 - the same fine-tuning trial keeping its checkpoint (the classifier's weights, ``pipeline.weights``), as a trial
   that improves does and every trial under ``log_models: best``.
 
-Each kind runs once to warm the shared caches (decoded images, frozen features, activations at the cut: a
+Each kind runs once (a pool kind twice) to warm the shared caches (decoded images, frozen features, activations at the cut: a
 sweep builds each once), then ``--repeats`` times measured. The wall time is taken around the call, on the
 sweep's side; the steps are the trial's own ``step_seconds`` (every training, validation and prediction batch
 of its ``fit``, ``evaluate`` and ``predict`` calls, timed by a callback), less ``trace_seconds +
@@ -23,7 +24,6 @@ fixed_cost_finetune_kept_s=<s>`` (medians).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -77,7 +77,7 @@ def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int 
     from pipeline import recipe
     from pipeline.hparams import RunConfig
     from sweeps import trial as trials
-    from tracking.entry import ENTRY
+    from sweeps.executor import TrialPool
 
     configs = {
         "head": RunConfig(image_size=image_size, epochs=epochs, fine_tune=False),
@@ -91,39 +91,39 @@ def measure(data: Path, image_size: int = 224, repeats: int = 1, *, epochs: int 
     data_cache: dict = {}
     costs: dict[str, list[float]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
-        journal = Path(tmp) / "journal"
+        pool = TrialPool(str(data), None, Path(tmp) / "hint.json")
 
         def once(kind: str, n: int) -> tuple[float, float, dict[str, float]]:
-            # the default log_models, and a best above any accuracy: the trial does not improve, keeps no checkpoint;
+            # log_models improving, and a best above any accuracy: the trial does not improve, keeps no model;
             # "_kept": log_models best, it keeps its checkpoint as a trial that improves does
             log_models = "best" if kind.endswith("_kept") else "improving"
             spec = trials.TrialSpec(
                 run=configs[kind], dataset=str(data), split=None, log_models=log_models, verbose=0,
-                trial_dir=str(Path(tmp) / f"{kind}{n}"), export_metadata={}, run_spec={}, params={},
-                journal=str(journal), best=2.0)
+                trial_dir=str(Path(tmp) / f"{kind}{n}"), record_dir=str(Path(tmp) / f"{kind}{n}-record"), params={},
+                state_dir=tmp, best=2.0)
             Path(spec.trial_dir).mkdir(parents=True)
-            before = set(journal.iterdir()) if journal.exists() else set()
             start = time.perf_counter()
-            if kind == "head":
-                trials.run(spec, data_cache)
-            else:
-                trials.run_fresh(spec)
+            result = trials.run(spec, data_cache) if kind == "head" else pool.run(spec)
             wall = time.perf_counter() - start
             wrote = recipe.checkpoint_in(spec.trial_dir).exists()
             if wrote != (log_models == "best"):  # else the two fine-tuning figures would measure the same thing
                 raise RuntimeError(f"the {kind} trial {'wrote' if wrote else 'did not write'} a checkpoint")
-            (entry,) = set(journal.iterdir()) - before
-            metrics = {k: v for k, v, _ in json.loads((entry / ENTRY).read_text())["metrics"] if _ == 0}
+            metrics = {k: v for k, v, step in result.record.metrics if step == 0}
             return wall, steps_in(metrics), metrics
 
-        for kind in kinds:
-            for n in range(repeats + 1):
-                wall, steps, m = once(kind, n)
-                label = "warm-up" if n == 0 else f"run {n}"
-                if echo:
-                    print(f"[{kind} {label}] {breakdown(wall, m)}", flush=True)
-                if n:
-                    costs[kind].append(wall - steps)
+        try:
+            for kind in kinds:
+                # a sweep's pool has a worker ready from its third trial on (sweeps.executor): warm it up as far
+                warmups = 1 if kind == "head" else 2
+                for n in range(repeats + warmups):
+                    wall, steps, m = once(kind, n)
+                    label = "warm-up" if n < warmups else f"run {n - warmups + 1}"
+                    if echo:
+                        print(f"[{kind} {label}] {breakdown(wall, m)}", flush=True)
+                    if n >= warmups:
+                        costs[kind].append(wall - steps)
+        finally:
+            pool.close()
     return {f"fixed_cost_{k}_s": statistics.median(v) for k, v in costs.items()}
 
 

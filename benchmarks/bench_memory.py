@@ -41,6 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     from sweeps.run import run_sweep
+    from sweeps.trial import resident_mb
+    from sweeps.tuner import TransferTuner
+
+    memory: list[tuple[str, float]] = []  # (trial, the sweep process's resident MB once the trial was cleaned up)
+    on_trial_end = TransferTuner.on_trial_end
+
+    def measured(self: TransferTuner, trial) -> None:  # a Keras Tuner hook, after run_trial freed the trial
+        on_trial_end(self, trial)
+        memory.append((trial.trial_id, resident_mb()))
+
+    TransferTuner.on_trial_end = measured
 
     with tempfile.TemporaryDirectory(prefix="tlsweep-memory-") as tmp:
         work = Path(tmp)
@@ -54,13 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             "  dropout: {float: [0.0, 0.5], step: 0.1}\n"
             "  learning_rate: {float: [1.0e-4, 1.0e-2], sampling: log}\n")
         os.environ["TLSWEEP_CACHE"] = str(work / "cache")
-        tuners: list = []
         start = time.perf_counter()
         parent = run_sweep(dataset, sweep=str(work / "memory.yaml"), experiment="memory", state_dir=str(work / "state"),
-                           tracking_uri=f"sqlite:///{work / 'mlflow.db'}", verbose=0, tuner_out=tuners, progress=True,
+                           tracking_uri=f"sqlite:///{work / 'mlflow.db'}", verbose=0, progress=True,
                            trial_process=args.trial_process)
         seconds = time.perf_counter() - start
-        memory = tuners[0].memory
         client = MlflowClient()
         trial_mb = {r.data.tags[layout.TRIAL_ID]: r.data.metrics.get(layout.RSS_MB) for r in client.search_runs(
             [client.get_run(parent).info.experiment_id], f"tags.`{layout.PARENT_RUN_ID}` = '{parent}'")}

@@ -18,7 +18,7 @@ now does; ``none`` is Keras's default, which creates them inside the first trace
 the train step twice), ``--grappler k=v,...`` (``tf.config.optimizer.set_experimental_options``),
 ``--run-eagerly``, ``--steps-per-execution N``, ``--jit``, ``--warm`` (a tiny model fitted first).
 ``--vlog`` prints grappler's own per-pass times (TF's VLOG of ``meta_optimizer``) to stderr. The last line
-is the setting and ``key=value`` pairs. Figures and findings: README, "On GPU runners: fixed cost per trial".
+is the setting and ``key=value`` pairs. Figures and findings: benchmarks/results/2026-11-24-bench-trace.md.
 
     nice -n 19 python -m benchmarks.bench_trace --prebuild optimizer [--grappler disable_meta_optimizer=true]
 """
