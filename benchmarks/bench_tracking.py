@@ -27,12 +27,10 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -165,28 +163,13 @@ def measure(uri: str, record, folder: Path, repeats: int, work: Path) -> dict[st
 @contextlib.contextmanager
 def local_server(folder: Path) -> Iterator[str]:
     """``mlflow server`` on a free port of 127.0.0.1, its SQLite store and artifacts in ``folder``, one worker (as
-    ``make server`` starts it, without GenAI job consumers); yields its URI and ends it."""
-    from tracking.server import server_command, spawn_group, stop_group
+    ``make server`` starts it); yields its URI and ends it."""
+    from tracking.server import start_local, stop_group
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     folder.mkdir(parents=True)
-    argv, env = server_command("127.0.0.1", port, f"sqlite:///{folder / 'server.db'}", str(folder / "artifacts"),
-                               workers=1)
-    with (folder / "server.log").open("w") as log:
-        proc = spawn_group(argv, log, {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=folder)
+    proc, uri = start_local(f"sqlite:///{folder / 'server.db'}", str(folder / "artifacts"), folder / "server.log")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
+        yield uri
     finally:
         stop_group(proc)
 

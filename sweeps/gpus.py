@@ -19,13 +19,10 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
@@ -93,12 +90,6 @@ def chief_env(base: Mapping[str, str]) -> dict[str, str]:
     return {**base, "CUDA_VISIBLE_DEVICES": ""}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # A chief or worker gets SIGKILL when the launcher dies (even by ``kill -9``; tracking.server.dies_with_parent): the
 # server dies with the launcher too (SIGTERM, which it passes on to its workers), so a chief or worker could not close
 # its runs anyway, and trying (MLflow retries a server that is gone for minutes) kept them alive. The same command
@@ -130,7 +121,7 @@ class Launch:
     def start(self) -> None:
         if not self.store_uri.startswith(("http://", "https://")):
             self.uri = self._start_server()
-        oracle = f"127.0.0.1:{free_port()}"
+        oracle = f"127.0.0.1:{server.free_port()}"
         common = [*self.sweep_args, "--tracking-uri", self.uri, "--oracle", oracle]
         env = {**os.environ, "MLFLOW_TRACKING_URI": self.uri, LAUNCHER: str(os.getpid())}
         env.pop("KERASTUNER_TUNER_ID", None)
@@ -143,27 +134,14 @@ class Launch:
 
     def _start_server(self) -> str:
         """``mlflow server`` on a free local port over the user's store: what ``make ui``/``make report`` read."""
-        port = free_port()
-        artifacts = self._artifact_root()
         log = self.log_dir / "mlflow-server.log"
-        mlflow_bin = Path(sys.executable).parent / "mlflow"
-        cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--backend-store-uri", self.store_uri,
-               "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job consumers (7 processes)
-        with log.open("w") as out:  # its own process group: stop() ends the server's uvicorn workers with it
-            self.server = server.spawn_group(cmd, out, env)
-        uri = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=2).read()
-                return uri
-            except (urllib.error.URLError, OSError):
-                if self.server.poll() is not None or time.monotonic() > deadline:
-                    tail = log.read_text()[-1500:] if log.exists() else ""
-                    raise UserError(f"the MLflow server for the GPU workers did not start over {self.store_uri} "
-                                    f"(log {log}): {tail.strip().splitlines()[-1] if tail.strip() else 'no output'}")
-                time.sleep(0.5)
+        try:  # its own process group: stop() ends the server's uvicorn workers with it
+            self.server, uri = server.start_local(self.store_uri, self._artifact_root(), log,
+                                                  seconds=SERVER_START_SECONDS)
+        except RuntimeError as e:
+            raise UserError(f"GPUS= shares the store through a local server, and {e}; check the tracking "
+                            "store (MLFLOW_TRACKING_URI) and the log's last lines") from None
+        return uri
 
     def _artifact_root(self) -> str:
         """Where the server puts artifacts of experiments it creates: ``mlartifacts/`` beside a SQLite file."""

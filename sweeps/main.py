@@ -153,7 +153,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """The tracking server, never open: ``tracking.server`` (127.0.0.1 unless --host; basic auth off loopback)."""
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no GenAI job consumers (7 processes)
     return server.serve(server.ServerOptions.of(args))
 
 

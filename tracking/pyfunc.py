@@ -60,12 +60,6 @@ def _log(export_dir: str, sample, probs: np.ndarray, run_id: str | None, params:
     )
 
 
-def log_pyfunc(export_dir: str, sample: np.ndarray | dict[str, np.ndarray], probs: np.ndarray,
-               name: str = MODEL_DIR) -> str:
-    """``log_model`` to the active run; returns its model URI."""
-    return log_model(export_dir, sample, probs, name=name).model_uri
-
-
 def log_export(run_id: str, export_dir: str, sample: np.ndarray | dict[str, np.ndarray], probs: np.ndarray) -> str:
     """Log an export to ``run_id`` as its pyfunc model (tagged with its URI); returns the model URI.
 

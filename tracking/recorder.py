@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
 from pipeline.settings import environment
-from tracking import datasets, runs
+from tracking import datasets, runs, server
 from tracking.runs import param_text, tag_text
 from tracking.layout import (ERROR, ERROR_FILE, FIRST_METRICS, MODEL_URI, Record, place,
                              trial_params)
@@ -172,7 +172,7 @@ class Recorder:
         if not self.store_down:
             self._down(uri)
         deadline = time.monotonic() + self.wait
-        while not _answers(uri):
+        while not server.answers(uri):
             if time.monotonic() > deadline:
                 self.gone = StoreGone(f"the tracking server {uri} did not answer for {self.wait:.0f} s "
                                       f"(TLSWEEP_STORE_WAIT); the finished trials stay journaled in {self.folder}: "
@@ -280,17 +280,7 @@ def store_wait() -> float:
 def store_answers(uri: str) -> bool:
     """Whether the store at ``uri`` can be reached now: a file or database store always; an ``mlflow server`` when
     its health check answers (a refused connection answers at once, instead of MLflow's minutes of retries)."""
-    return not uri.startswith(("http://", "https://")) or _answers(uri)
-
-
-def _answers(uri: str, timeout: float = 3.0) -> bool:
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
-        return True
-    except OSError:  # refused, reset, timed out (URLError is an OSError)
-        return False
+    return not uri.startswith(("http://", "https://")) or server.answers(uri)
 
 
 def _plain(value: Any) -> Any:

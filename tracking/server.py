@@ -21,10 +21,12 @@ import ctypes
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import IO, Callable, Mapping, Optional, Sequence
 
@@ -41,6 +43,7 @@ def server_command(host: str, port: int, store: str, artifacts: str, auth: bool 
                    environ: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The ``mlflow server`` command line and environment; refuses a non-loopback host without credentials."""
     env = dict(os.environ if environ is None else environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # none of MLflow 3's GenAI job consumers (7 processes)
     if host not in LOOPBACK:
         auth = True
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
@@ -93,6 +96,50 @@ class ServerOptions(Options):
                            description="artifact destination")
     auth: bool = Field(False, description="basic auth on 127.0.0.1 too")
     workers: Optional[int] = Field(None, ge=1, description="server worker processes (MLflow's default if unset)")
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(uri: str, timeout: float = 3.0) -> bool:
+    """Whether the ``mlflow server`` (or ``mlflow ui``) at ``uri`` answers its health check now; a refused connection
+    answers at once, where MLflow's client would retry for minutes."""
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+        return True
+    except OSError:  # refused, reset, timed out (URLError is an OSError)
+        return False
+
+
+def wait_until_up(uri: str, proc: subprocess.Popen, seconds: float) -> bool:
+    """Until the server that ``proc`` started answers at ``uri``: False if ``proc`` ended or ``seconds`` passed."""
+    deadline = time.monotonic() + seconds
+    while not answers(uri, timeout=2.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def start_local(store: str, artifacts: str, log: Path, port: int | None = None, workers: int = 1,
+                seconds: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on 127.0.0.1 (a free port unless ``port``), in its own process group (``stop_group`` ends
+    it), its output appended to ``log``; returns it and its URI once it answers. ``RuntimeError`` with the log's
+    last line if it ended or did not answer within ``seconds`` (it is stopped then)."""
+    port = port or free_port()
+    argv, env = server_command("127.0.0.1", port, store, artifacts, workers=workers)
+    with log.open("a") as out:
+        proc = spawn_group(argv, out, env)
+    uri = f"http://127.0.0.1:{port}"
+    if not wait_until_up(uri, proc, seconds):
+        stop_group(proc)
+        lines = log.read_text(errors="replace").strip().splitlines()
+        raise RuntimeError(f"mlflow server did not start over {store} (log {log}): {lines[-1] if lines else 'no output'}")
+    return proc, uri
 
 
 def _prctl() -> Callable[..., int] | None:

@@ -131,7 +131,7 @@ def test_members_at_two_sizes_take_one_input_each_through_export_tflite_pyfunc_a
     from pipeline.data import read_image
     from pipeline.export import ExportedModel, TFLiteModel, export_model, to_tflite
     from pipeline.model import average_of
-    from tracking.pyfunc import log_pyfunc
+    from tracking.pyfunc import log_model
 
     def member(size: int, seed: int, name: str) -> keras.Model:  # small, with confident image-dependent outputs
         image = keras.Input((size, size, 3))
@@ -164,7 +164,7 @@ def test_members_at_two_sizes_take_one_input_each_through_export_tflite_pyfunc_a
     assert np.abs(lite - served).max() < 0.02
     experiment = mlflow.create_experiment("two-sizes", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
-        uri = log_pyfunc(str(export), exported.zeros(), exported.predict(exported.zeros()))
+        uri = log_model(str(export), exported.zeros(), exported.predict(exported.zeros())).model_uri
     assert np.allclose(mlflow.pyfunc.load_model(uri).predict(images), served, atol=1e-5)
     assert cli_main(["predict", "--model", str(export), "--images", str(paths[0]), "--top-k", "1"]) == 0
     top = int(np.argmax(served[0]))

@@ -66,6 +66,7 @@ def test_a_trial_in_a_fresh_process_gives_what_it_gives_in_the_sweeps(tmp_path, 
         assert (a.data.tags["tlsweep.process"], b.data.tags["tlsweep.process"]) == ("sweep", "pool")
 
 
+@pytest.mark.slow
 def test_a_killed_trial_process_fails_its_trial_and_the_sweep_goes_on(tmp_path, tracking_store, class_folder):
     """The kernel's out-of-memory killer sends SIGKILL: here a thread sends it to the first trial's process."""
     killed = []

@@ -7,7 +7,7 @@ import pytest
 from benchmarks import bench_finetune
 
 
-@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("whole", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_the_bench_prints_its_speedups_and_both_sides_agree(class_folder, capsys, whole):
     args = ["--data", str(class_folder), "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "1"]
     assert bench_finetune.main(args + (["--whole-trial"] if whole else [])) == 0

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from support import children_sigint
 from sweeps.cli import main as sweeps_main
-from sweeps.gpus import free_port
 from tracking.layout import TRIAL_ID, WORKER
-from tracking.server import spawn_group, stop_group
+from tracking.server import free_port, start_local, stop_group
 from tracking.runs import values
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,24 +45,8 @@ def start(args: list[str], cwd: Path, log: Path, **env: str) -> subprocess.Popen
 
 def start_server(folder: Path, port: int) -> subprocess.Popen:
     """`mlflow server` on ``port`` with the SQLite store and artifact root in ``folder``, as `make server` starts it,
-    in its own process group (``tracking.server.stop_group`` ends it with its uvicorn worker); waits until it
-    answers."""
-    with (folder / "server.log").open("a") as log:
-        proc = spawn_group([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                            f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
-                            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log,
-                           {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job consumers
-                           cwd=folder)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_group(proc)
-                raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    in its own process group (``stop_group`` ends it with its uvicorn worker); waits until it answers."""
+    return start_local(f"sqlite:///{folder / 'server.db'}", str(folder / "artifacts"), folder / "server.log", port)[0]
 
 
 @pytest.fixture

@@ -91,7 +91,7 @@ def test_the_tracking_server_killed_mid_sweep_and_restarted_loses_no_trial(tmp_p
 
     import psutil
 
-    from sweeps.gpus import free_port
+    from tracking.server import free_port
     from test_distributed import SWEEP
 
     port = free_port()
@@ -141,7 +141,7 @@ def test_a_tracking_server_that_does_not_come_back_is_waited_for_a_bounded_time_
                                                                                                  monkeypatch):
     import mlflow
 
-    from sweeps.gpus import free_port
+    from tracking.server import free_port
     from tracking.layout import Record
     from tracking.recorder import Recorder, StoreGone
 
@@ -205,6 +205,7 @@ def _with_truncated_jpeg(folder: Path) -> Path:
     return bad
 
 
+@pytest.mark.slow
 def test_a_truncated_jpeg_is_named_on_screen_and_libjpegs_unnamed_line_held_back(tmp_path, capfd, monkeypatch):
     import sys
 

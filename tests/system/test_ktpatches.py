@@ -127,7 +127,7 @@ def test_a_restarted_chief_gives_running_trials_back_to_their_workers_and_reruns
 def test_a_worker_waits_for_a_chief_that_does_not_answer_a_bounded_time_saying_so_once():
     from keras_tuner.src import protos
 
-    from sweeps.gpus import free_port
+    from tracking.server import free_port
 
     lines = []
     stub = _PatientStub(f"127.0.0.1:{free_port()}", "w1", timeout=2, say=lines.append)  # no chief there
@@ -163,6 +163,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_a_worker_whose_chief_is_killed_between_two_calls_says_so_and_does_not_wait_silently():
     """The chief answered, then was killed (SIGKILL): the next call, made while the channel still looks ready, comes
     back at once and the worker says it waits, rather than waiting out the whole timeout without a word (seen in
@@ -172,7 +173,7 @@ def test_a_worker_whose_chief_is_killed_between_two_calls_says_so_and_does_not_w
 
     from keras_tuner.src import protos
 
-    from sweeps.gpus import free_port
+    from tracking.server import free_port
 
     address = f"127.0.0.1:{free_port()}"
     chief = subprocess.Popen([sys.executable, "-c", CHIEF, address], stdout=subprocess.PIPE, text=True)
@@ -197,7 +198,7 @@ def test_a_worker_that_waits_for_a_chief_which_finished_the_sweep_meanwhile_stop
     this worker reached it: the worker ends as if told to stop, not after the timeout with an error (seen in CI)."""
     from keras_tuner.src import protos
 
-    from sweeps.gpus import free_port
+    from tracking.server import free_port
 
     asked = []
     stub = _PatientStub(f"127.0.0.1:{free_port()}", "w2", timeout=60, say=lambda line: None,
@@ -228,7 +229,7 @@ def test_a_worker_reaches_a_chief_started_again_after_a_long_absence_within_seco
 
     from keras_tuner.src import protos
 
-    from sweeps.gpus import free_port
+    from tracking.server import free_port
 
     address = f"127.0.0.1:{free_port()}"
     chief = _serve(address)

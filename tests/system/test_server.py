@@ -2,7 +2,6 @@
 the admin from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD. Tested against a real server."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ import pytest
 from pipeline.errors import UserError
 from tracking import store
 from tracking.server import main as server_main
-from tracking.server import server_command, spawn_group, stop_group
+from tracking.server import (answers, free_port, server_command, spawn_group, start_local, stop_group,
+                             wait_until_up)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.1", "::"])
@@ -41,8 +35,9 @@ def test_a_server_for_other_machines_without_credentials_is_refused(tmp_path, ca
 
 
 def test_the_default_is_this_machine_only_and_credentials_never_reach_a_file(tmp_path):
-    argv, _ = server_command("127.0.0.1", 5000, f"sqlite:///{tmp_path / 's.db'}", str(tmp_path / "a"), environ={})
+    argv, env = server_command("127.0.0.1", 5000, f"sqlite:///{tmp_path / 's.db'}", str(tmp_path / "a"), environ={})
     assert "--app-name" not in argv and argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert env == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # none of MLflow 3's GenAI job consumers
     with pytest.raises(UserError, match=r"the basic-auth server needs authentication, but MLFLOW_TRACKING_USERNAME"):
         server_command("localhost", 5000, "sqlite:///x.db", "a", auth=True, environ={})
     env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "s3cret-pw"}
@@ -51,6 +46,17 @@ def test_the_default_is_this_machine_only_and_credentials_never_reach_a_file(tmp
     config = Path(env["MLFLOW_AUTH_CONFIG_PATH"])
     assert config == tmp_path / "basic_auth.ini" and "s3cret-pw" not in config.read_text()
     assert f"database_uri = sqlite:///{tmp_path / 'basic_auth.db'}" in config.read_text()
+
+
+def test_a_server_that_cannot_start_is_one_line_from_its_log_and_leaves_nothing_behind(tmp_path):
+    """As `GPUS=` starts its server: a store it cannot open ends ``mlflow server``; the wait ends with it."""
+    (tmp_path / "file").write_text("not a folder")
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"mlflow server did not start over sqlite:///{tmp_path}/file/s.db "
+                                           rf"\(log {tmp_path}/server.log\): \S"):
+        start_local(f"sqlite:///{tmp_path / 'file' / 's.db'}", str(tmp_path / "a"), tmp_path / "server.log",
+                    seconds=120)
+    assert time.monotonic() - began < 100, "it returned when the server ended, not at the deadline"
 
 
 def _get(url: str, auth: tuple[str, str] | None = None) -> int:
@@ -71,7 +77,7 @@ def test_a_basic_auth_server_refuses_anonymous_requests_and_serves_its_admin(tmp
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "a-long-test-password-42"}
     env = {**os.environ, **creds, "PYTHONPATH": str(ROOT)}
@@ -82,11 +88,7 @@ def test_a_basic_auth_server_refuses_anonymous_requests_and_serves_its_admin(tmp
                             str(port), "--store", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts",
                             str(tmp_path / "artifacts"), "--workers", "1"], out, env, cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 300
-        while _get_health(uri) is False:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        assert wait_until_up(uri, proc, 300), f"the server did not start: {log.read_text()[-3000:]}"
         api = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
         assert _get(api) == 401
         assert _get(api, ("admin", "wrong")) == 401
@@ -110,14 +112,6 @@ def test_a_basic_auth_server_refuses_anonymous_requests_and_serves_its_admin(tmp
     finally:
         stop_group(proc)
         mlflow.set_tracking_uri(None)
-
-
-def _get_health(uri: str) -> bool:
-    try:
-        urllib.request.urlopen(uri + "/health", timeout=2).read()
-        return True
-    except OSError:
-        return False
 
 
 # -- nothing a server starts outlives it ---------------------------------------------------------------------------
@@ -160,10 +154,11 @@ def test_stop_group_ends_the_process_and_all_it_started_even_what_ignores_sigter
     assert _alive(started) == [] and time.monotonic() - began < 15
 
 
+@pytest.mark.slow
 def test_a_server_whose_launcher_is_killed_leaves_no_process_behind(tmp_path):
     """A launcher killed by SIGKILL (no chance to stop anything): its `mlflow server` gets SIGTERM from the kernel
     (spawn_group) and stops its uvicorn supervisor, which stops its two workers; nothing is left orphaned."""
-    port = _free_port()
+    port = free_port()
     server = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
               f"sqlite:///{tmp_path / 's.db'}", "--artifacts-destination", str(tmp_path / "a"), "--host", "127.0.0.1",
               "--port", str(port), "--workers", "2"]
@@ -173,7 +168,7 @@ def test_a_server_whose_launcher_is_killed_leaves_no_process_behind(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 300
-        while not _get_health(f"http://127.0.0.1:{port}") or len(_descendants(proc.pid)) < 4:
+        while not answers(f"http://127.0.0.1:{port}") or len(_descendants(proc.pid)) < 4:
             assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.5)
         started = _descendants(proc.pid)  # mlflow's CLI, uvicorn's supervisor, its two workers

@@ -125,6 +125,7 @@ def test_a_second_process_on_the_same_search_is_refused(tmp_path, class_folder):
         pass
 
 
+@pytest.mark.slow
 def test_a_search_stopped_by_failures_says_what_to_do_instead_of_failing_again(tmp_path, tracking_store, class_folder,
                                                                                capsys):
     bad = {**HEADS, "max_trials": 4, "max_consecutive_failed_trials": 2,

@@ -404,7 +404,8 @@ def test_sweep_whose_trials_keep_failing_stops_with_a_clear_message(tmp_path, tr
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FAILED"]  # parent + 2 trials
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_interrupted_sweep_leaves_no_run_running(tmp_path, tracking_store, class_folder, sig):
     import os
 

@@ -6,15 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from support import headless, needs_flowers
-from sweeps.gpus import free_port
-from tracking.server import stop_group
+from tracking.server import free_port, stop_group, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,16 +65,10 @@ def start_ui(store: str, folder: Path, printed: int = 3) -> tuple[subprocess.Pop
                             cwd=folder, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     lines = [proc.stdout.readline() for _ in range(printed)]
-    deadline = time.time() + 300
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
-            return proc, lines, port
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                stop_group(proc)
-                raise AssertionError("mlflow ui did not start") from None
-            time.sleep(2)
+    if not wait_until_up(f"http://127.0.0.1:{port}", proc, 300):
+        stop_group(proc)
+        raise AssertionError("mlflow ui did not start")
+    return proc, lines, port
 
 
 @pytest.mark.slow
