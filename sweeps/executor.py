@@ -3,9 +3,10 @@
 TensorFlow keeps part of every model built in a process (keras-tuner #395, #873; here ~60 MB per fine-tuned
 EfficientNet-Lite0, and ``clear_session`` does not give it back). So a trial that builds the whole network runs
 in a worker of a ``ProcessPoolExecutor`` (spawn, one task per child), which returns all of it when it exits.
-Trials run one at a time, but the pool has two workers: the pool replaces a worker when it exits, so one worker
-always waits ready (its initializer imported TensorFlow and mapped the data set) while the other trains, and
-the next trial does not wait for Python and TensorFlow to start.
+Trials run one at a time, but the pool has two workers: it replaces a worker when it exits, and (Python 3.11) starts
+one more with each trial submitted while it has fewer than two. So from the third trial on one worker waits ready
+(its initializer imported TensorFlow and mapped the data set) while the other trains, and the next trial does not
+wait for Python and TensorFlow to start; the second trial's worker starts as the first trial ends.
 """
 
 from __future__ import annotations
