@@ -91,6 +91,7 @@ def test_a_trial_whose_loss_turns_nan_fails_and_the_sweep_goes_on(tmp_path, trac
     assert runs[0.01].info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_trial_fails_and_the_sweep_goes_on(tmp_path, tracking_store, class_folder, monkeypatch):
     # Injected: this machine has no memory limit to hit. TensorFlow raises ResourceExhaustedError on OOM.
     import tensorflow as tf

@@ -546,6 +546,7 @@ def test_staged_search_fine_tunes_the_best_heads_from_where_they_stopped(tmp_pat
         assert run.data.metrics["trainable_params"] > best.data.metrics["trainable_params"]
 
 
+@pytest.mark.slow
 def test_a_search_that_runs_out_of_configurations_says_why_it_ended_early(tmp_path, tracking_store, class_folder,
                                                                          capsys):
     config = {"tuner": "grid", "max_trials": 5, "trial_process": "same", "space": {

@@ -46,7 +46,8 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("command,error", [
     (["pipeline.cli", "predict", "--model", "missing", "--images", "x.jpg"],
      "error: missing is not an export: expected saved_model.pb and labels.txt in it"),
-    (["sweeps.cli", "best-export", "--experiment", "nope"], "error: no MLflow experiment named 'nope'"),
+    pytest.param(["sweeps.cli", "best-export", "--experiment", "nope"], "error: no MLflow experiment named 'nope'",
+                 marks=pytest.mark.slow, id="best-export"),
     pytest.param(["sweeps.cli", "sweep", "--dataset", "one", "--sweep", "quick"],
                  "error: folder one has a single class ('blue'); classification needs at least two class subfolders",
                  marks=pytest.mark.slow, id="sweep"),
