@@ -1,5 +1,6 @@
 """A trial runs the same in the sweep's process and in a pool worker; a dying trial process fails only its trial."""
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -121,28 +122,31 @@ def test_the_next_trials_process_is_started_while_a_trial_runs_and_ended_with_th
     pool = TrialPool(str(class_folder), None, tmp_path / "hint.json")
     me = psutil.Process().pid
     first = pool.run(spec(0))
-    deadline = time.time() + 120
-    while not (ready := trial_workers(of=me)) and time.time() < deadline:
-        time.sleep(0.1)
-    assert len(ready) == 1, "a worker gets ready for the next trial as soon as the first one's exits"
-    _wait_until_at_rest(ready[0], deadline)  # its initializer is done: it waits on the pool's queue
+    ready = _a_worker_at_rest(me, time.time() + 120)  # a worker got ready for the next trial
     second = pool.run(spec(1))  # the pool also starts a worker now (Python 3.11 spawns one per submit): it is cold
-    ready[0].wait(30)  # the ready worker ran the second trial and exited
+    ready.wait(30)  # the ready worker ran the second trial and exited
     assert second.val_accuracy == pytest.approx(first.val_accuracy, abs=1e-6)  # the same trial, the same result
     assert (tmp_path / "r1" / "plots").is_dir()
-    assert not ready[0].is_running(), "the second trial ran in the worker that was ready"
+    assert not ready.is_running(), "the second trial ran in the worker that was ready"
     assert trial_workers(of=me), "and others wait for the next trial"
     pool.close()
     assert not trial_workers(of=me)
 
 
-def _wait_until_at_rest(proc: psutil.Process, deadline: float) -> None:
-    """Until a worker has used no CPU for a second: it has imported TensorFlow and mapped the data, and waits."""
-    used = sum(proc.cpu_times()[:2])
+def _a_worker_at_rest(parent: int, deadline: float) -> psutil.Process:
+    """The pool's worker that has used no CPU for a second: its initializer imported TensorFlow and mapped the data,
+    and it waits on the pool's queue. (The first trial's worker may still be ending when its result arrives: it is
+    gone within the second.)"""
+    used: dict[psutil.Process, float] = {}
     while time.time() < deadline:
-        time.sleep(1.0)
-        now = sum(proc.cpu_times()[:2])
-        if now - used < 0.02:
-            return
+        now = {}
+        for proc in trial_workers(of=parent):
+            with contextlib.suppress(psutil.Error):
+                now[proc] = sum(proc.cpu_times()[:2])
+        for proc, seconds in now.items():
+            with contextlib.suppress(psutil.Error):  # it ended meanwhile
+                if proc in used and seconds - used[proc] < 0.02 and proc.status() != psutil.STATUS_ZOMBIE:
+                    return proc
         used = now
-    pytest.fail("the ready worker kept using CPU for two minutes")
+        time.sleep(1.0)
+    pytest.fail("no worker got ready for the next trial within two minutes")
