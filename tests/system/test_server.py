@@ -159,12 +159,10 @@ def test_a_server_whose_launcher_is_killed_leaves_no_process_behind(tmp_path):
     """A launcher killed by SIGKILL (no chance to stop anything): its `mlflow server` gets SIGTERM from the kernel
     (spawn_group) and stops its uvicorn supervisor, which stops its two workers; nothing is left orphaned."""
     port = free_port()
-    server = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-              f"sqlite:///{tmp_path / 's.db'}", "--artifacts-destination", str(tmp_path / "a"), "--host", "127.0.0.1",
-              "--port", str(port), "--workers", "2"]
-    launcher = ("import os, sys, time; from tracking.server import spawn_group; "
-                f"spawn_group({server!r}, open({str(tmp_path / 'server.log')!r}, 'w'), "
-                "{**os.environ, 'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false'}); time.sleep(600)")
+    store, artifacts = f"sqlite:///{tmp_path / 's.db'}", str(tmp_path / "a")
+    launcher = ("import time; from tracking.server import server_command, spawn_group; "
+                f"argv, env = server_command('127.0.0.1', {port}, {store!r}, {artifacts!r}, workers=2); "
+                f"spawn_group(argv, open({str(tmp_path / 'server.log')!r}, 'w'), env); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 300
