@@ -1,18 +1,12 @@
 """Bad input gets one clear message (or is handled and counted); each case is a row of docs/troubleshooting.md."""
 
-import socket
 
 import pytest
 
 from pipeline.data import load_data
 from sweeps.cli import main as sweeps_main
+from tracking.server import free_port
 from support import make_class_folder, sweep_by_learning_rate
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the block ends
 
 
 def test_a_class_with_one_image_is_trained_on_and_said_to_be_unmeasured(tmp_path):
@@ -25,7 +19,7 @@ def test_a_class_with_one_image_is_trained_on_and_said_to_be_unmeasured(tmp_path
 
 
 def test_an_unreachable_tracking_server_is_one_line_before_any_work(class_folder, capsys):
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     assert sweeps_main(["sweep", "--dataset", str(class_folder), "--sweep", "quick", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: MLflow tracking server {uri} does not answer") and "(tlsweep server)" in err

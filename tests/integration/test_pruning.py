@@ -225,16 +225,14 @@ def test_curves_come_from_finished_unpruned_siblings_of_the_same_stage_in_mlflow
 def test_pruning_goes_on_from_its_own_trials_while_the_tracking_server_does_not_answer(capsys):
     """A tracking server that died mid-sweep: the thresholds come from this process's own finished trials
     (said once), not from a read that MLflow would retry for minutes or an exception that fails the trial."""
-    import socket
     import time
 
     import mlflow
 
     from sweeps.prune import Curves
+    from tracking.server import free_port
 
-    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on: connections are refused at once
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"http://127.0.0.1:{port}")
     try:

@@ -3,7 +3,6 @@ retry for minutes or create a mistyped folder); a new SQLite store is made witho
 
 import contextlib
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -13,14 +12,9 @@ from pathlib import Path
 import pytest
 
 from sweeps.cli import main as sweeps_main
+from tracking.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("uri,message", [
@@ -37,7 +31,7 @@ def _closed_port() -> int:
 def test_an_unusable_store_is_one_line_at_once(tmp_path, capsys, uri, message):
     import re
 
-    uri = uri.format(tmp=tmp_path, port=_closed_port())
+    uri = uri.format(tmp=tmp_path, port=free_port())
     start = time.perf_counter()
     assert sweeps_main(["report", "--experiment", "x", "--tracking-uri", uri, "--out-dir", str(tmp_path)]) == 2
     seconds = time.perf_counter() - start
